@@ -1,0 +1,13 @@
+"""Pure tensor code: clustering, codebooks, packing. No nn.Module, no model knowledge."""
+
+from .codebook import ClusteredTensor, cluster_tensor, codebook_layout
+from .packing import pack_codes, packed_nbytes, unpack_codes
+
+__all__ = [
+    "ClusteredTensor",
+    "cluster_tensor",
+    "codebook_layout",
+    "pack_codes",
+    "packed_nbytes",
+    "unpack_codes",
+]

@@ -1,0 +1,85 @@
+"""Pack and unpack n-bit codes (1..8 bits) into uint8 storage.
+
+Format (every width): a little-endian bit stream. Code ``i`` occupies bits
+``[i*b, (i+1)*b)`` of the stream, bit ``t`` of the stream is bit ``t % 8`` of byte
+``t // 8``. The stream is padded with zero bits to a whole number of bytes, so
+``n`` codes of ``b`` bits take ``ceil(n*b/8)`` bytes. All functions are vectorized
+torch code (no Python loop over elements).
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["pack_codes", "unpack_codes", "packed_nbytes"]
+
+
+def packed_nbytes(numel: int, bits: int) -> int:
+    """Bytes that ``numel`` codes of ``bits`` bits take once packed."""
+    _check_bits(bits)
+    return (numel * bits + 7) // 8
+
+
+def _check_bits(bits: int) -> None:
+    if not isinstance(bits, int) or not 1 <= bits <= 8:
+        raise ValueError(f"code width must be an integer from 1 to 8 bits, got {bits!r}")
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack integer codes into a uint8 bit stream.
+
+    Args:
+        codes: integer tensor of any shape, every value in ``[0, 2**bits)``.
+        bits: code width, 1..8.
+
+    Returns:
+        1-D uint8 tensor of ``packed_nbytes(codes.numel(), bits)`` bytes.
+    """
+    _check_bits(bits)
+    flat = codes.reshape(-1)
+    n = flat.numel()
+    if n and (int(flat.min()) < 0 or int(flat.max()) >= (1 << bits)):
+        raise ValueError(f"codes must lie in [0, {1 << bits}) to pack them in {bits} bits")
+    if bits == 8:
+        return flat.to(torch.uint8).clone()
+    # Groups of 8 codes fill exactly `bits` bytes, for every width.
+    pad = (-n) % 8
+    c = torch.nn.functional.pad(flat.to(torch.int64), (0, pad)).view(-1, 8)  # (m, 8)
+    shifts = torch.arange(8, dtype=torch.int64) * bits
+    word = (c << shifts).sum(dim=1)  # (m,) at most 56 bits used
+    byte_shifts = torch.arange(bits, dtype=torch.int64) * 8
+    out = ((word[:, None] >> byte_shifts) & 0xFF).to(torch.uint8).reshape(-1)  # (m*bits,)
+    return out[: packed_nbytes(n, bits)].clone()
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
+    """Inverse of :func:`pack_codes`.
+
+    Args:
+        packed: 1-D uint8 tensor as returned by ``pack_codes``.
+        bits: code width, 1..8.
+        numel: number of codes stored.
+
+    Returns:
+        1-D uint8 tensor of ``numel`` codes.
+    """
+    _check_bits(bits)
+    if packed.dtype != torch.uint8 or packed.dim() != 1:
+        raise ValueError("packed codes must be a 1-D uint8 tensor")
+    need = packed_nbytes(numel, bits)
+    if packed.numel() != need:
+        raise ValueError(
+            f"{numel} codes of {bits} bits need {need} packed bytes, got {packed.numel()}"
+        )
+    if bits == 8:
+        return packed.clone()
+    if bits == 4:  # the hot path of compressed modules: two codes per byte
+        out = torch.stack((packed & 0x0F, packed >> 4), dim=1).reshape(-1)
+        return out[:numel]
+    groups = (numel + 7) // 8
+    b = torch.nn.functional.pad(packed.to(torch.int64), (0, groups * bits - need)).view(-1, bits)
+    byte_shifts = torch.arange(bits, dtype=torch.int64) * 8
+    word = (b << byte_shifts).sum(dim=1)  # (groups,)
+    shifts = torch.arange(8, dtype=torch.int64) * bits
+    codes = ((word[:, None] >> shifts) & ((1 << bits) - 1)).to(torch.uint8).reshape(-1)
+    return codes[:numel]
