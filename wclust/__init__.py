@@ -1,3 +1,30 @@
-"""wclust: compress neural networks by weight clustering."""
+"""wclust: compress neural networks by weight clustering.
+
+Light to import: torch and numpy only; transformers, numba and the measurement
+code are imported where they are used.
+"""
+
+from .api import compress_, model_nbytes, strip
+from .config import ClusterConfig, ConfigError
+from .core import ClusteredTensor, cluster_tensor
+from .formats import FormatError, load, read_header, save
+from .report.layers import CompressionReport, LayerReport
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "ClusterConfig",
+    "ClusteredTensor",
+    "CompressionReport",
+    "ConfigError",
+    "FormatError",
+    "LayerReport",
+    "__version__",
+    "cluster_tensor",
+    "compress_",
+    "load",
+    "model_nbytes",
+    "read_header",
+    "save",
+    "strip",
+]

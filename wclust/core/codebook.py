@@ -157,7 +157,9 @@ def _resolve_k(n_clusters: int | None, bits: int | None) -> int:
     if n_clusters is None:
         return 16
     if not isinstance(n_clusters, int) or not 2 <= n_clusters <= MAX_CLUSTERS:
-        raise ValueError(f"n_clusters must be an integer from 2 to {MAX_CLUSTERS}, got {n_clusters!r}")
+        raise ValueError(
+            f"n_clusters must be an integer from 2 to {MAX_CLUSTERS}, got {n_clusters!r}"
+        )
     return n_clusters
 
 
@@ -186,8 +188,14 @@ def _validate(x, sample_weight, method, init, codebook_dtype):
         )
     if sample_weight is not None:
         if not isinstance(sample_weight, torch.Tensor) or sample_weight.shape != x.shape:
-            got = tuple(sample_weight.shape) if isinstance(sample_weight, torch.Tensor) else type(sample_weight).__name__
-            raise ValueError(f"sample_weight must be a tensor of x's shape {tuple(x.shape)}, got {got}")
+            got = (
+                tuple(sample_weight.shape)
+                if isinstance(sample_weight, torch.Tensor)
+                else type(sample_weight).__name__
+            )
+            raise ValueError(
+                f"sample_weight must be a tensor of x's shape {tuple(x.shape)}, got {got}"
+            )
         sw = sample_weight.detach().to("cpu", torch.float64)
         if not torch.isfinite(sw).all() or (sw < 0).any():
             raise ValueError("sample_weight must be finite and non-negative")
@@ -266,7 +274,9 @@ def cluster_tensor(
     if codebook_dtype == "int8":
         amax = cents.abs().amax(1) if k_fit else torch.zeros(n_cb, dtype=torch.float64)
         scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax)).float()
-        cents = (torch.round(cents / scale[:, None].double()).clamp(-127, 127) * scale[:, None].double())
+        cents = (
+            torch.round(cents / scale[:, None].double()).clamp(-127, 127) * scale[:, None].double()
+        )
     elif codebook_dtype != "float32":
         cents = cents.to(getattr(torch, codebook_dtype)).double()
     cents = cents.float().double().sort(1).values  # what is stored is float32

@@ -1,0 +1,258 @@
+"""Model-level API: ``compress_`` (in place), ``strip``, ``model_nbytes``."""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .config import SUPPORTED_LAYER_TYPES, ClusterConfig
+from .core.codebook import cluster_tensor
+from .nn.modules import ClusteredWeight, is_clustered, swap_weight, unswap_weight
+from .report.layers import CompressionReport, LayerReport
+
+__all__ = ["clustered_weights", "compress_", "layer_type", "model_nbytes", "strip"]
+
+
+def layer_type(module: nn.Module) -> str | None:
+    """The supported layer type name a module is (subclasses count), or None."""
+    for cls in type(module).__mro__:
+        if cls.__name__ in SUPPORTED_LAYER_TYPES and (
+            cls.__module__.startswith("torch.nn") or cls.__name__ == "Conv1D"
+        ):
+            return cls.__name__
+    return None
+
+
+def _weight_owners(model: nn.Module) -> list[tuple[nn.Parameter, list[tuple[str, nn.Module]]]]:
+    """Every `weight` parameter of a supported layer with all modules that use it."""
+    groups: dict[int, tuple[nn.Parameter, list]] = {}
+    for name, mod in model.named_modules(remove_duplicate=False):
+        w = mod._parameters.get("weight") if layer_type(mod) else None
+        if w is None:
+            continue
+        groups.setdefault(id(w), (w, []))[1].append((name, mod))
+    out = []
+    for w, owners in groups.values():
+        seen, uniq = set(), []
+        for name, mod in owners:  # a module reachable by two paths appears twice
+            if (name, id(mod)) not in seen:
+                seen.add((name, id(mod)))
+                uniq.append((name, mod))
+        out.append((w, uniq))
+    return out
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    parent._modules[child] = new
+
+
+def _distinct_codes(codes: torch.Tensor, n_cb: int, k: int) -> int:
+    rows = codes.reshape(n_cb, -1).long() + (torch.arange(n_cb) * k)[:, None]
+    used = torch.bincount(rows.reshape(-1), minlength=n_cb * k).view(n_cb, k) > 0
+    return int(used.sum(1).max())
+
+
+def compress_(
+    model: nn.Module,
+    config: ClusterConfig | None = None,
+    *,
+    sample_weights: dict[str, torch.Tensor] | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> CompressionReport:
+    """Cluster the selected layer weights of ``model`` in place.
+
+    Args:
+        model: any ``nn.Module``; supported layers are Linear, Conv1d, Conv2d
+            (grouped/depthwise too), Embedding and transformers' Conv1D.
+        config: a :class:`ClusterConfig` (default: 4 bits, per channel, exact).
+        sample_weights: optional ``{module name: importance tensor of the weight's
+            shape}`` for importance-weighted clustering.
+        progress: optional callback ``(layer name, index, total)``.
+
+    Returns:
+        A :class:`CompressionReport` listing every layer weight (clustered or not,
+        and why) with its error and bytes before/after.
+
+    Raises:
+        ValueError: a selected weight is not finite, or the model is already
+            clustered.
+    """
+    cfg = config or ClusterConfig()
+    sample_weights = sample_weights or {}
+    t_start = time.perf_counter()
+    report = CompressionReport()
+    groups = _weight_owners(model)
+    layer_params = {id(w) for w, _ in groups}
+    for i, (w, owners) in enumerate(groups):
+        name, mod = owners[0]
+        if progress:
+            progress(name, i, len(groups))
+        ltype = layer_type(mod)
+        entry = LayerReport(
+            name=name,
+            type=type(mod).__name__,
+            shape=list(w.shape),
+            status="dense",
+            shared_with=[n for n, _ in owners[1:]],
+            numel=w.numel(),
+            bytes_before=w.numel() * w.element_size(),
+            bytes_after=w.numel() * w.element_size(),
+        )
+        report.layers.append(entry)
+        reason = _skip_reason(cfg, owners, ltype, w)
+        settings = cfg.for_layer(name)
+        if not reason and settings["skip"]:
+            reason = "skipped by override"
+        if reason:
+            entry.reason = reason
+            continue
+        if not torch.isfinite(w).all():
+            raise ValueError(
+                f"weight of {name} has NaN/Inf values; fix the model before clustering"
+            )
+        transpose = ltype == "Conv1D"  # stored (in, out); cluster the (out, in) view
+        data = w.detach().t() if transpose else w.detach()
+        sw = sample_weights.get(name)
+        if sw is not None and transpose:
+            sw = sw.t()
+        t0 = time.perf_counter()
+        try:
+            ct = cluster_tensor(
+                data,
+                n_clusters=settings["n_clusters"],
+                bits=settings["bits"],
+                granularity=settings["granularity"],
+                group_size=settings["group_size"],
+                method=settings["method"],
+                init=settings["init"],
+                sample_weight=sw,
+                keep_zeros=settings["keep_zeros"],
+                codebook_dtype=settings["codebook_dtype"],
+                seed=cfg.seed,
+            )
+        except ValueError as e:
+            entry.reason = f"cannot cluster: {e}"
+            continue
+        meta = {
+            "granularity": ct.granularity,
+            "group_size": ct.group_size,
+            "n_clusters": ct.n_clusters,
+            "method": ct.method,
+            "codebook_dtype": ct.codebook_dtype,
+            "keep_zeros": ct.keep_zeros,
+        }
+        cw = ClusteredWeight.from_clustered(ct, transpose=transpose, meta=meta)
+        for owner_name, owner in owners:
+            _set_module(model, owner_name, swap_weight(owner, cw))
+        ms = float((data.double() ** 2).mean())
+        entry.status = "clustered"
+        entry.bits = ct.bits
+        entry.n_clusters = ct.n_clusters
+        entry.granularity = ct.granularity
+        entry.group_size = ct.group_size
+        entry.method = ct.method
+        entry.codebook_dtype = ct.codebook_dtype
+        entry.n_codebooks = ct.n_codebooks
+        entry.distinct_values = _distinct_codes(ct.codes, ct.n_codebooks, ct.n_clusters)
+        entry.mse = ct.mse
+        entry.rel_error = ct.mse / ms if ms > 0 else 0.0
+        entry.bytes_after = cw.nbytes
+        entry.seconds = time.perf_counter() - t0
+    _count_other(model, report, layer_params)
+    report.seconds = time.perf_counter() - t_start
+    return report
+
+
+def _skip_reason(cfg: ClusterConfig, owners, ltype, w) -> str:
+    for owner_name, owner in owners:
+        if is_clustered(owner):
+            raise ValueError(f"{owner_name} is already clustered; compress the original model")
+        t = layer_type(owner)
+        if t not in cfg.layer_types:
+            return f"layer type {t} not in layer_types"
+        ok, why = cfg.selects(owner_name)
+        if not ok:
+            return why if owner_name == owners[0][0] else f"shared with {owner_name}: {why}"
+    if not w.is_floating_point():
+        return f"weight dtype {w.dtype} is not floating point"
+    if w.numel() < cfg.min_numel:
+        return f"smaller than min_numel={cfg.min_numel}"
+    return ""
+
+
+def _count_other(model: nn.Module, report: CompressionReport, layer_params: set[int]) -> None:
+    """Tensors that are not layer weights; >=2-D parameters of unsupported layers are
+    reported as dense layers so that nothing large goes unmentioned."""
+    seen = set(layer_params)
+    for mod_name, mod in model.named_modules():
+        if isinstance(mod, ClusteredWeight):
+            continue
+        for pname, t in list(mod._parameters.items()) + list(mod._buffers.items()):
+            if t is None or id(t) in seen:
+                continue
+            seen.add(id(t))
+            nbytes = t.numel() * t.element_size()
+            if isinstance(t, nn.Parameter) and t.dim() >= 2:
+                full = f"{mod_name}.{pname}" if mod_name else pname
+                report.layers.append(
+                    LayerReport(
+                        name=full,
+                        type=type(mod).__name__,
+                        shape=list(t.shape),
+                        status="dense",
+                        reason=f"unsupported layer type {type(mod).__name__}",
+                        numel=t.numel(),
+                        bytes_before=nbytes,
+                        bytes_after=nbytes,
+                    )
+                )
+            elif isinstance(t, nn.Parameter):
+                report.other_numel += t.numel()
+                report.other_bytes += nbytes
+            else:
+                report.other_bytes += nbytes  # buffers: bytes, not weights
+
+
+def clustered_weights(
+    model: nn.Module,
+) -> dict[int, tuple[ClusteredWeight, list[tuple[str, nn.Module]]]]:
+    """``{id(cw): (cw, [(owner name, owner module), ...])}`` for a clustered model."""
+    out: dict[int, tuple[ClusteredWeight, list]] = {}
+    for name, mod in model.named_modules(remove_duplicate=False):
+        if is_clustered(mod):
+            out.setdefault(id(mod.clustered), (mod.clustered, []))[1].append((name, mod))
+    return out
+
+
+def strip(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """A plain model with dense weights (at most k distinct values per codebook).
+
+    Shared clustered weights become one shared dense parameter.
+    """
+    m = model if inplace else copy.deepcopy(model)
+    for _cw, owners in clustered_weights(m).values():
+        param = None
+        for name, mod in owners:
+            plain = unswap_weight(mod)
+            if param is None:
+                param = plain.weight
+            else:
+                plain._parameters["weight"] = param
+            _set_module(m, name, plain)
+    return m
+
+
+def model_nbytes(model: nn.Module) -> int:
+    """Bytes of all distinct parameters and buffers the model holds in memory."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total

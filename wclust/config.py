@@ -1,0 +1,191 @@
+"""Clustering configuration: validated when built, serializable with a version."""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import asdict, dataclass, field, fields, replace
+
+from .core.codebook import CODEBOOK_DTYPES, GRANULARITIES, METHODS, _resolve_k
+from .core.kmeans import INITS
+
+__all__ = [
+    "CONFIG_VERSION",
+    "DEFAULT_EXCLUDE",
+    "SUPPORTED_LAYER_TYPES",
+    "ClusterConfig",
+    "ConfigError",
+]
+
+CONFIG_VERSION = 1
+
+# Module class names whose `weight` can be clustered. "Conv1D" is transformers'
+# GPT-2-style linear layer (weight stored as (in, out)).
+SUPPORTED_LAYER_TYPES = ("Linear", "Conv1d", "Conv2d", "Embedding", "Conv1D")
+
+# Positional tables are excluded by default: they are few bytes and clustering
+# them hurts (shown in BENCHMARKS.md). Visible in every report; override freely.
+DEFAULT_EXCLUDE = ("*embed_positions*", "*position_embeddings*", "*.wpe")
+
+# Fields a per-layer override may change.
+_LAYER_FIELDS = (
+    "bits",
+    "n_clusters",
+    "granularity",
+    "group_size",
+    "method",
+    "init",
+    "codebook_dtype",
+    "keep_zeros",
+    "skip",
+)
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message says how to fix it."""
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """How to cluster a model's weights.
+
+    Args:
+        bits: code width; ``n_clusters = 2**bits`` unless ``n_clusters`` is given.
+        n_clusters: centroids per codebook (2..256), instead of ``bits``.
+        granularity: "tensor" | "channel" | "group" (see ``cluster_tensor``).
+        group_size: elements per codebook for "group".
+        method: "exact" (optimal 1-D k-means) or "kmeans" (Lloyd).
+        init: Lloyd init: "linear" | "density" | "random" | "kmeans++".
+        codebook_dtype: "float32" | "float16" | "bfloat16" | "int8".
+        keep_zeros: pruned (zero) weights stay zero.
+        include: fully qualified module-name globs to cluster (fnmatch).
+        exclude: globs never to cluster (reported as excluded).
+        layer_types: module class names to cluster.
+        min_numel: weights with fewer elements are reported and left dense.
+        overrides: ``{glob: {field: value}}`` applied in order to matching layers;
+            fields: bits, n_clusters, granularity, group_size, method, init,
+            codebook_dtype, keep_zeros, skip.
+        seed: RNG seed.
+    """
+
+    bits: int | None = 4
+    n_clusters: int | None = None
+    granularity: str = "channel"
+    group_size: int | None = None
+    method: str = "exact"
+    init: str = "kmeans++"
+    codebook_dtype: str = "float32"
+    keep_zeros: bool = False
+    include: tuple[str, ...] = ("*",)
+    exclude: tuple[str, ...] = DEFAULT_EXCLUDE
+    layer_types: tuple[str, ...] = SUPPORTED_LAYER_TYPES
+    min_numel: int = 0
+    overrides: dict = field(default_factory=dict)
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("include", "exclude", "layer_types"):
+            val = getattr(self, name)
+            if isinstance(val, str):
+                val = (val,)
+            object.__setattr__(self, name, tuple(val))
+        _check_layer_settings(self._layer_dict(), where="ClusterConfig")
+        for t in self.layer_types:
+            if t not in SUPPORTED_LAYER_TYPES:
+                raise ConfigError(
+                    f"layer type {t!r} is not supported; choose from {', '.join(SUPPORTED_LAYER_TYPES)}"
+                )
+        if not isinstance(self.min_numel, int) or self.min_numel < 0:
+            raise ConfigError(f"min_numel must be a non-negative integer, got {self.min_numel!r}")
+        if not isinstance(self.overrides, dict):
+            raise ConfigError("overrides must be a dict {module-name glob: {field: value}}")
+        for pat, ov in self.overrides.items():
+            if not isinstance(ov, dict):
+                raise ConfigError(f"override for {pat!r} must be a dict of fields, got {ov!r}")
+            unknown = set(ov) - set(_LAYER_FIELDS)
+            if unknown:
+                raise ConfigError(
+                    f"override for {pat!r} has unknown field(s) {sorted(unknown)}; "
+                    f"allowed: {', '.join(_LAYER_FIELDS)}"
+                )
+            merged = {**self._layer_dict(), **ov}
+            if "bits" in ov and "n_clusters" not in ov:
+                merged["n_clusters"] = None
+            if "n_clusters" in ov and "bits" not in ov:
+                merged["bits"] = None
+            _check_layer_settings(merged, where=f"override {pat!r}")
+
+    def _layer_dict(self) -> dict:
+        d = {f: getattr(self, f) for f in _LAYER_FIELDS if f != "skip"}
+        d["skip"] = False
+        return d
+
+    def selects(self, name: str) -> tuple[bool, str]:
+        """Whether the module ``name`` is selected, and why not if it is not."""
+        if not any(fnmatch.fnmatchcase(name, p) for p in self.include):
+            return False, "not matched by include"
+        for p in self.exclude:
+            if fnmatch.fnmatchcase(name, p):
+                return False, f"excluded by {p!r}"
+        return True, ""
+
+    def for_layer(self, name: str) -> dict:
+        """Settings for one layer after applying matching overrides in order."""
+        d = self._layer_dict()
+        for pat, ov in self.overrides.items():
+            if pat == name or fnmatch.fnmatchcase(name, pat):
+                d.update(ov)
+                if "bits" in ov and "n_clusters" not in ov:
+                    d["n_clusters"] = None
+                if "n_clusters" in ov and "bits" not in ov:
+                    d["bits"] = None
+        return d
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        for k in ("include", "exclude", "layer_types"):
+            d[k] = list(d[k])
+        d["version"] = CONFIG_VERSION
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ClusterConfig:
+        d = dict(d)
+        version = d.pop("version", CONFIG_VERSION)
+        if version > CONFIG_VERSION:
+            raise ConfigError(
+                f"config version {version} is newer than this wclust understands "
+                f"({CONFIG_VERSION}); upgrade wclust"
+            )
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ConfigError(f"unknown config field(s): {sorted(unknown)}")
+        return cls(**d)
+
+    def replace(self, **changes) -> ClusterConfig:
+        return replace(self, **changes)
+
+
+def _check_layer_settings(d: dict, where: str) -> None:
+    try:
+        _resolve_k(d.get("n_clusters"), d.get("bits"))
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    if d["granularity"] not in GRANULARITIES:
+        raise ConfigError(
+            f"{where}: granularity {d['granularity']!r} is unknown; choose {', '.join(GRANULARITIES)}"
+        )
+    if d["granularity"] == "group":
+        gs = d.get("group_size")
+        if not isinstance(gs, int) or gs < 1:
+            raise ConfigError(f"{where}: granularity 'group' needs group_size, a positive integer")
+    if d["method"] not in METHODS:
+        raise ConfigError(
+            f"{where}: method {d['method']!r} is unknown; choose {', '.join(METHODS)}"
+        )
+    if d["init"] not in INITS:
+        raise ConfigError(f"{where}: init {d['init']!r} is unknown; choose {', '.join(INITS)}")
+    if d["codebook_dtype"] not in CODEBOOK_DTYPES:
+        raise ConfigError(
+            f"{where}: codebook_dtype {d['codebook_dtype']!r} is unknown; choose {', '.join(CODEBOOK_DTYPES)}"
+        )

@@ -1,0 +1,332 @@
+"""The .wclust file: safetensors tensors + a versioned JSON header. No pickle.
+
+Layout: a standard safetensors file. Its string metadata holds
+``wclust`` (the JSON header) and ``wclust_sha256`` (SHA-256 over the header text and
+every tensor's name, dtype, shape and bytes, in name order), so a truncated or
+altered file is rejected. Tensors:
+
+- ``clustered.<i>.codes`` (uint8 packed codes), ``clustered.<i>.codebook`` (storage
+  dtype), ``clustered.<i>.scale`` (int8 codebooks only): one clustered weight, used
+  by the modules listed under ``owners`` in the header;
+- every other parameter and buffer under its own module path; a tensor used under
+  several names is stored once, the other names listed in ``aliases``.
+
+The header also names the architecture: for transformers models the class name and
+its config, rebuilt on load from an allow-list (PreTrainedModel subclasses);
+other models need a ``model_factory``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..api import _set_module, clustered_weights, layer_type
+from ..nn.modules import ClusteredWeight, swap_weight
+
+__all__ = ["FORMAT_VERSION", "FormatError", "load", "read_header", "save"]
+
+FORMAT_VERSION = 1
+MAX_HEADER_BYTES = 64 << 20
+_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+    "int16": torch.int16,
+    "int32": torch.int32,
+    "int64": torch.int64,
+    "bool": torch.bool,
+}
+
+
+class FormatError(ValueError):
+    """The file is not a valid .wclust file (or not one this version can read)."""
+
+
+def _dtype_name(dt: torch.dtype) -> str:
+    return str(dt).removeprefix("torch.")
+
+
+def _digest(header_text: str, tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256(header_text.encode())
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(f"\0{name}\0{_dtype_name(t.dtype)}\0{list(t.shape)}\0".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _arch(model: nn.Module) -> dict:
+    cfg = getattr(model, "config", None)
+    if (
+        cfg is not None
+        and hasattr(cfg, "to_dict")
+        and type(model).__module__.startswith("transformers")
+    ):
+        return {"kind": "transformers", "class": type(model).__name__, "config": cfg.to_dict()}
+    return {"kind": "torch", "class": f"{type(model).__module__}.{type(model).__qualname__}"}
+
+
+def save(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    report=None,
+    config=None,
+    source: str | None = None,
+    extra: dict | None = None,
+) -> Path:
+    """Write a clustered model to ``path`` atomically (temp file + rename).
+
+    Args:
+        model: a model processed by ``compress_`` (or any model: nothing clustered).
+        path: destination; an existing file is replaced only once the new one is
+            complete.
+        report: the ``CompressionReport`` to keep in the header (for ``inspect``).
+        config: the ``ClusterConfig`` used.
+        source: model name or path the model came from (lets ``load`` find the
+            matching processor/tokenizer).
+        extra: more JSON-serializable metadata.
+
+    Returns:
+        The path written.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tensors: dict[str, torch.Tensor] = {}
+    entries = []
+    cw_ids = set()
+    for i, (cw, owners) in enumerate(clustered_weights(model).values()):
+        cw_ids.add(id(cw))
+        key = f"clustered.{i}"
+        tensors[f"{key}.codes"] = cw.packed
+        tensors[f"{key}.codebook"] = cw.codebook
+        if cw.codebook_scale is not None:
+            tensors[f"{key}.scale"] = cw.codebook_scale
+        entries.append(
+            {
+                "key": key,
+                "owners": [n for n, _ in owners],
+                "owner_types": [type(m).__mro__[2].__name__ for _, m in owners],
+                "shape": list(cw.shape),
+                "bits": cw.bits,
+                "dtype": _dtype_name(cw.dtype),
+                "transpose": cw.transpose,
+                "meta": cw.meta,
+            }
+        )
+    aliases: dict[str, str] = {}
+    first_name: dict[int, str] = {}
+    for mod_name, mod in model.named_modules(remove_duplicate=False):
+        if isinstance(mod, ClusteredWeight):
+            continue
+        kinds = [("p", mod._parameters), ("b", mod._buffers)]
+        for kind, store in kinds:
+            for attr, t in store.items():
+                if t is None:
+                    continue
+                full = f"{mod_name}.{attr}" if mod_name else attr
+                if id(t) in first_name:
+                    if first_name[id(t)] != full:
+                        aliases[full] = first_name[id(t)]
+                    continue
+                first_name[id(t)] = full
+                tensors[f"{kind}:{full}"] = t.detach()
+    header = {
+        "format": "wclust",
+        "version": FORMAT_VERSION,
+        "arch": _arch(model),
+        "clustered": entries,
+        "aliases": aliases,
+        "config": config.to_dict() if config is not None else None,
+        "report": report.to_dict() if report is not None else None,
+        "source": source,
+        "extra": extra or {},
+    }
+    tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
+    text = json.dumps(header, sort_keys=True, default=str)
+    meta = {"wclust": text, "wclust_sha256": _digest(text, tensors)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _read_raw_header(path: Path) -> dict:
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise FormatError(f"{path}: too short to be a .wclust file ({size} bytes)")
+            (n,) = struct.unpack("<Q", head)
+            if n > min(size - 8, MAX_HEADER_BYTES):
+                raise FormatError(f"{path}: header length {n} is impossible for a {size}-byte file")
+            raw = f.read(n)
+    except OSError as e:
+        raise FormatError(f"{path}: cannot read: {e.strerror or e}") from None
+    try:
+        st = json.loads(raw)
+        meta = st.get("__metadata__") or {}
+        text = meta["wclust"]
+        header = json.loads(text)
+    except (ValueError, KeyError, AttributeError, TypeError):
+        raise FormatError(
+            f"{path}: not a .wclust file (no wclust header); was it written by wclust.save?"
+        ) from None
+    if not isinstance(header, dict) or header.get("format") != "wclust":
+        raise FormatError(f"{path}: not a .wclust file")
+    version = header.get("version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise FormatError(
+            f"{path}: format version {version!r} is newer than this wclust reads "
+            f"({FORMAT_VERSION}); upgrade wclust"
+        )
+    return {"header": header, "text": text, "sha256": meta.get("wclust_sha256"), "st": st}
+
+
+def read_header(path: str | os.PathLike) -> dict:
+    """The JSON header of a .wclust file (cheap: no tensor is read)."""
+    return _read_raw_header(Path(path))["header"]
+
+
+def load(
+    path: str | os.PathLike,
+    model_factory=None,
+    *,
+    cache: bool = False,
+) -> nn.Module:
+    """Rebuild a clustered model from a .wclust file.
+
+    Args:
+        path: file written by :func:`save`.
+        model_factory: callable returning the (uncompressed) architecture, or an
+            ``nn.Module`` instance to fill in. Not needed for transformers models,
+            which are rebuilt from the config in the file.
+        cache: keep each rebuilt dense weight after its first use (faster, uses the
+            memory back).
+
+    Returns:
+        The model in eval mode, weights compressed in memory.
+
+    Raises:
+        FormatError: the file is corrupt, altered, from a newer version, or does not
+            match the architecture.
+    """
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    raw = _read_raw_header(path)
+    header = raw["header"]
+    try:
+        tensors = load_file(str(path))
+    except Exception as e:  # safetensors raises several types for corrupt data
+        raise FormatError(f"{path}: corrupt tensor data: {e}") from None
+    if raw["sha256"] != _digest(raw["text"], tensors):
+        raise FormatError(f"{path}: checksum mismatch: the file is truncated or was altered")
+    try:
+        model = _build(header, model_factory)
+        _fill(model, header, tensors, cache)
+    except FormatError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as e:
+        raise FormatError(f"{path}: does not match the model architecture: {e}") from None
+    return model.eval()
+
+
+def _build(header: dict, model_factory) -> nn.Module:
+    if model_factory is not None:
+        return model_factory if isinstance(model_factory, nn.Module) else model_factory()
+    arch = header.get("arch") or {}
+    if arch.get("kind") != "transformers":
+        raise FormatError(
+            f"this file holds a plain PyTorch model ({arch.get('class')}); pass "
+            "model_factory=<callable returning the uncompressed architecture> to load it"
+        )
+    try:
+        import transformers
+    except ImportError:
+        raise FormatError("loading a transformers model needs: pip install 'wclust[hf]'") from None
+    cls = getattr(transformers, str(arch.get("class")), None)
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise FormatError(f"unknown transformers model class {arch.get('class')!r}")
+    cfg = dict(arch["config"])
+    config = transformers.AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    with torch.device("meta"):
+        return cls(config)
+
+
+def _fill(model: nn.Module, header: dict, tensors: dict, cache: bool) -> None:
+    for e in header["clustered"]:
+        key = e["key"]
+        dtype = _DTYPES[e["dtype"]]
+        cw = ClusteredWeight(
+            tensors[f"{key}.codes"],
+            tensors[f"{key}.codebook"],
+            tensors.get(f"{key}.scale"),
+            tuple(e["shape"]),
+            int(e["bits"]),
+            dtype,
+            bool(e["transpose"]),
+            e.get("meta"),
+        )
+        if cw.codebook.shape[1] > (1 << cw.bits):
+            raise FormatError(f"{key}: more centroids than {cw.bits}-bit codes can address")
+        cw.set_cache(cache)
+        for owner, otype in zip(e["owners"], e["owner_types"], strict=True):
+            mod = model.get_submodule(owner)
+            if layer_type(mod) is None or type(mod).__name__ != otype:
+                raise FormatError(f"{owner}: file has a {otype}, model has {type(mod).__name__}")
+            shape = tuple(cw.shape[::-1]) if cw.transpose else cw.shape
+            if tuple(mod._parameters["weight"].shape) != shape:
+                raise FormatError(f"{owner}: weight shape {shape} does not match the model")
+            _set_module(model, owner, swap_weight(mod, cw))
+    placed: dict[str, torch.Tensor] = {}
+    for name, t in tensors.items():
+        if name.startswith("clustered."):
+            continue
+        kind, _, full = name.partition(":")
+        placed[full] = _place(model, kind, full, t)
+    for alias, target in header.get("aliases", {}).items():
+        _place(
+            model, "p" if isinstance(placed[target], nn.Parameter) else "b", alias, placed[target]
+        )
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left:
+        raise FormatError(f"file lacks tensors for {left[:5]}{' ...' if len(left) > 5 else ''}")
+
+
+def _place(model: nn.Module, kind: str, full: str, t: torch.Tensor):
+    mod_name, _, attr = full.rpartition(".")
+    mod = model.get_submodule(mod_name) if mod_name else model
+    store = mod._parameters if kind == "p" else mod._buffers
+    if attr not in store:
+        raise FormatError(
+            f"{full}: the model has no such {'parameter' if kind == 'p' else 'buffer'}"
+        )
+    old = store[attr]
+    if old is not None and tuple(old.shape) != tuple(t.shape):
+        raise FormatError(f"{full}: shape {tuple(t.shape)} in file, {tuple(old.shape)} in model")
+    if kind == "p" and not isinstance(t, nn.Parameter):
+        t = nn.Parameter(t, requires_grad=old.requires_grad if old is not None else True)
+    store[attr] = t
+    return t

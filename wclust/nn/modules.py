@@ -1,0 +1,173 @@
+"""Compressed modules: the weight lives in memory as packed codes + codebooks.
+
+``ClusteredWeight`` holds one clustered tensor (packed codes, codebooks) and rebuilds
+the dense weight on demand. ``swap_weight`` turns any module with a ``weight``
+parameter (Linear, Conv, Embedding, transformers' Conv1D) into a subclass of its own
+class whose ``weight`` is a property calling the shared ``ClusteredWeight``: the
+module's own forward runs unchanged, ``isinstance`` checks still hold, and two
+modules that shared a weight (tied embeddings) share one ``ClusteredWeight``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..core.codebook import ClusteredTensor
+from ..core.packing import pack_codes, packed_nbytes, unpack_codes
+
+__all__ = ["ClusteredWeight", "is_clustered", "swap_weight", "unswap_weight"]
+
+
+class ClusteredWeight(nn.Module):
+    """One clustered weight: packed codes and codebooks as buffers.
+
+    Args:
+        packed: 1-D uint8 packed codes (``core.packing`` format).
+        codebook: (n_codebooks, n_clusters) centroids in their storage dtype
+            (float32/float16/bfloat16, or int8 with ``codebook_scale``).
+        codebook_scale: (n_codebooks,) float32 scales for an int8 codebook, else None.
+        shape: shape of the clustered tensor (for transformers' Conv1D, the
+            transposed (out, in) view).
+        bits: code width.
+        dtype: dtype of the rebuilt weight.
+        transpose: the module stores the weight transposed (Conv1D).
+        meta: free-form description kept for reports and files.
+    """
+
+    def __init__(
+        self,
+        packed: torch.Tensor,
+        codebook: torch.Tensor,
+        codebook_scale: torch.Tensor | None,
+        shape: tuple[int, ...],
+        bits: int,
+        dtype: torch.dtype = torch.float32,
+        transpose: bool = False,
+        meta: dict | None = None,
+    ):
+        super().__init__()
+        self.shape = tuple(int(s) for s in shape)
+        self.numel = math.prod(self.shape)
+        self.bits = int(bits)
+        self.dtype = dtype
+        self.transpose = bool(transpose)
+        self.meta = dict(meta or {})
+        if packed.numel() != packed_nbytes(self.numel, self.bits):
+            raise ValueError("packed codes do not match shape and bits")
+        if self.numel % codebook.shape[0]:
+            raise ValueError("codebook rows do not divide the number of weights")
+        self.register_buffer("packed", packed)
+        self.register_buffer("codebook", codebook)
+        self.register_buffer("codebook_scale", codebook_scale)
+        self.cache = False
+        self._dense: torch.Tensor | None = None
+
+    @classmethod
+    def from_clustered(cls, ct: ClusteredTensor, transpose: bool = False, meta=None):
+        """Build from a ``ClusteredTensor`` (codebook cast to its storage dtype)."""
+        if ct.codebook_dtype == "int8":
+            cb, scale = ct.codebook_int8, ct.codebook_scale.float()
+        else:
+            cb, scale = ct.codebook.to(getattr(torch, ct.codebook_dtype)), None
+        return cls(
+            pack_codes(ct.codes, ct.bits), cb, scale, ct.shape, ct.bits, ct.dtype, transpose, meta
+        )
+
+    @property
+    def n_codebooks(self) -> int:
+        return self.codebook.shape[0]
+
+    def codebook_float(self) -> torch.Tensor:
+        cb = self.codebook.float()
+        if self.codebook_scale is not None:
+            cb = cb * self.codebook_scale[:, None]
+        return cb
+
+    def codes(self) -> torch.Tensor:
+        """Unpacked uint8 codes, shape ``self.shape``."""
+        return unpack_codes(self.packed, self.bits, self.numel).view(self.shape)
+
+    def dense(self) -> torch.Tensor:
+        """The dense weight as the owning module expects it."""
+        if self._dense is not None:
+            return self._dense
+        cb = self.codebook_float()
+        n_cb, k = cb.shape
+        codes = unpack_codes(self.packed, self.bits, self.numel).view(n_cb, -1)
+        # Flat index into the (n_cb * k) codebook: int32 keeps the temporary small.
+        idx = codes.to(torch.int32)
+        if n_cb > 1:
+            idx = idx + (torch.arange(n_cb, dtype=torch.int32) * k)[:, None]
+        w = cb.reshape(-1).index_select(0, idx.reshape(-1)).view(self.shape).to(self.dtype)
+        if self.transpose:
+            w = w.t()
+        if self.cache:
+            self._dense = w
+        return w
+
+    def set_cache(self, enabled: bool) -> None:
+        """Keep the rebuilt dense weight (speed) or rebuild it per call (memory)."""
+        self.cache = bool(enabled)
+        if not enabled:
+            self._dense = None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held in memory: packed codes, codebooks and scales."""
+        n = self.packed.numel() + self.codebook.numel() * self.codebook.element_size()
+        if self.codebook_scale is not None:
+            n += self.codebook_scale.numel() * 4
+        return n
+
+    def extra_repr(self) -> str:
+        return f"shape={self.shape}, bits={self.bits}, codebooks={self.n_codebooks}"
+
+
+class _ClusteredMixin:
+    """Mixed in before a module class: ``weight`` comes from ``clustered``."""
+
+    @property
+    def weight(self):  # noqa: D401 - property
+        return self.clustered.dense()
+
+
+_SUBCLASSES: dict[type, type] = {}
+
+
+def _clustered_class(cls: type) -> type:
+    if cls not in _SUBCLASSES:
+        _SUBCLASSES[cls] = type(f"Clustered{cls.__name__}", (_ClusteredMixin, cls), {})
+    return _SUBCLASSES[cls]
+
+
+def is_clustered(module: nn.Module) -> bool:
+    return isinstance(module, _ClusteredMixin)
+
+
+def swap_weight(module: nn.Module, cw: ClusteredWeight) -> nn.Module:
+    """A copy of ``module`` (same attributes, submodules and other parameters) whose
+    weight is rebuilt from ``cw``. The original module is left untouched."""
+    new = object.__new__(_clustered_class(type(module)))
+    new.__dict__ = dict(module.__dict__)
+    new._parameters = {k: v for k, v in module._parameters.items() if k != "weight"}
+    new._buffers = dict(module._buffers)
+    new._modules = dict(module._modules)
+    new._modules["clustered"] = cw
+    return new
+
+
+def unswap_weight(module: nn.Module) -> nn.Module:
+    """Plain module of the original class with a dense ``weight`` parameter."""
+    base = type(module).__mro__[2]
+    new = object.__new__(base)
+    new.__dict__ = dict(module.__dict__)
+    new._modules = {k: v for k, v in module._modules.items() if k != "clustered"}
+    new._parameters = dict(module._parameters)
+    new._buffers = dict(module._buffers)
+    with torch.no_grad():
+        w = module.clustered.dense().detach().clone()
+    new._parameters["weight"] = nn.Parameter(w, requires_grad=True)
+    return new
