@@ -73,7 +73,13 @@ def _arch(model: nn.Module) -> dict:
         and hasattr(cfg, "to_dict")
         and type(model).__module__.startswith("transformers")
     ):
-        return {"kind": "transformers", "class": type(model).__name__, "config": cfg.to_dict()}
+        gen = getattr(model, "generation_config", None)
+        return {
+            "kind": "transformers",
+            "class": type(model).__name__,
+            "config": cfg.to_dict(),
+            "generation_config": gen.to_dict() if gen is not None else None,
+        }
     return {"kind": "torch", "class": f"{type(model).__module__}.{type(model).__qualname__}"}
 
 
@@ -272,7 +278,10 @@ def _build(header: dict, model_factory) -> nn.Module:
     cfg = dict(arch["config"])
     config = transformers.AutoConfig.for_model(cfg.pop("model_type"), **cfg)
     with torch.device("meta"):
-        return cls(config)
+        model = cls(config)
+    if arch.get("generation_config") and hasattr(model, "generation_config"):
+        model.generation_config = transformers.GenerationConfig.from_dict(arch["generation_config"])
+    return model
 
 
 def _fill(model: nn.Module, header: dict, tensors: dict, cache: bool) -> None:

@@ -1,0 +1,180 @@
+"""The ``wclust`` command line: thin wrappers over the API.
+
+Every command turns the library's errors (bad input, bad files, unknown names)
+into one red line and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Compress neural networks by weight clustering and compare with quantization.",
+)
+console = Console(stderr=True)
+# Wide tables when piped (rich would wrap at 80 columns).
+out = Console(width=None if sys.stdout.isatty() else 160)
+
+# Errors that are the user's input, reported as one line.
+_USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, KeyError, FileNotFoundError, ImportError)
+
+
+def _fail(msg: str) -> None:
+    console.print(f"[bold red]error:[/] {msg}", highlight=False, markup=True)
+    raise typer.Exit(2)
+
+
+def _run(fn, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except _USER_ERRORS as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        _fail(str(msg))
+
+
+@app.command()
+def compress(
+    model: Annotated[str, typer.Argument(help="built-in name (see `wclust models`), HF hub id or local HF directory")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="the .wclust file to write")],
+    bits: Annotated[int, typer.Option(help="code width: 2**bits clusters per codebook")] = 4,
+    n_clusters: Annotated[int | None, typer.Option(help="clusters per codebook (instead of --bits)")] = None,
+    granularity: Annotated[str, typer.Option(help="tensor | channel | group")] = "channel",
+    group_size: Annotated[int | None, typer.Option(help="elements per codebook for --granularity group")] = None,
+    method: Annotated[str, typer.Option(help="exact (optimal 1-D k-means) | kmeans (Lloyd)")] = "exact",
+    init: Annotated[str, typer.Option(help="Lloyd init: linear | density | random | kmeans++")] = "kmeans++",
+    codebook_dtype: Annotated[str, typer.Option(help="float32 | float16 | bfloat16 | int8")] = "float32",
+    keep_zeros: Annotated[bool, typer.Option(help="pruned (zero) weights stay zero")] = False,
+    include: Annotated[list[str] | None, typer.Option(help="module-name glob to cluster (repeatable)")] = None,
+    exclude: Annotated[list[str] | None, typer.Option(help="module-name glob to keep dense (repeatable; replaces the defaults)")] = None,
+    seed: Annotated[int, typer.Option(help="RNG seed")] = 0,
+):
+    """Cluster a model's weights and write a .wclust file."""
+    import wclust
+    from wclust.config import DEFAULT_EXCLUDE
+    from wclust.models import load_model
+
+    cfg = _run(
+        wclust.ClusterConfig,
+        bits=None if n_clusters else bits,
+        n_clusters=n_clusters,
+        granularity=granularity,
+        group_size=group_size,
+        method=method,
+        init=init,
+        codebook_dtype=codebook_dtype,
+        keep_zeros=keep_zeros,
+        include=tuple(include or ("*",)),
+        exclude=tuple(exclude) if exclude is not None else DEFAULT_EXCLUDE,
+        seed=seed,
+    )
+    if output.exists() and output.is_dir():
+        _fail(f"{output} is a directory; give a file name such as {output / 'model.wclust'}")
+    with console.status(f"loading {model} ..."):
+        loaded = _run(load_model, model)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        TextColumn("clustering"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("{task.description}"), console=console, transient=True,
+    ) as prog:
+        task = prog.add_task("", total=None)
+
+        def tick(name, i, n):
+            prog.update(task, completed=i, total=n, description=name)
+
+        report = _run(wclust.compress_, loaded.model, cfg, progress=tick)
+    source = model if not Path(model).exists() else str(Path(model).resolve())
+    _run(wclust.save, loaded.model, output, report=report, config=cfg, source=source)
+    _print_report(report.to_dict(), max_rows=12)
+    console.print(f"wrote {output} ({output.stat().st_size / 1e6:.2f} MB) in {report.seconds:.1f} s of clustering")
+
+
+def _print_report(d: dict, max_rows: int | None = None) -> None:
+    t = Table(title="per-layer report", show_lines=False)
+    for col in ("layer", "type", "shape", "status", "bits", "codebooks", "distinct", "rel. error", "KB before", "KB after"):
+        t.add_column(col, justify="right" if col not in ("layer", "type", "status") else "left")
+    layers = d["layers"]
+    shown = layers if max_rows is None or len(layers) <= max_rows else layers[:max_rows]
+    for r in shown:
+        status = r["status"] if not r["reason"] else f"{r['status']} ({r['reason']})"
+        t.add_row(
+            r["name"] + (f" (+{len(r['shared_with'])} shared)" if r["shared_with"] else ""),
+            r["type"], "x".join(map(str, r["shape"])),
+            status if r["status"] == "clustered" else f"[yellow]{status}[/]",
+            str(r["bits"] or ""), str(r["n_codebooks"] or ""), str(r["distinct_values"] or ""),
+            f"{r['rel_error']:.2e}" if r["rel_error"] is not None else "",
+            f"{r['bytes_before'] / 1e3:.1f}", f"{r['bytes_after'] / 1e3:.1f}",
+        )
+    if len(shown) < len(layers):
+        t.add_row(f"... {len(layers) - len(shown)} more (wclust inspect FILE)", *[""] * 9)
+    out.print(t)
+    tot = d["totals"]
+    out.print(
+        f"{tot['layers_clustered']} weights clustered, {tot['layers_dense']} dense; "
+        f"{tot['bytes_before'] / 1e6:.2f} MB -> {tot['bytes_after'] / 1e6:.2f} MB "
+        f"({tot['ratio']:.2f}x), {tot['bits_per_weight']:.3f} bits per weight (everything counted)"
+    )
+
+
+@app.command()
+def inspect(
+    file: Annotated[Path, typer.Argument(help="a .wclust file")],
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+    gzip: Annotated[bool, typer.Option(help="also measure the gzip size of the file")] = False,
+):
+    """Print the per-layer report and totals of a .wclust file."""
+    from wclust.formats import read_header
+    from wclust.measure.sizes import file_sizes
+
+    if not file.exists():
+        _fail(f"{file}: no such file")
+    header = _run(read_header, file)
+    sizes = file_sizes(file, gzip=gzip)
+    report = header.get("report")
+    if not isinstance(report, dict) or "totals" not in report:
+        _fail(f"{file}: holds no compression report (saved without report=)")
+    numel = report["totals"]["numel"]
+    summary = {
+        "file": str(file),
+        "source": header.get("source"),
+        "format_version": header.get("version"),
+        "bits_per_weight": report["totals"]["bits_per_weight"],
+        "file_bits_per_weight": 8 * sizes["file_bytes"] / max(numel, 1),
+        **sizes,
+        "totals": report["totals"],
+        "config": header.get("config"),
+        "layers": report["layers"],
+    }
+    if as_json:
+        sys.stdout.write(json.dumps(summary, indent=2) + "\n")
+        return
+    _print_report(report)
+    extra = f", gzip {sizes['gzip_bytes'] / 1e6:.2f} MB" if gzip else ""
+    out.print(f"file {sizes['file_bytes'] / 1e6:.2f} MB{extra}; source: {header.get('source')}")
+
+
+@app.command()
+def models():
+    """List the built-in model names (weights that ship in pip packages)."""
+    import wclust.models  # noqa: F401  (registers the names)
+    from wclust.registry import MODELS
+
+    for name in MODELS.names():
+        out.print(f"{name:20s} {MODELS.help(name)}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
