@@ -87,6 +87,9 @@ def compress_(
     sample_weights = sample_weights or {}
     t_start = time.perf_counter()
     report = CompressionReport()
+    for name, mod in model.named_modules():
+        if is_clustered(mod):
+            raise ValueError(f"{name} is already clustered; compress the original model")
     groups = _weight_owners(model)
     layer_params = {id(w) for w, _ in groups}
     for i, (w, owners) in enumerate(groups):
@@ -171,8 +174,6 @@ def compress_(
 
 def _skip_reason(cfg: ClusterConfig, owners, ltype, w) -> str:
     for owner_name, owner in owners:
-        if is_clustered(owner):
-            raise ValueError(f"{owner_name} is already clustered; compress the original model")
         t = layer_type(owner)
         if t not in cfg.layer_types:
             return f"layer type {t} not in layer_types"

@@ -25,7 +25,12 @@ console = Console(stderr=True)
 out = Console(width=None if sys.stdout.isatty() else 160)
 
 # Errors that are the user's input, reported as one line.
-_USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, KeyError, FileNotFoundError, ImportError)
+_USER_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError,
+    KeyError,
+    FileNotFoundError,
+    ImportError,
+)
 
 
 def _fail(msg: str) -> None:
@@ -43,18 +48,36 @@ def _run(fn, *args, **kwargs):
 
 @app.command()
 def compress(
-    model: Annotated[str, typer.Argument(help="built-in name (see `wclust models`), HF hub id or local HF directory")],
+    model: Annotated[
+        str,
+        typer.Argument(help="built-in name (see `wclust models`), HF hub id or local HF directory"),
+    ],
     output: Annotated[Path, typer.Option("--output", "-o", help="the .wclust file to write")],
     bits: Annotated[int, typer.Option(help="code width: 2**bits clusters per codebook")] = 4,
-    n_clusters: Annotated[int | None, typer.Option(help="clusters per codebook (instead of --bits)")] = None,
+    n_clusters: Annotated[
+        int | None, typer.Option(help="clusters per codebook (instead of --bits)")
+    ] = None,
     granularity: Annotated[str, typer.Option(help="tensor | channel | group")] = "channel",
-    group_size: Annotated[int | None, typer.Option(help="elements per codebook for --granularity group")] = None,
-    method: Annotated[str, typer.Option(help="exact (optimal 1-D k-means) | kmeans (Lloyd)")] = "exact",
-    init: Annotated[str, typer.Option(help="Lloyd init: linear | density | random | kmeans++")] = "kmeans++",
-    codebook_dtype: Annotated[str, typer.Option(help="float32 | float16 | bfloat16 | int8")] = "float32",
+    group_size: Annotated[
+        int | None, typer.Option(help="elements per codebook for --granularity group")
+    ] = None,
+    method: Annotated[
+        str, typer.Option(help="exact (optimal 1-D k-means) | kmeans (Lloyd)")
+    ] = "exact",
+    init: Annotated[
+        str, typer.Option(help="Lloyd init: linear | density | random | kmeans++")
+    ] = "kmeans++",
+    codebook_dtype: Annotated[
+        str, typer.Option(help="float32 | float16 | bfloat16 | int8")
+    ] = "float32",
     keep_zeros: Annotated[bool, typer.Option(help="pruned (zero) weights stay zero")] = False,
-    include: Annotated[list[str] | None, typer.Option(help="module-name glob to cluster (repeatable)")] = None,
-    exclude: Annotated[list[str] | None, typer.Option(help="module-name glob to keep dense (repeatable; replaces the defaults)")] = None,
+    include: Annotated[
+        list[str] | None, typer.Option(help="module-name glob to cluster (repeatable)")
+    ] = None,
+    exclude: Annotated[
+        list[str] | None,
+        typer.Option(help="module-name glob to keep dense (repeatable; replaces the defaults)"),
+    ] = None,
     seed: Annotated[int, typer.Option(help="RNG seed")] = 0,
 ):
     """Cluster a model's weights and write a .wclust file."""
@@ -83,8 +106,13 @@ def compress(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     with Progress(
-        TextColumn("clustering"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        TextColumn("{task.description}"), console=console, transient=True,
+        TextColumn("clustering"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.description}"),
+        console=console,
+        transient=True,
     ) as prog:
         task = prog.add_task("", total=None)
 
@@ -95,12 +123,25 @@ def compress(
     source = model if not Path(model).exists() else str(Path(model).resolve())
     _run(wclust.save, loaded.model, output, report=report, config=cfg, source=source)
     _print_report(report.to_dict(), max_rows=12)
-    console.print(f"wrote {output} ({output.stat().st_size / 1e6:.2f} MB) in {report.seconds:.1f} s of clustering")
+    console.print(
+        f"wrote {output} ({output.stat().st_size / 1e6:.2f} MB) in {report.seconds:.1f} s of clustering"
+    )
 
 
 def _print_report(d: dict, max_rows: int | None = None) -> None:
     t = Table(title="per-layer report", show_lines=False)
-    for col in ("layer", "type", "shape", "status", "bits", "codebooks", "distinct", "rel. error", "KB before", "KB after"):
+    for col in (
+        "layer",
+        "type",
+        "shape",
+        "status",
+        "bits",
+        "codebooks",
+        "distinct",
+        "rel. error",
+        "KB before",
+        "KB after",
+    ):
         t.add_column(col, justify="right" if col not in ("layer", "type", "status") else "left")
     layers = d["layers"]
     shown = layers if max_rows is None or len(layers) <= max_rows else layers[:max_rows]
@@ -108,11 +149,15 @@ def _print_report(d: dict, max_rows: int | None = None) -> None:
         status = r["status"] if not r["reason"] else f"{r['status']} ({r['reason']})"
         t.add_row(
             r["name"] + (f" (+{len(r['shared_with'])} shared)" if r["shared_with"] else ""),
-            r["type"], "x".join(map(str, r["shape"])),
+            r["type"],
+            "x".join(map(str, r["shape"])),
             status if r["status"] == "clustered" else f"[yellow]{status}[/]",
-            str(r["bits"] or ""), str(r["n_codebooks"] or ""), str(r["distinct_values"] or ""),
+            str(r["bits"] or ""),
+            str(r["n_codebooks"] or ""),
+            str(r["distinct_values"] or ""),
             f"{r['rel_error']:.2e}" if r["rel_error"] is not None else "",
-            f"{r['bytes_before'] / 1e3:.1f}", f"{r['bytes_after'] / 1e3:.1f}",
+            f"{r['bytes_before'] / 1e3:.1f}",
+            f"{r['bytes_after'] / 1e3:.1f}",
         )
     if len(shown) < len(layers):
         t.add_row(f"... {len(layers) - len(shown)} more (wclust inspect FILE)", *[""] * 9)

@@ -62,7 +62,7 @@ def _digest(header_text: str, tensors: dict[str, torch.Tensor]) -> str:
     for name in sorted(tensors):
         t = tensors[name].contiguous()
         h.update(f"\0{name}\0{_dtype_name(t.dtype)}\0{list(t.shape)}\0".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(_tensor_bytes(t))
     return h.hexdigest()
 
 
@@ -107,8 +107,6 @@ def save(
     Returns:
         The path written.
     """
-    from safetensors.torch import save_file
-
     path = Path(path)
     tensors: dict[str, torch.Tensor] = {}
     entries = []
@@ -167,14 +165,55 @@ def save(
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=meta)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        _write_safetensors(tmp, tensors, meta)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+_ST_DTYPES = {
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float64: "F64",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.int16: "I16",
+    torch.int32: "I32",
+    torch.int64: "I64",
+    torch.bool: "BOOL",
+}
+
+
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    return t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+
+
+def _write_safetensors(path: str, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+    """A standard safetensors file with a canonical header (sorted keys, tensors in
+    name order), so equal inputs give byte-identical files; fsynced."""
+    entries: dict = {"__metadata__": meta}
+    offset = 0
+    for name in sorted(tensors):
+        t = tensors[name]
+        n = t.numel() * t.element_size()
+        entries[name] = {
+            "dtype": _ST_DTYPES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + n],
+        }
+        offset += n
+    head = json.dumps(entries, sort_keys=True, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(head)))
+        f.write(head)
+        for name in sorted(tensors):
+            f.write(_tensor_bytes(tensors[name]))
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _read_raw_header(path: Path) -> dict:

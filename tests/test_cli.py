@@ -1,0 +1,68 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import tiny_whisper
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+
+
+def wclust(*args, timeout=300):
+    return subprocess.run(
+        [sys.executable, "-m", "wclust.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=ENV,
+    )
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tinywhisper")
+    tiny_whisper().save_pretrained(d)
+    return d
+
+
+def test_compress_then_inspect_json(model_dir, tmp_path):
+    out = tmp_path / "m.wclust"
+    r = wclust("compress", model_dir, "-o", out, "--bits", "3", "--exclude", "*conv1*")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert out.is_file()
+    r = wclust("inspect", out, "--json", "--gzip")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert 3 < d["bits_per_weight"] < 32
+    assert d["gzip_bytes"] < d["file_bytes"]
+    by = {x["name"]: x for x in d["layers"]}
+    assert by["model.encoder.conv1"]["status"] == "dense"
+    assert (
+        by["model.encoder.embed_positions"]["status"] == "clustered"
+    )  # --exclude replaced defaults
+    assert by["model.decoder.layers.0.fc1"]["bits"] == 3
+    r = wclust("inspect", out)
+    assert r.returncode == 0 and "bits per weight" in r.stdout
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (["compress", "/no/such/model", "-o", "x.wclust"], "cannot load model"),
+        (["compress", "{tmp}", "-o", "x.wclust"], "config.json"),
+        (["compress", "{model}", "-o", "x.wclust", "--bits", "12"], "bits"),
+        (["compress", "{model}", "-o", "x.wclust", "--granularity", "group"], "group_size"),
+        (["inspect", "/no/such/file.wclust"], "no such file"),
+        (["inspect", "{junk}"], "header length"),
+    ],
+)
+def test_bad_input_gives_one_line_and_exit_2(args, match, model_dir, tmp_path):
+    junk = tmp_path / "junk.wclust"
+    junk.write_bytes(b"not a model at all" * 10)
+    args = [a.format(tmp=tmp_path, model=model_dir, junk=junk) for a in args]
+    r = wclust(*args)
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    assert "Traceback" not in r.stderr
+    assert match in r.stderr.replace("\n", " ")
