@@ -11,7 +11,9 @@ from torch import nn
 
 from .config import SUPPORTED_LAYER_TYPES, ClusterConfig
 from .core.codebook import cluster_tensor
+from .core.quantizers import nf4, rtn, scaled_kmeans
 from .nn.modules import ClusteredWeight, is_clustered, swap_weight, unswap_weight
+from .registry import Registry
 from .report.layers import CompressionReport, LayerReport
 
 __all__ = ["clustered_weights", "compress_", "layer_type", "model_nbytes", "strip"]
@@ -56,6 +58,75 @@ def _distinct_codes(codes: torch.Tensor, n_cb: int, k: int) -> int:
     rows = codes.reshape(n_cb, -1).long() + (torch.arange(n_cb) * k)[:, None]
     used = torch.bincount(rows.reshape(-1), minlength=n_cb * k).view(n_cb, k) > 0
     return int(used.sum(1).max())
+
+
+TENSOR_METHODS: Registry = Registry("tensor method")
+
+
+@TENSOR_METHODS.register("exact", "optimal 1-D k-means per codebook")
+@TENSOR_METHODS.register("kmeans", "Lloyd k-means per codebook")
+def _cluster(data, s, sw, seed):
+    ct = cluster_tensor(
+        data,
+        n_clusters=s["n_clusters"],
+        bits=s["bits"],
+        granularity=s["granularity"],
+        group_size=s["group_size"],
+        method=s["method"],
+        init=s["init"],
+        sample_weight=sw,
+        keep_zeros=s["keep_zeros"],
+        codebook_dtype=s["codebook_dtype"],
+        seed=seed,
+    )
+    st = {
+        "mse": ct.mse,
+        "distinct": _distinct_codes(ct.codes, ct.n_codebooks, ct.n_clusters),
+        "n_clusters": ct.n_clusters,
+        "keep_zeros": ct.keep_zeros,
+        "group_size": ct.group_size,
+        "granularity": ct.granularity,
+    }
+    return ClusteredWeight.from_clustered(ct), st
+
+
+def _scaled_stats(sc, data):
+    n_g = sc.scale.numel()
+    codes = sc.codes.reshape(n_g, -1)
+    st = {
+        "mse": sc.mse,
+        "distinct": _distinct_codes(codes, n_g, sc.codebook.shape[1]),
+        "granularity": "group",
+        "group_size": sc.group_size,
+        "codebook_dtype": "float32",
+    }
+    return ClusteredWeight.from_scaled(sc), st
+
+
+@TENSOR_METHODS.register("nf4", "NF4: fixed 16-value table, absmax scale per group (default 64)")
+def _nf4(data, s, sw, seed):
+    return _scaled_stats(nf4(data, s["group_size"] or 64), data)
+
+
+@TENSOR_METHODS.register("rtn", "asymmetric round-to-nearest integers per group (default 128)")
+def _rtn(data, s, sw, seed):
+    return _scaled_stats(rtn(data, _bits(s), s["group_size"] or 128), data)
+
+
+@TENSOR_METHODS.register("rtn-sym", "symmetric round-to-nearest integers per group (default 128)")
+def _rtn_sym(data, s, sw, seed):
+    return _scaled_stats(rtn(data, _bits(s), s["group_size"] or 128, symmetric=True), data)
+
+
+@TENSOR_METHODS.register(
+    "scaled-exact", "one k-means codebook per tensor over absmax-normalized groups"
+)
+def _scaled_exact(data, s, sw, seed):
+    return _scaled_stats(scaled_kmeans(data, _bits(s), s["group_size"] or 64, sw), data)
+
+
+def _bits(s) -> int:
+    return s["bits"] if s["bits"] is not None else max(1, (s["n_clusters"] - 1).bit_length())
 
 
 def compress_(
@@ -125,46 +196,28 @@ def compress_(
         if sw is not None and transpose:
             sw = sw.t()
         t0 = time.perf_counter()
+        meta = {k: settings[k] for k in ("method", "granularity", "group_size", "codebook_dtype")}
         try:
-            ct = cluster_tensor(
-                data,
-                n_clusters=settings["n_clusters"],
-                bits=settings["bits"],
-                granularity=settings["granularity"],
-                group_size=settings["group_size"],
-                method=settings["method"],
-                init=settings["init"],
-                sample_weight=sw,
-                keep_zeros=settings["keep_zeros"],
-                codebook_dtype=settings["codebook_dtype"],
-                seed=cfg.seed,
-            )
+            cw, st = TENSOR_METHODS.get(settings["method"])(data, settings, sw, cfg.seed)
         except ValueError as e:
             entry.reason = f"cannot cluster: {e}"
             continue
-        meta = {
-            "granularity": ct.granularity,
-            "group_size": ct.group_size,
-            "n_clusters": ct.n_clusters,
-            "method": ct.method,
-            "codebook_dtype": ct.codebook_dtype,
-            "keep_zeros": ct.keep_zeros,
-        }
-        cw = ClusteredWeight.from_clustered(ct, transpose=transpose, meta=meta)
+        cw.transpose = transpose
+        cw.meta = {**meta, **st}
         for owner_name, owner in owners:
             _set_module(model, owner_name, swap_weight(owner, cw))
         ms = float((data.double() ** 2).mean())
         entry.status = "clustered"
-        entry.bits = ct.bits
-        entry.n_clusters = ct.n_clusters
-        entry.granularity = ct.granularity
-        entry.group_size = ct.group_size
-        entry.method = ct.method
-        entry.codebook_dtype = ct.codebook_dtype
-        entry.n_codebooks = ct.n_codebooks
-        entry.distinct_values = _distinct_codes(ct.codes, ct.n_codebooks, ct.n_clusters)
-        entry.mse = ct.mse
-        entry.rel_error = ct.mse / ms if ms > 0 else 0.0
+        entry.method = settings["method"]
+        entry.granularity = st.get("granularity", settings["granularity"])
+        entry.group_size = st.get("group_size")
+        entry.codebook_dtype = st.get("codebook_dtype", settings["codebook_dtype"])
+        entry.bits = cw.bits
+        entry.n_clusters = cw.codebook.shape[1]
+        entry.n_codebooks = cw.n_codebooks
+        entry.distinct_values = st["distinct"]
+        entry.mse = st["mse"]
+        entry.rel_error = st["mse"] / ms if ms > 0 else 0.0
         entry.bytes_after = cw.nbytes
         entry.seconds = time.perf_counter() - t0
     _count_other(model, report, layer_params)

@@ -208,6 +208,97 @@ def inspect(
 
 
 @app.command()
+def compare(
+    model: Annotated[
+        str, typer.Option("--model", "-m", help="model name, HF id or directory")
+    ] = "whisper-tiny.en",
+    data: Annotated[
+        str | None,
+        typer.Option(
+            help="task data folder (ASR: audio + transcripts.tsv); default: built-in clips"
+        ),
+    ] = None,
+    methods: Annotated[
+        str | None, typer.Option(help="comma-separated method names (see `wclust methods`)")
+    ] = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="results folder")] = Path(
+        "results"
+    ),
+    limit: Annotated[int | None, typer.Option(help="use at most this many items")] = None,
+    every: Annotated[int, typer.Option(help="use every n-th item")] = 1,
+    threads: Annotated[int, typer.Option(help="torch threads when measuring")] = 2,
+    reuse: Annotated[
+        bool, typer.Option(help="reuse artifacts already in OUTPUT/artifacts")
+    ] = False,
+    plots: Annotated[bool, typer.Option(help="write pareto.png and histogram.png")] = True,
+):
+    """Compare clustering with quantization on one model: one table, measured right.
+
+    With no options: whisper-tiny.en on the built-in clips with a handful of methods.
+    """
+    import wclust.methods
+    from wclust.measure.compare import run_compare
+    from wclust.report.table import print_table
+
+    names = (
+        [m.strip() for m in methods.split(",") if m.strip()]
+        if methods
+        else list(wclust.methods.DEFAULT_METHODS)
+    )
+    for n in names:
+        _run(wclust.methods.get_method, n)
+    if data is not None and not Path(data).exists():
+        _fail(f"--data {data}: no such folder")
+    if every < 1 or (limit is not None and limit < 1) or threads < 1:
+        _fail("--every, --limit and --threads must be positive")
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    ) as prog:
+        task = prog.add_task(f"{model}: starting", total=None)
+
+        def event(method, stage):
+            prog.update(task, description=f"{model}: {method}: {stage}")
+
+        rows, meta = _run(
+            run_compare,
+            model,
+            names,
+            output,
+            data=data,
+            limit=limit,
+            every=every,
+            threads=threads,
+            reuse=reuse,
+            plots=plots,
+            on_event=event,
+            command=" ".join(["wclust", *sys.argv[1:]]),
+        )
+    print_table(rows, out)
+    failed = [r for r in rows if r.get("error")]
+    for r in failed:
+        console.print(f"[red]{r['method']} failed:[/] {r['error']}", highlight=False)
+    console.print(f"results in {output}/ (table.md, results.csv, results.json, plots)")
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command("methods")
+def list_methods():
+    """List the methods `wclust compare` can run."""
+    import wclust.methods  # noqa: F401  (registers the names)
+    from wclust.registry import METHODS
+
+    for name in METHODS.names():
+        out.print(f"{name:28s} {METHODS.help(name)}")
+
+
+@app.command()
 def models():
     """List the built-in model names (weights that ship in pip packages)."""
     import wclust.models  # noqa: F401  (registers the names)

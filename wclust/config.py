@@ -5,7 +5,7 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import asdict, dataclass, field, fields, replace
 
-from .core.codebook import CODEBOOK_DTYPES, GRANULARITIES, METHODS, _resolve_k
+from .core.codebook import CODEBOOK_DTYPES, GRANULARITIES, _resolve_k
 from .core.kmeans import INITS
 
 __all__ = [
@@ -25,6 +25,11 @@ SUPPORTED_LAYER_TYPES = ("Linear", "Conv1d", "Conv2d", "Embedding", "Conv1D")
 # Positional tables are excluded by default: they are few bytes and clustering
 # them hurts (shown in BENCHMARKS.md). Visible in every report; override freely.
 DEFAULT_EXCLUDE = ("*embed_positions*", "*position_embeddings*", "*.wpe")
+
+# Per-tensor methods (implemented in api.TENSOR_METHODS): clustering, and the
+# quantizers it is compared with, which share its storage.
+METHODS = ("exact", "kmeans", "nf4", "rtn", "rtn-sym", "scaled-exact")
+_CLUSTER_METHODS = ("exact", "kmeans")
 
 # Fields a per-layer override may change.
 _LAYER_FIELDS = (
@@ -175,7 +180,7 @@ def _check_layer_settings(d: dict, where: str) -> None:
         raise ConfigError(
             f"{where}: granularity {d['granularity']!r} is unknown; choose {', '.join(GRANULARITIES)}"
         )
-    if d["granularity"] == "group":
+    if d["granularity"] == "group" and d["method"] in _CLUSTER_METHODS:
         gs = d.get("group_size")
         if not isinstance(gs, int) or gs < 1:
             raise ConfigError(f"{where}: granularity 'group' needs group_size, a positive integer")

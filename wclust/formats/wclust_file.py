@@ -116,8 +116,13 @@ def save(
         key = f"clustered.{i}"
         tensors[f"{key}.codes"] = cw.packed
         tensors[f"{key}.codebook"] = cw.codebook
-        if cw.codebook_scale is not None:
-            tensors[f"{key}.scale"] = cw.codebook_scale
+        for suffix, t in (
+            ("scale", cw.codebook_scale),
+            ("group_scale", cw.group_scale),
+            ("group_offset", cw.group_offset),
+        ):
+            if t is not None:
+                tensors[f"{key}.{suffix}"] = t
         entries.append(
             {
                 "key": key,
@@ -336,6 +341,8 @@ def _fill(model: nn.Module, header: dict, tensors: dict, cache: bool) -> None:
             dtype,
             bool(e["transpose"]),
             e.get("meta"),
+            tensors.get(f"{key}.group_scale"),
+            tensors.get(f"{key}.group_offset"),
         )
         if cw.codebook.shape[1] > (1 << cw.bits):
             raise FormatError(f"{key}: more centroids than {cw.bits}-bit codes can address")

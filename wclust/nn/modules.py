@@ -35,6 +35,10 @@ class ClusteredWeight(nn.Module):
         dtype: dtype of the rebuilt weight.
         transpose: the module stores the weight transposed (Conv1D).
         meta: free-form description kept for reports and files.
+        group_scale: optional (n_groups,) scale per group of consecutive weights;
+            the weight is then ``codebook[code] * scale[g] + offset[g]`` (NF4, integer
+            round-to-nearest, k-means over normalized groups).
+        group_offset: optional (n_groups,) offset per group.
     """
 
     def __init__(
@@ -47,6 +51,8 @@ class ClusteredWeight(nn.Module):
         dtype: torch.dtype = torch.float32,
         transpose: bool = False,
         meta: dict | None = None,
+        group_scale: torch.Tensor | None = None,
+        group_offset: torch.Tensor | None = None,
     ):
         super().__init__()
         self.shape = tuple(int(s) for s in shape)
@@ -61,7 +67,15 @@ class ClusteredWeight(nn.Module):
             raise ValueError("codebook rows do not divide the number of weights")
         self.register_buffer("packed", packed)
         self.register_buffer("codebook", codebook)
+        if group_scale is not None and self.numel % group_scale.numel():
+            raise ValueError("group scales do not divide the number of weights")
+        if group_offset is not None and (
+            group_scale is None or group_offset.shape != group_scale.shape
+        ):
+            raise ValueError("group offsets need group scales of the same shape")
         self.register_buffer("codebook_scale", codebook_scale)
+        self.register_buffer("group_scale", group_scale)
+        self.register_buffer("group_offset", group_offset)
         self.cache = False
         self._dense: torch.Tensor | None = None
 
@@ -74,6 +88,22 @@ class ClusteredWeight(nn.Module):
             cb, scale = ct.codebook.to(getattr(torch, ct.codebook_dtype)), None
         return cls(
             pack_codes(ct.codes, ct.bits), cb, scale, ct.shape, ct.bits, ct.dtype, transpose, meta
+        )
+
+    @classmethod
+    def from_scaled(cls, sc, transpose: bool = False, meta=None):
+        """Build from a ``core.quantizers.ScaledCodes``."""
+        return cls(
+            pack_codes(sc.codes, sc.bits),
+            sc.codebook.float(),
+            None,
+            sc.shape,
+            sc.bits,
+            sc.dtype,
+            transpose,
+            meta,
+            sc.scale,
+            sc.offset,
         )
 
     @property
@@ -101,7 +131,12 @@ class ClusteredWeight(nn.Module):
         idx = codes.to(torch.int32)
         if n_cb > 1:
             idx = idx + (torch.arange(n_cb, dtype=torch.int32) * k)[:, None]
-        w = cb.reshape(-1).index_select(0, idx.reshape(-1)).view(self.shape).to(self.dtype)
+        w = cb.reshape(-1).index_select(0, idx.reshape(-1))
+        if self.group_scale is not None:
+            w = w.view(self.group_scale.numel(), -1) * self.group_scale.float()[:, None]
+            if self.group_offset is not None:
+                w = w + self.group_offset.float()[:, None]
+        w = w.view(self.shape).to(self.dtype)
         if self.transpose:
             w = w.t()
         if self.cache:
@@ -118,8 +153,9 @@ class ClusteredWeight(nn.Module):
     def nbytes(self) -> int:
         """Bytes held in memory: packed codes, codebooks and scales."""
         n = self.packed.numel() + self.codebook.numel() * self.codebook.element_size()
-        if self.codebook_scale is not None:
-            n += self.codebook_scale.numel() * 4
+        for t in (self.codebook_scale, self.group_scale, self.group_offset):
+            if t is not None:
+                n += t.numel() * t.element_size()
         return n
 
     def extra_repr(self) -> str:

@@ -1,0 +1,348 @@
+"""The comparison table's output side: markdown, CSV, JSON, rich, and the plots."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from wclust.report import table as T
+from wclust.report.table import (
+    COLUMNS,
+    latency_str,
+    print_table,
+    quality_str,
+    to_markdown,
+    write_results,
+)
+
+HEADER = (
+    "| Model | Method | Bits/weight | Ratio | Inference time (CPU, ms) | Inference time (GPU, ms) "
+    "| RAM: model tensors (MB) | RAM: process peak (MB) | VRAM (MB) | Quality "
+    "| Size in .gz (MB) | Compress time (s) |"
+)
+
+
+def _row(**kw):
+    row = {
+        "model": "whisper-base",
+        "method": "cluster-4b-channel",
+        "label": "k-means 4-bit per channel (exact)",
+        "family": "clustering",
+        "bits_per_weight": 4.5,
+        "ratio": 7.1,
+        "compress_s": 12.3,
+        "file_mb": 40.1,
+        "gzip_mb": 35.2,
+        "load_s": 1.2,
+        "latency_ms_mean": 812.0,
+        "latency_ms_median": 790.0,
+        "latency_ms_p10": 500.0,
+        "latency_ms_p90": 1200.0,
+        "n_clips": 100,
+        "gpu_latency_ms_mean": None,
+        "vram_mb": None,
+        "model_tensor_mb": 40.0,
+        "rss_model_mb": 45.0,
+        "peak_rss_mb": 900.0,
+        "quality": {"wer": 10.42, "cer": 3.80},
+        "notes": "",
+    }
+    row.update(kw)
+    return row
+
+
+def _rows():
+    return [
+        _row(
+            method="fp32",
+            label="original fp32",
+            family="original",
+            bits_per_weight=32.0,
+            ratio=1.0,
+            compress_s=None,
+            gzip_mb=270.0,
+            model_tensor_mb=290.0,
+            quality={"wer": 10.1, "cer": 3.5},
+        ),
+        _row(),
+        _row(
+            method="int8-dynamic",
+            label="torch dynamic int8",
+            family="quantization",
+            bits_per_weight=8.1,
+            ratio=3.95,
+            compress_s=None,
+            gzip_mb=None,
+            gpu_latency_ms_mean=95.3,
+            vram_mb=410.0,
+            notes="runtime transform",
+        ),
+    ]
+
+
+def _cells(line: str) -> list[str]:
+    assert line.startswith("| ") and line.endswith(" |")
+    return [c.strip() for c in line[2:-2].split(" | ")]
+
+
+# ---- quality_str / latency ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "quality, expected",
+    [
+        ({"wer": 10.42, "cer": 3.8}, "3.80% CER, 10.42% WER"),
+        ({"cer": 3.8, "wer": 10.424}, "3.80% CER, 10.42% WER"),
+        ({"wer": 7.0}, "7.00% WER"),
+        ({"ppl": 12.3}, "PPL 12.30"),
+        ({"ppl": 12.345}, "PPL 12.35"),
+        ({"top1_agreement": 98.0, "kl": 0.0123}, "top1_agreement=98, kl=0.0123"),
+        ({"ppl": 9.5, "tokens": 1000}, "PPL 9.50, tokens=1000"),
+        ({"wer": None}, "WER n/a"),
+        ({"kl": None}, "kl=n/a"),
+        ({}, "n/a"),
+        (None, "n/a"),
+    ],
+)
+def test_quality_str(quality, expected):
+    assert quality_str(quality) == expected
+
+
+def test_latency_str():
+    assert latency_str(_row()) == "812 (med 790, 500–1200)"
+    assert latency_str(_row(latency_ms_mean=None)) == "n/a"
+    assert latency_str(_row(latency_ms_p10=None)) == "812 (med 790)"
+    assert latency_str({"gpu_latency_ms_mean": 95.27}, "gpu_latency_ms") == "95.3"
+    small = _row(
+        latency_ms_mean=3.214, latency_ms_median=3.1, latency_ms_p10=2.5, latency_ms_p90=12.25
+    )
+    assert latency_str(small) == "3.21 (med 3.10, 2.50–12.2)"
+
+
+# ---- markdown -------------------------------------------------------------------------
+
+
+def test_markdown_header_and_rows():
+    rows = _rows()
+    md = to_markdown(rows, title="whisper-base", notes=["a note"])
+    lines = md.splitlines()
+    assert lines[0] == "## whisper-base"
+    i = lines.index(HEADER)
+    assert lines[i + 1].count("|") == len(COLUMNS) + 1
+    body = lines[i + 2 : i + 2 + len(rows)]
+    assert all(line.startswith("| whisper-base |") for line in body)
+    assert lines[i + 2 + len(rows)] == ""  # table ends after one line per row
+
+    orig, clus, int8 = (dict(zip([h for h, _, _ in COLUMNS], _cells(b), strict=True)) for b in body)
+    assert clus == {
+        "Model": "whisper-base",
+        "Method": "k-means 4-bit per channel (exact)",
+        "Bits/weight": "4.50",
+        "Ratio": "7.10×",
+        "Inference time (CPU, ms)": "812 (med 790, 500–1200)",
+        "Inference time (GPU, ms)": "n/a",
+        "RAM: model tensors (MB)": "40.0",
+        "RAM: process peak (MB)": "900",
+        "VRAM (MB)": "n/a",
+        "Quality": "3.80% CER, 10.42% WER",
+        "Size in .gz (MB)": "35.2",
+        "Compress time (s)": "12.3",
+    }
+    assert orig["Bits/weight"] == "32.00" and orig["Ratio"] == "1.00×"
+    assert orig["Compress time (s)"] == "n/a" and orig["RAM: model tensors (MB)"] == "290"
+    assert int8["Inference time (GPU, ms)"] == "95.3" and int8["VRAM (MB)"] == "410"
+    assert int8["Size in .gz (MB)"] == "n/a"
+
+    # legend for both RAM columns, then the notes (given, then the rows' own)
+    assert "**RAM: model tensors**" in md and "parameters and buffers" in md
+    assert "**RAM: process peak**" in md and "peak resident set size" in md
+    assert md.index("a note") > md.index("**RAM: process peak**")
+    assert "torch dynamic int8: runtime transform" in md
+
+
+def test_markdown_missing_fields_failed_rows_and_pipes():
+    rows = [{"model": "m", "method": "broken", "label": "a | b", "error": "boom"}]
+    md = to_markdown(rows)
+    line = next(x for x in md.splitlines() if x.startswith("| m |"))
+    assert "a \\| b" in line
+    cells = line[2:-2].split(" | ")
+    assert len(cells) == len(COLUMNS)
+    assert cells.count("n/a") == len(COLUMNS) - 3  # all but Model, Method, Quality
+    assert "FAILED" in cells[9]
+    assert not md.startswith("##")  # no title given
+
+
+def test_print_table_renders_same_cells():
+    from rich.console import Console
+
+    console = Console(file=io.StringIO(), width=400, color_system=None)
+    rows = _rows() + [{"model": "m", "method": "x", "label": "[bold]x[/bold]", "error": "e"}]
+    print_table(rows, console, title="t")
+    out = console.file.getvalue()
+    assert "RAM: process peak (MB)" in out
+    assert "812 (med 790, 500–1200)" in out and "3.80% CER, 10.42% WER" in out
+    assert "[bold]x[/bold]" in out  # labels are text, not rich markup
+
+
+# ---- files ----------------------------------------------------------------------------
+
+
+def test_write_results_files(tmp_path):
+    rows = _rows()
+    out = tmp_path / "a" / "b"  # created
+    meta = {"model": "whisper-base", "task": "asr", "notes": ["n1"], "machine": {"cpu_count": 2}}
+    paths = write_results(rows, out, meta=meta)
+    assert set(paths) == {"markdown", "csv", "json"}
+    assert paths["markdown"] == out / "table.md"
+    assert paths["csv"] == out / "results.csv"
+    assert paths["json"] == out / "results.json"
+    assert sorted(p.name for p in out.iterdir()) == ["results.csv", "results.json", "table.md"]
+
+    md = paths["markdown"].read_text()
+    assert HEADER in md and "n1" in md and "task: asr" in md
+
+    doc = json.loads(paths["json"].read_text())
+    assert doc == {"meta": meta, "rows": rows}
+
+
+def test_csv_round_trip(tmp_path):
+    rows = _rows() + [{"model": "m", "method": "broken", "error": 'boom, "quoted"\nline'}]
+    rows[2]["quality"] = {"wer": 11.0, "cer": 4.0, "extra": 1.5}
+    paths = write_results(rows, tmp_path, meta={})
+    with open(paths["csv"], newline="", encoding="utf-8") as f:
+        back = list(csv.DictReader(f))
+    assert len(back) == len(rows)
+    cols = list(back[0])
+    assert "quality" not in cols
+    assert cols[:4] == ["model", "method", "label", "family"]
+    assert {"quality_wer", "quality_cer", "quality_extra", "error"} <= set(cols)
+    assert back[1]["method"] == "cluster-4b-channel"
+    assert float(back[1]["bits_per_weight"]) == 4.5
+    assert float(back[1]["quality_wer"]) == 10.42 and float(back[1]["quality_cer"]) == 3.8
+    assert int(back[1]["n_clips"]) == 100
+    assert back[1]["vram_mb"] == "" and back[1]["quality_extra"] == ""  # None / absent
+    assert float(back[2]["quality_extra"]) == 1.5
+    assert back[3]["error"] == rows[3]["error"]
+    for r, b in zip(rows[:3], back[:3], strict=True):
+        for k, v in r.items():
+            if isinstance(v, float):
+                assert float(b[k]) == v
+
+
+def test_json_plain_values(tmp_path):
+    rows = [
+        _row(
+            bits_per_weight=np.float32(4.5),
+            n_clips=np.int64(3),
+            ppl=float("nan"),
+            loss=torch.tensor(0.25),
+        )
+    ]
+    doc = json.loads(write_results(rows, tmp_path, meta={"out": tmp_path})["json"].read_text())
+    r = doc["rows"][0]
+    assert r["bits_per_weight"] == 4.5 and r["n_clips"] == 3 and r["loss"] == 0.25
+    assert r["ppl"] is None  # strict JSON: no NaN
+    assert doc["meta"]["out"] == str(tmp_path)
+
+
+def test_atomic_write_leaves_no_temp_files(tmp_path):
+    write_results(_rows(), tmp_path, meta={})
+    write_results(_rows()[:1], tmp_path, meta={})  # overwrite in place
+    assert sorted(os.listdir(tmp_path)) == ["results.csv", "results.json", "table.md"]
+    assert len(json.loads((tmp_path / "results.json").read_text())["rows"]) == 1
+    mask = os.umask(0)
+    os.umask(mask)
+    # the usual mode of a new file, not mkstemp's 0600
+    assert (tmp_path / "table.md").stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_atomic_write_failure_keeps_old_file(tmp_path, monkeypatch):
+    write_results(_rows(), tmp_path, meta={})
+    before = (tmp_path / "results.json").read_text()
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(T.os, "replace", boom)
+    with pytest.raises(OSError, match="disk full"):
+        write_results(_rows()[:1], tmp_path, meta={})
+    assert (tmp_path / "results.json").read_text() == before
+    assert sorted(os.listdir(tmp_path)) == ["results.csv", "results.json", "table.md"]
+
+
+# ---- plots ----------------------------------------------------------------------------
+
+
+def _png(path) -> bool:
+    data = path.read_bytes()
+    return len(data) > 1000 and data[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_pareto_front():
+    from wclust.report.plots import pareto_front
+
+    pts = [(32, 10.0), (4, 11.0), (4.5, 10.5), (8, 10.6), (3, 18.0), (4, 12.0), (2, 35.0)]
+    assert pareto_front(pts) == [(2, 35.0), (3, 18.0), (4, 11.0), (4.5, 10.5), (32, 10.0)]
+    acc = [(2, 50.0), (4, 90.0), (8, 89.0), (32, 95.0)]
+    assert pareto_front(acc, lower_is_better=False) == [(2, 50.0), (4, 90.0), (32, 95.0)]
+
+
+def test_pareto_plot_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    from wclust.report.plots import pareto_plot
+
+    rows = _rows() + [
+        _row(
+            method="int4",
+            family="quantization",
+            bits_per_weight=4.25,
+            quality={"wer": 11.5, "cer": 4.2},
+        ),
+        _row(method="no-quality", quality=None),
+        _row(method="hybrid", family="hybrid", bits_per_weight=4.3),
+        {"model": "whisper-base", "method": "broken", "error": "x"},
+    ]
+    p = pareto_plot(rows, tmp_path / "sub" / "pareto.png")
+    assert p == tmp_path / "sub" / "pareto.png" and _png(p)
+    p2 = pareto_plot(rows, tmp_path / "cer.png", metric="cer")
+    assert _png(p2)
+    # nothing to draw: still a figure that says so
+    p3 = pareto_plot(rows, tmp_path / "none.png", metric="ppl")
+    assert _png(p3)
+
+
+def test_histogram_plot_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    from wclust.report.plots import histogram_plot
+
+    w = torch.randn(64, 32)
+    per_channel = torch.sort(torch.randn(64, 8), dim=1).values  # (n_codebooks, k)
+    p = histogram_plot(w, per_channel, tmp_path / "h.png", title="per channel")
+    assert _png(p)
+    p2 = histogram_plot(w.numpy(), np.linspace(-2, 2, 16), tmp_path / "h2.png", log_y=False)
+    assert _png(p2)
+
+
+def test_plots_name_the_extra_without_matplotlib(tmp_path, monkeypatch):
+    import builtins
+
+    from wclust.report import plots
+
+    real_import = builtins.__import__
+
+    def fake_import(name, *a, **k):
+        if name == "matplotlib" or name.startswith("matplotlib."):
+            raise ImportError("No module named 'matplotlib'")
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+    with pytest.raises(ImportError, match=r"wclust\[bench\]"):
+        plots.histogram_plot(np.zeros(4), np.zeros(2), tmp_path / "h.png")
+    with pytest.raises(ImportError, match=r"wclust\[bench\]"):
+        plots.pareto_plot(_rows(), tmp_path / "p.png")

@@ -1,0 +1,160 @@
+"""Codebooks with per-group scales: NF4, round-to-nearest integers, and k-means over
+scale-normalized groups. Pure tensor code.
+
+Every result is a :class:`ScaledCodes`: the weight ``w`` of a group ``g`` is
+
+    w[g, i] = codebook[codes[g, i]] * scale[g] + offset[g]
+
+with one small codebook shared by the whole tensor. This is the storage that
+quantizers use (NF4: a fixed 16-value table; int RTN: ``arange(2**b)`` with an
+affine scale/offset), so clustering and quantization share one module type, one
+file format and one measurement. Scales and offsets are stored in float16, as in
+the usual "4.25 bits per weight" accounting for groups of 64 (one scale) or 128
+(scale + offset).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .codebook import cluster_tensor
+
+__all__ = ["NF4_TABLE", "ScaledCodes", "nf4", "rtn", "scaled_kmeans"]
+
+# QLoRA's NormalFloat4 (Dettmers et al. 2023): quantiles of N(0,1), scaled to [-1, 1].
+NF4_TABLE = torch.tensor(
+    [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+     -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+     0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+     0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0]
+)  # fmt: skip
+
+
+@dataclass
+class ScaledCodes:
+    """Codes + one shared codebook + per-group float16 scale (and offset)."""
+
+    codes: torch.Tensor  # uint8, the weight's shape
+    codebook: torch.Tensor  # (1, k) float32
+    scale: torch.Tensor  # (n_groups,) float16
+    offset: torch.Tensor | None  # (n_groups,) float16 or None
+    group_size: int
+    bits: int
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    mse: float
+
+    def dequantize(self) -> torch.Tensor:
+        g = self.scale.numel()
+        v = self.codebook[0][self.codes.reshape(g, -1).long()]
+        v = v * self.scale.float()[:, None]
+        if self.offset is not None:
+            v = v + self.offset.float()[:, None]
+        return v.reshape(self.shape).to(self.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        n = math.ceil(math.prod(self.shape) * self.bits / 8) + self.codebook.numel() * 4
+        n += 2 * self.scale.numel() + (2 * self.offset.numel() if self.offset is not None else 0)
+        return n
+
+
+def _groups(x: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Consecutive elements of the flattened (row-major) tensor, as bitsandbytes
+    groups them: the same groups as per-channel grouping whenever the group size
+    divides a channel, and still defined when it only divides the whole tensor."""
+    numel = x.numel()
+    if not isinstance(group_size, int) or group_size < 1 or numel % group_size:
+        raise ValueError(
+            f"group_size={group_size} does not divide the {numel} elements of shape "
+            f"{tuple(x.shape)}"
+        )
+    return x.detach().float().reshape(numel // group_size, group_size)
+
+
+def _finish(x, rows, codes, codebook, scale, offset, group_size, bits, weight=None):
+    sc = ScaledCodes(
+        codes.to(torch.uint8).reshape(x.shape),
+        codebook.float()[None, :],
+        scale,
+        offset,
+        group_size,
+        bits,
+        tuple(x.shape),
+        x.dtype,
+        0.0,
+    )
+    err = (sc.dequantize().float().reshape(rows.shape) - rows) ** 2
+    w = weight if weight is not None else torch.ones_like(err)
+    sc.mse = float((err * w).sum() / w.sum())
+    return sc
+
+
+def _nearest(values: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest entry of an ascending ``table`` for every value."""
+    mids = 0.5 * (table[1:] + table[:-1])
+    return torch.searchsorted(mids.contiguous(), values.contiguous())
+
+
+def nf4(x: torch.Tensor, group_size: int = 64) -> ScaledCodes:
+    """NF4: each group scaled by its absmax onto the fixed 16-value NF4 table."""
+    rows = _groups(x, group_size)
+    scale = rows.abs().amax(1).clamp_min(1e-12).half()
+    s = scale.float()[:, None]
+    codes = _nearest(rows / s, NF4_TABLE)
+    return _finish(x, rows, codes, NF4_TABLE, scale, None, group_size, 4)
+
+
+def rtn(x: torch.Tensor, bits: int, group_size: int = 128, symmetric: bool = False) -> ScaledCodes:
+    """Round-to-nearest integer quantization per group.
+
+    Asymmetric: ``w = (q - zero) * scale`` with q in [0, 2**bits) (stored as
+    codebook ``arange``, scale and offset ``-zero*scale``). Symmetric: q in
+    [-(2**(b-1)-1), 2**(b-1)-1], absmax scale, no offset.
+    """
+    rows = _groups(x, group_size)
+    levels = 1 << bits
+    if symmetric:
+        qmax = levels // 2 - 1
+        scale = (rows.abs().amax(1) / qmax).clamp_min(1e-12).half()
+        q = torch.round(rows / scale.float()[:, None]).clamp(-qmax, qmax)
+        table = torch.arange(-(levels // 2), levels // 2, dtype=torch.float32)
+        return _finish(x, rows, q + levels // 2, table, scale, None, group_size, bits)
+    lo, hi = rows.amin(1), rows.amax(1)
+    scale = ((hi - lo) / (levels - 1)).clamp_min(1e-12).half()
+    s = scale.float()
+    zero = torch.round(-lo / s).clamp(0, levels - 1)
+    offset = (-zero * s).half()
+    q = torch.round((rows - offset.float()[:, None]) / s[:, None]).clamp(0, levels - 1)
+    table = torch.arange(levels, dtype=torch.float32)
+    return _finish(x, rows, q, table, scale, offset, group_size, bits)
+
+
+def scaled_kmeans(
+    x: torch.Tensor,
+    bits: int,
+    group_size: int = 64,
+    sample_weight: torch.Tensor | None = None,
+    method: str = "exact",
+) -> ScaledCodes:
+    """One learned codebook per tensor over absmax-normalized groups (as in any4).
+
+    Each group is divided by its absmax (float16 scale); the normalized values of the
+    whole tensor are clustered into ``2**bits`` centroids minimizing the error of
+    the *real* weights: weight ``scale**2`` (times ``sample_weight`` if given).
+    """
+    rows = _groups(x, group_size)
+    scale = rows.abs().amax(1).clamp_min(1e-12).half()
+    s = scale.float()[:, None]
+    normed = rows / s
+    w = s.expand_as(rows) ** 2
+    if sample_weight is not None:
+        w = w * sample_weight.detach().float().reshape(rows.shape)
+    ct = cluster_tensor(normed, bits=bits, method=method, sample_weight=w)
+    table = ct.codebook[0]
+    codes = _nearest(normed, table)
+    report_w = None if sample_weight is None else sample_weight.detach().float().reshape(rows.shape)
+    return _finish(x, rows, codes, table, scale, None, group_size, bits, weight=report_w)

@@ -1,0 +1,194 @@
+"""One cell of the compare grid, run in its own fresh process.
+
+``python -m wclust.measure.worker`` reads a JSON spec on stdin and prints one line
+``WCLUST_RESULT <json>`` on stdout. Two modes:
+
+- ``prepare``: load the source model, apply the method (timed), write the .wclust
+  artifact and measure its size and gzip size;
+- ``measure``: in a process that has never held the original model, load the
+  artifact (timed), apply a runtime transform if the method is one, then run the
+  task: quality, latency per item (after a warm-up), memory.
+
+Memory is reported three ways: ``model_tensor_mb`` (bytes of the parameters and
+buffers the loaded model holds), ``rss_model_mb`` (growth of the process's resident
+set from just before loading to just after), ``peak_rss_mb`` (peak resident set of
+the whole process: interpreter, libraries, activations, temporaries).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import resource
+import sys
+import time
+
+MARK = "WCLUST_RESULT "
+
+
+def current_rss() -> int:
+    """Resident set size of this process in bytes (Linux /proc; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def peak_rss() -> int:
+    """Peak resident set size of this process in bytes."""
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r * 1024 if sys.platform != "darwin" else r
+
+
+def runtime_nbytes(model) -> int:
+    """Bytes the model's weights occupy, counting packed quantized weights that are
+    neither parameters nor buffers (torch dynamic int8, torchao tensor subclasses)."""
+    import torch
+
+    def nbytes(t) -> int:
+        if hasattr(t, "__tensor_flatten__"):  # torchao tensor subclass: its inner tensors
+            names, _ = t.__tensor_flatten__()
+            return sum(nbytes(getattr(t, n)) for n in names)
+        return t.numel() * t.element_size()
+
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += nbytes(t)
+    for mod in model.modules():
+        packed = getattr(mod, "_packed_params", None)
+        if packed is not None and hasattr(mod, "weight") and callable(mod.weight):
+            w = mod.weight()
+            total += w.numel() * w.element_size()
+            if w.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
+                total += (
+                    w.q_per_channel_scales().numel() * 8 + w.q_per_channel_zero_points().numel() * 8
+                )
+            b = mod.bias()
+            if b is not None:
+                total += b.numel() * b.element_size()
+    return total
+
+
+def _apply_runtime(model, runtime: str):
+    import torch
+
+    if runtime == "torch-dynamic-int8":
+        return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    if runtime in ("torchao-int8wo", "torchao-int4wo"):
+        try:
+            from torchao.quantization import (
+                Int4WeightOnlyConfig,
+                Int8WeightOnlyConfig,
+                quantize_,
+            )
+        except ImportError as e:
+            raise RuntimeError(
+                f"torchao is not installed: pip install 'wclust[bench]' ({e})"
+            ) from None
+        cfg = (
+            Int8WeightOnlyConfig()
+            if runtime == "torchao-int8wo"
+            else Int4WeightOnlyConfig(group_size=128)
+        )
+        quantize_(model, cfg, filter_fn=lambda m, n: isinstance(m, torch.nn.Linear))
+        return model
+    raise ValueError(f"unknown runtime transform {runtime!r}")
+
+
+def prepare(spec: dict) -> dict:
+    import wclust
+    from wclust.measure.sizes import file_sizes
+    from wclust.methods import get_method
+    from wclust.models import load_model
+    from wclust.prune import prune_
+
+    method = get_method(spec["method"])
+    loaded = load_model(spec["model"])
+    t0 = time.perf_counter()
+    if method.prune:
+        prune_(loaded.model, method.prune)
+    cfg = method.config or wclust.ClusterConfig(include=())
+    report = wclust.compress_(loaded.model, cfg)
+    compress_s = time.perf_counter() - t0 if method.config else 0.0
+    wclust.save(loaded.model, spec["artifact"], report=report, config=cfg, source=spec["model"])
+    sizes = file_sizes(spec["artifact"])
+    return {
+        "compress_s": compress_s,
+        "bits_per_weight": report.bits_per_weight,
+        "ratio": report.ratio,
+        "numel": report.numel,
+        "bytes_before": report.bytes_before,
+        "bytes_after": report.bytes_after,
+        "layers_clustered": len(report.clustered),
+        "layers_dense": len(report.layers) - len(report.clustered),
+        "file_mb": sizes["file_bytes"] / 1e6,
+        "gzip_mb": sizes["gzip_bytes"] / 1e6,
+        "task": loaded.task,
+    }
+
+
+def measure(spec: dict) -> dict:
+    import torch
+
+    import wclust
+    from wclust.models import load_processor
+    from wclust.tasks import get_task
+
+    torch.set_num_threads(spec["threads"])
+    task = get_task(spec["task"])
+    data = task.load_data(spec.get("data"), spec.get("limit"), spec.get("every", 1))
+    processor = load_processor(spec.get("source"))
+    gc.collect()
+    rss0 = current_rss()
+    t0 = time.perf_counter()
+    model = wclust.load(spec["artifact"])
+    if spec.get("runtime"):
+        model = _apply_runtime(model, spec["runtime"])
+    load_s = time.perf_counter() - t0
+    gc.collect()
+    rss1 = current_rss()
+    tensor_bytes = runtime_nbytes(model)
+    with torch.inference_mode():
+        r = task.evaluate(model, processor, data)
+    lat = sorted(r["latency_s"])
+    out = {
+        "load_s": load_s,
+        "model_tensor_mb": tensor_bytes / 1e6,
+        "rss_model_mb": (rss1 - rss0) / 1e6,
+        "peak_rss_mb": peak_rss() / 1e6,
+        "quality": r["quality"],
+        "latency_s": r["latency_s"],
+        "n_items": len(lat),
+        "details": r.get("details", {}),
+        "threads": spec["threads"],
+        "gpu_latency_s": None,
+        "vram_mb": None,
+    }
+    if torch.cuda.is_available() and not spec.get("runtime"):
+        model = model.to("cuda")
+        torch.cuda.reset_peak_memory_stats()
+        with torch.inference_mode():
+            g = task.evaluate(model, processor, data)
+        torch.cuda.synchronize()
+        out["gpu_latency_s"] = g["latency_s"]
+        out["vram_mb"] = torch.cuda.max_memory_allocated() / 1e6
+    return out
+
+
+def main() -> None:
+    spec = json.loads(sys.stdin.read())
+    fn = {"prepare": prepare, "measure": measure}[spec["mode"]]
+    try:
+        result = {"ok": True, **fn(spec)}
+    except Exception as e:  # reported to the parent, which shows it in the table
+        result = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+    sys.stdout.write("\n" + MARK + json.dumps(result) + "\n")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+"""Named compression methods for ``wclust compare``: clustering settings, hybrids,
+and the quantization a user would pick instead. Each is one registry entry.
+
+A method either produces a .wclust file (clustering and the quantizers that share
+its storage: NF4, integer round-to-nearest, k-means over normalized groups), or is a
+runtime transform applied after loading the original (torch dynamic int8,
+torchao), which has no safe file format.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .config import ClusterConfig
+from .registry import METHODS
+
+__all__ = ["CompareMethod", "DEFAULT_METHODS", "get_method"]
+
+
+@dataclass(frozen=True)
+class CompareMethod:
+    name: str
+    label: str
+    family: str  # original | clustering | quantization | hybrid
+    config: ClusterConfig | None = None
+    prune: float | None = None  # magnitude-prune this fraction first (keep_zeros)
+    runtime: str | None = None  # transform applied after loading the original
+    notes: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def _add(m: CompareMethod) -> None:
+    METHODS.register(m.name, m.label)(m)
+
+
+_C = ClusterConfig
+_add(CompareMethod("fp32", "Original (fp32)", "original"))
+for b in (8, 6, 4, 3):
+    _add(
+        CompareMethod(
+            f"cluster-{b}b-channel",
+            f"k-means {b}-bit per channel (exact)",
+            "clustering",
+            _C(bits=b, granularity="channel", method="exact"),
+        )
+    )
+for b in (8, 4):
+    _add(
+        CompareMethod(
+            f"cluster-{b}b-tensor",
+            f"k-means {b}-bit per tensor (exact)",
+            "clustering",
+            _C(bits=b, granularity="tensor", method="exact"),
+        )
+    )
+_add(
+    CompareMethod(
+        "cluster-4b-channel-lloyd",
+        "k-means 4-bit per channel (Lloyd, k-means++)",
+        "clustering",
+        _C(bits=4, granularity="channel", method="kmeans"),
+    )
+)
+_add(
+    CompareMethod(
+        "cluster-4b-g128",
+        "k-means 4-bit per group of 128 (exact)",
+        "clustering",
+        _C(bits=4, granularity="group", group_size=128, method="exact"),
+    )
+)
+for b, g in ((4, 64), (3, 64)):
+    _add(
+        CompareMethod(
+            f"scaled-{b}b-g{g}",
+            f"k-means {b}-bit codebook per tensor, absmax scale per {g}",
+            "clustering",
+            _C(bits=b, group_size=g, method="scaled-exact"),
+        )
+    )
+_add(
+    CompareMethod(
+        "cluster-4b-channel-fp16cb",
+        "k-means 4-bit per channel + fp16 codebook",
+        "hybrid",
+        _C(bits=4, granularity="channel", codebook_dtype="float16"),
+    )
+)
+_add(
+    CompareMethod(
+        "cluster-4b-channel-int8cb",
+        "k-means 4-bit per channel + int8 codebook",
+        "hybrid",
+        _C(bits=4, granularity="channel", codebook_dtype="int8"),
+    )
+)
+_add(
+    CompareMethod(
+        "prune50-cluster-4b",
+        "50% magnitude pruning + k-means 4-bit per channel",
+        "hybrid",
+        _C(bits=4, granularity="channel", keep_zeros=True),
+        prune=0.5,
+    )
+)
+_add(
+    CompareMethod(
+        "nf4-g64",
+        "NF4, absmax scale per 64 (fixed 16-value codebook)",
+        "quantization",
+        _C(bits=4, group_size=64, method="nf4"),
+    )
+)
+_add(
+    CompareMethod(
+        "int8-rtn-g128",
+        "int8 round-to-nearest per 128",
+        "quantization",
+        _C(bits=8, group_size=128, method="rtn"),
+    )
+)
+_add(
+    CompareMethod(
+        "int4-rtn-g128",
+        "int4 round-to-nearest asym. per 128",
+        "quantization",
+        _C(bits=4, group_size=128, method="rtn"),
+    )
+)
+_add(
+    CompareMethod(
+        "int3-rtn-g64",
+        "int3 round-to-nearest asym. per 64",
+        "quantization",
+        _C(bits=3, group_size=64, method="rtn"),
+    )
+)
+_add(
+    CompareMethod(
+        "int8-dynamic",
+        "torch dynamic int8 (Linear only)",
+        "quantization",
+        runtime="torch-dynamic-int8",
+        notes="torch.ao dynamic quantization of nn.Linear; no safe file format, size computed",
+    )
+)
+_add(
+    CompareMethod(
+        "torchao-int8wo",
+        "torchao int8 weight-only",
+        "quantization",
+        runtime="torchao-int8wo",
+        notes="torchao Int8WeightOnlyConfig on nn.Linear",
+    )
+)
+_add(
+    CompareMethod(
+        "torchao-int4wo",
+        "torchao int4 weight-only (group 128)",
+        "quantization",
+        runtime="torchao-int4wo",
+        notes="torchao Int4WeightOnlyConfig on nn.Linear",
+    )
+)
+
+# What `wclust compare` runs when no --methods are given: a few minutes on 2 cores.
+DEFAULT_METHODS = (
+    "fp32",
+    "cluster-8b-channel",
+    "cluster-4b-channel",
+    "scaled-4b-g64",
+    "nf4-g64",
+    "int4-rtn-g128",
+    "int8-dynamic",
+)
+
+
+def get_method(name: str) -> CompareMethod:
+    return METHODS.get(name)

@@ -1,0 +1,399 @@
+"""The comparison table of ``wclust compare``: measured rows -> markdown, CSV, JSON, terminal.
+
+A row is a plain dict (see ``ROW_FIELDS``); any numeric field may be ``None`` or missing
+(not measured) and is shown as "n/a". ``quality`` is a dict of task metrics, e.g.
+``{"wer": 10.42, "cer": 3.80}`` (percent), ``{"ppl": 12.3}`` or ``{"top1_agreement": 98.0}``.
+A row with ``error`` set is a method that failed; its cells are "n/a".
+
+Everything here is pure formatting; the measuring lives in ``wclust.measure``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "COLUMNS",
+    "ROW_FIELDS",
+    "quality_str",
+    "latency_str",
+    "to_markdown",
+    "to_csv",
+    "write_results",
+    "print_table",
+]
+
+NA = "n/a"
+
+# The row schema, in the order results.csv lists it (quality is flattened to quality_<key>).
+ROW_FIELDS = [
+    "model",
+    "method",
+    "label",
+    "family",
+    "bits_per_weight",
+    "ratio",
+    "compress_s",
+    "file_mb",
+    "gzip_mb",
+    "load_s",
+    "latency_ms_mean",
+    "latency_ms_median",
+    "latency_ms_p10",
+    "latency_ms_p90",
+    "n_clips",
+    "gpu_latency_ms_mean",
+    "gpu_latency_ms_median",
+    "gpu_latency_ms_p10",
+    "gpu_latency_ms_p90",
+    "vram_mb",
+    "model_tensor_mb",
+    "rss_model_mb",
+    "peak_rss_mb",
+    "quality",
+    "notes",
+    "error",
+]
+
+# Quality metrics with a fixed display: key -> (format, order). Others are "name=value".
+_PERCENT_METRICS = {"cer": "CER", "wer": "WER"}  # shown "3.80% CER", CER before WER
+
+
+def _is_num(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool)
+
+
+def _auto(x: Any) -> str:
+    """A number with as many decimals as its size deserves: 812, 45.1, 3.25."""
+    if x is None:
+        return NA
+    if not _is_num(x):
+        return str(x)
+    x = float(x)
+    if not math.isfinite(x):
+        return str(x)
+    a = abs(x)
+    if a >= 100:
+        return f"{x:.0f}"
+    if a >= 10:
+        return f"{x:.1f}"
+    return f"{x:.2f}"
+
+
+def _fixed(digits: int, suffix: str = "") -> Callable[[Any], str]:
+    def fmt(x: Any) -> str:
+        if x is None:
+            return NA
+        if not _is_num(x):
+            return str(x)
+        return f"{float(x):.{digits}f}{suffix}"
+
+    return fmt
+
+
+def _ratio(x: Any) -> str:
+    if x is None:
+        return NA
+    if not _is_num(x):
+        return str(x)
+    return f"{float(x):.1f}×" if abs(x) >= 10 else f"{float(x):.2f}×"
+
+
+def quality_str(quality: Mapping[str, Any] | None) -> str:
+    """Task metrics as one short cell.
+
+    ``{"wer": 10.42, "cer": 3.8}`` -> "3.80% CER, 10.42% WER"; ``{"ppl": 12.3}`` ->
+    "PPL 12.30"; anything else "name=value" (4 significant digits), in the dict's order
+    after the known metrics. ``None`` or ``{}`` -> "n/a".
+    """
+    if not quality:
+        return NA
+    parts = []
+    for key, name in _PERCENT_METRICS.items():
+        if key in quality:
+            v = quality[key]
+            parts.append(f"{v:.2f}% {name}" if _is_num(v) else f"{name} {NA if v is None else v}")
+    if "ppl" in quality:
+        v = quality["ppl"]
+        parts.append(f"PPL {v:.2f}" if _is_num(v) else f"PPL {NA if v is None else v}")
+    for key, v in quality.items():
+        if key in _PERCENT_METRICS or key == "ppl":
+            continue
+        if v is None:
+            parts.append(f"{key}={NA}")
+        elif _is_num(v):
+            parts.append(f"{key}={v:.4g}")
+        else:
+            parts.append(f"{key}={v}")
+    return ", ".join(parts)
+
+
+def latency_str(row: Mapping[str, Any], prefix: str = "latency_ms") -> str:
+    """Mean per clip with median and p10–p90 range: "812 (med 790, 500–1200)".
+
+    Parts that were not measured are left out; "n/a" when the mean is missing.
+    """
+    mean = row.get(f"{prefix}_mean")
+    if mean is None:
+        return NA
+    extra = []
+    med = row.get(f"{prefix}_median")
+    if med is not None:
+        extra.append(f"med {_auto(med)}")
+    p10, p90 = row.get(f"{prefix}_p10"), row.get(f"{prefix}_p90")
+    if p10 is not None and p90 is not None:
+        extra.append(f"{_auto(p10)}–{_auto(p90)}")
+    return f"{_auto(mean)} ({', '.join(extra)})" if extra else _auto(mean)
+
+
+def _quality_cell(row: Mapping[str, Any]) -> str:
+    if row.get("error"):
+        return "FAILED (see notes)"
+    return quality_str(row.get("quality"))
+
+
+# (header, cell function, right-aligned). One list drives markdown and the terminal table.
+COLUMNS: list[tuple[str, Callable[[Mapping[str, Any]], str], bool]] = [
+    ("Model", lambda r: str(r.get("model") or NA), False),
+    ("Method", lambda r: str(r.get("label") or r.get("method") or NA), False),
+    ("Bits/weight", lambda r: _fixed(2)(r.get("bits_per_weight")), True),
+    ("Ratio", lambda r: _ratio(r.get("ratio")), True),
+    ("Inference time (CPU, ms)", lambda r: latency_str(r, "latency_ms"), True),
+    ("Inference time (GPU, ms)", lambda r: latency_str(r, "gpu_latency_ms"), True),
+    ("RAM: model tensors (MB)", lambda r: _auto(r.get("model_tensor_mb")), True),
+    ("RAM: process peak (MB)", lambda r: _fixed(0)(r.get("peak_rss_mb")), True),
+    ("VRAM (MB)", lambda r: _fixed(0)(r.get("vram_mb")), True),
+    ("Quality", _quality_cell, False),
+    ("Size in .gz (MB)", lambda r: _auto(r.get("gzip_mb")), True),
+    ("Compress time (s)", lambda r: _auto(r.get("compress_s")), True),
+]
+
+LEGEND = [
+    "**Inference time**: mean per clip, with the median and the 10th–90th percentile range "
+    "in brackets.",
+    "**RAM: model tensors**: bytes of the parameters and buffers the loaded model holds, "
+    "i.e. what the weights really occupy in memory.",
+    "**RAM: process peak**: peak resident set size of the whole measuring process: Python, "
+    "libraries, activations and temporaries included.",
+    "**VRAM**: peak GPU memory allocated by PyTorch while measuring on the GPU "
+    "(n/a: not measured on a GPU).",
+    "MB = 10^6 bytes.",
+]
+
+
+def _md_escape(s: str) -> str:
+    return s.replace("|", "\\|").replace("\n", " ")
+
+
+def _row_notes(rows: Iterable[Mapping[str, Any]]) -> list[str]:
+    out = []
+    for r in rows:
+        if r.get("notes"):
+            out.append(f"{r.get('label') or r.get('method')}: {r['notes']}")
+    return out
+
+
+def to_markdown(
+    rows: list[Mapping[str, Any]],
+    *,
+    title: str | None = None,
+    notes: list[str] | None = None,
+) -> str:
+    """A GitHub markdown table of the rows, a legend, then the notes.
+
+    Args:
+        rows: measured rows (see the module docstring).
+        title: a ``## title`` line above the table, when given.
+        notes: free lines listed under the legend, before the rows' own ``notes``.
+
+    Returns:
+        The markdown text, ending with a newline.
+    """
+    lines: list[str] = []
+    if title:
+        lines += [f"## {title}", ""]
+    lines.append("| " + " | ".join(h for h, _, _ in COLUMNS) + " |")
+    lines.append("|" + "|".join("---:" if right else "---" for _, _, right in COLUMNS) + "|")
+    for r in rows:
+        lines.append("| " + " | ".join(_md_escape(f(r)) for _, f, _ in COLUMNS) + " |")
+    lines.append("")
+    lines += [f"- {item}" for item in LEGEND]
+    all_notes = list(notes or []) + _row_notes(rows)
+    if all_notes:
+        lines += ["", "Notes:", ""]
+        lines += [f"- {_md_escape(n)}" for n in all_notes]
+    return "\n".join(lines) + "\n"
+
+
+def _csv_columns(rows: list[Mapping[str, Any]]) -> list[str]:
+    """Schema fields present in any row (schema order), quality_<key>, then other keys."""
+    present = {k for r in rows for k in r}
+    cols = [k for k in ROW_FIELDS if k in present and k != "quality"]
+    qual: list[str] = []
+    extra: list[str] = []
+    for r in rows:
+        for k in r.get("quality") or {}:
+            if f"quality_{k}" not in qual:
+                qual.append(f"quality_{k}")
+        for k in r:
+            if k not in ROW_FIELDS and k not in extra:
+                extra.append(k)
+    # keep quality columns where the schema puts quality
+    at = cols.index("notes") if "notes" in cols else len(cols)
+    return cols[:at] + qual + cols[at:] + extra
+
+
+def _csv_cell(v: Any) -> Any:
+    if v is None:
+        return ""
+    if isinstance(v, dict | list | tuple):
+        return json.dumps(_jsonable(v), ensure_ascii=False)
+    return v
+
+
+def to_csv(rows: list[Mapping[str, Any]]) -> str:
+    """Flat CSV text: one line per row, ``quality`` spread into ``quality_<key>`` columns,
+    ``None`` as an empty cell, other nested values as JSON."""
+    cols = _csv_columns(rows)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        flat = {k: v for k, v in r.items() if k != "quality"}
+        for k, v in (r.get("quality") or {}).items():
+            flat[f"quality_{k}"] = v
+        w.writerow({c: _csv_cell(flat.get(c)) for c in cols})
+    return buf.getvalue()
+
+
+def _jsonable(x: Any) -> Any:
+    """Plain JSON values: numpy/torch scalars as Python numbers, paths as strings,
+    NaN and infinities as null (strict JSON has no such numbers)."""
+    if isinstance(x, Mapping):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, bool) or x is None or isinstance(x, str | int):
+        return x
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, os.PathLike):
+        return os.fspath(x)
+    item = getattr(x, "item", None)  # numpy / torch scalars
+    if callable(item):
+        try:
+            return _jsonable(item())
+        except (TypeError, ValueError, RuntimeError):
+            pass
+    return str(x)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    """Write to a temp file in the same folder, then rename over ``path``: a reader sees
+    the old file or the new one, never half of one."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual mode
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def _meta_lines(meta: Mapping[str, Any]) -> list[str]:
+    """A few setup lines for table.md from the run's meta (missing keys are left out)."""
+    parts = []
+    for key, name in (
+        ("task", "task"),
+        ("data", "data"),
+        ("limit", "clips limit"),
+        ("every", "every"),
+        ("threads", "threads"),
+        ("date", "date"),
+    ):
+        if meta.get(key) is not None:
+            parts.append(f"{name}: {meta[key]}")
+    lines = ["- " + "; ".join(parts)] if parts else []
+    m = meta.get("machine")
+    if isinstance(m, Mapping):
+        mach = [str(m[k]) for k in ("processor", "platform") if m.get(k)]
+        if m.get("cpu_count"):
+            mach.append(f"{m['cpu_count']} CPUs")
+        if m.get("mem_total_gb"):
+            mach.append(f"{m['mem_total_gb']} GB RAM")
+        if m.get("cuda"):
+            mach.append(f"GPU {m['cuda']}")
+        for k in ("python", "torch"):
+            if m.get(k):
+                mach.append(f"{k} {m[k]}")
+        if mach:
+            lines.append("- machine: " + ", ".join(mach))
+    if meta.get("command"):
+        lines.append(f"- command: `{meta['command']}`")
+    return lines
+
+
+def write_results(
+    rows: list[Mapping[str, Any]], out_dir: str | os.PathLike, *, meta: Mapping[str, Any]
+) -> dict[str, Path]:
+    """Write ``table.md``, ``results.csv`` and ``results.json`` into ``out_dir`` (created).
+
+    ``meta`` goes into results.json as is; table.md takes its ``title`` (default: the
+    model name), its ``notes`` (list of lines) and a short setup summary from it.
+    Each file is written atomically.
+
+    Returns:
+        ``{"markdown": ..., "csv": ..., "json": ...}`` paths.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    title = meta.get("title")
+    if title is None:
+        models = list(dict.fromkeys(str(r["model"]) for r in rows if r.get("model")))
+        title = f"{', '.join(models)}: compression comparison" if models else "Comparison"
+    md = to_markdown(rows, title=title, notes=meta.get("notes"))
+    setup = _meta_lines(meta)
+    if setup:
+        md += "\nSetup:\n\n" + "\n".join(setup) + "\n"
+    paths = {"markdown": out / "table.md", "csv": out / "results.csv", "json": out / "results.json"}
+    _atomic_write(paths["markdown"], md)
+    _atomic_write(paths["csv"], to_csv(rows))
+    doc = {"meta": _jsonable(meta), "rows": _jsonable(list(rows))}
+    _atomic_write(paths["json"], json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
+    return paths
+
+
+def print_table(rows: list[Mapping[str, Any]], console, *, title: str | None = None) -> None:
+    """Print the rows as a rich Table on ``console`` (a ``rich.console.Console``), with the
+    same columns and cells as the markdown table."""
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title=title, show_lines=False)
+    for header, _, right in COLUMNS:
+        table.add_column(header, justify="right" if right else "left", overflow="fold")
+    for r in rows:
+        cells = [Text(f(r)) for _, f, _ in COLUMNS]  # Text: no rich markup in labels
+        table.add_row(*cells, style="red" if r.get("error") else None)
+    console.print(table)
