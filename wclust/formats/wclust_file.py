@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ..api import _set_module, clustered_weights, layer_type
-from ..nn.modules import ClusteredWeight, swap_weight
+from ..nn.modules import ClusteredWeight, base_class, swap_weight
 
 __all__ = ["FORMAT_VERSION", "FormatError", "load", "read_header", "save"]
 
@@ -127,7 +127,7 @@ def save(
             {
                 "key": key,
                 "owners": [n for n, _ in owners],
-                "owner_types": [type(m).__mro__[2].__name__ for _, m in owners],
+                "owner_types": [base_class(m).__name__ for _, m in owners],
                 "shape": list(cw.shape),
                 "bits": cw.bits,
                 "dtype": _dtype_name(cw.dtype),

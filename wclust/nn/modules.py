@@ -18,7 +18,7 @@ from torch import nn
 from ..core.codebook import ClusteredTensor
 from ..core.packing import pack_codes, packed_nbytes, unpack_codes
 
-__all__ = ["ClusteredWeight", "is_clustered", "swap_weight", "unswap_weight"]
+__all__ = ["ClusteredWeight", "base_class", "is_clustered", "swap_weight", "unswap_weight"]
 
 
 class ClusteredWeight(nn.Module):
@@ -126,12 +126,13 @@ class ClusteredWeight(nn.Module):
             return self._dense
         cb = self.codebook_float()
         n_cb, k = cb.shape
-        codes = unpack_codes(self.packed, self.bits, self.numel).view(n_cb, -1)
-        # Flat index into the (n_cb * k) codebook: int32 keeps the temporary small.
-        idx = codes.to(torch.int32)
-        if n_cb > 1:
-            idx = idx + (torch.arange(n_cb, dtype=torch.int32) * k)[:, None]
-        w = cb.reshape(-1).index_select(0, idx.reshape(-1))
+        if self.bits in (4, 8) and not cb.requires_grad:
+            from ..kernels.lut import decode  # fused unpack + lookup, parallel
+
+            flat = decode(self.packed.numpy(), self.bits, cb.contiguous().numpy(), self.numel)
+            w = torch.from_numpy(flat)
+        else:  # differentiable path (trainable codebooks), and other widths
+            w = self._decode_torch(cb)
         if self.group_scale is not None:
             w = w.view(self.group_scale.numel(), -1) * self.group_scale.float()[:, None]
             if self.group_offset is not None:
@@ -142,6 +143,69 @@ class ClusteredWeight(nn.Module):
         if self.cache:
             self._dense = w
         return w
+
+    def _decode_torch(self, cb: torch.Tensor) -> torch.Tensor:
+        n_cb, k = cb.shape
+        codes = unpack_codes(self.packed, self.bits, self.numel).view(n_cb, -1)
+        # Flat index into the (n_cb * k) codebook: int32 keeps the temporary small.
+        idx = codes.to(torch.int32)
+        if n_cb > 1:
+            idx = idx + (torch.arange(n_cb, dtype=torch.int32) * k)[:, None]
+        return cb.reshape(-1).index_select(0, idx.reshape(-1))
+
+    def rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """Rows ``idx`` of the (out, in) weight, decoding only those rows' codes."""
+        n_rows, d = self.shape[0], self.numel // self.shape[0]
+        n_cb = self.n_codebooks
+        if self.transpose or (d * self.bits) % 8 or (n_cb > 1 and n_cb % n_rows):
+            return self.dense()[idx]
+        per_row = d * self.bits // 8
+        sel = self.packed.view(n_rows, per_row).index_select(0, idx).reshape(-1)
+        codes = unpack_codes(sel, self.bits, idx.numel() * d).view(idx.numel(), d).long()
+        cb = self.codebook_float()
+        if n_cb == 1:
+            w = cb[0][codes]
+        else:  # n_cb // n_rows codebooks per row, each over consecutive elements
+            g = n_cb // n_rows
+            cbr = cb.view(n_rows, g, -1).index_select(0, idx)  # (n, g, k)
+            w = cbr.gather(2, codes.view(idx.numel(), g, -1)).view(idx.numel(), d)
+        if self.group_scale is not None:
+            gs = self.group_scale.numel() // n_rows
+            sc = self.group_scale.float().view(n_rows, gs).index_select(0, idx)[:, :, None]
+            w = w.view(idx.numel(), gs, -1) * sc
+            if self.group_offset is not None:
+                off = self.group_offset.float().view(n_rows, gs).index_select(0, idx)[:, :, None]
+                w = w + off
+            w = w.reshape(idx.numel(), d)
+        return w.to(self.dtype)
+
+    def lut_ok(self) -> bool:
+        """Whether ``matvec`` can run on the packed codes (4/8-bit, one codebook per
+        output row or per tensor; 4-bit may add per-group scales)."""
+        out_f, in_f = self.shape[0], self.numel // self.shape[0]
+        n_cb = self.n_codebooks
+        if self.bits == 8:
+            return self.group_scale is None and n_cb in (1, out_f)
+        if self.bits != 4 or in_f % 2:
+            return False
+        if self.group_scale is None:
+            return n_cb in (1, out_f)
+        gs = self.numel // self.group_scale.numel()
+        return n_cb == 1 and gs % 2 == 0 and in_f % gs == 0
+
+    def matvec(self, x: torch.Tensor) -> torch.Tensor:
+        """``W @ x`` for one vector x of the (out, in) clustered view, read from the
+        packed codes (no dense weight is built)."""
+        from ..kernels.lut import lut_gemv
+
+        out_f, in_f = self.shape[0], self.numel // self.shape[0]
+        cb = self.codebook_float().detach().contiguous().numpy()
+        gs = self.numel // self.group_scale.numel() if self.group_scale is not None else 0
+        sc = self.group_scale.float().numpy() if self.group_scale is not None else None
+        off = self.group_offset.float().numpy() if self.group_offset is not None else None
+        xv = x.detach().reshape(-1).float().contiguous().numpy()
+        y = lut_gemv(self.packed.numpy(), self.bits, xv, cb, out_f, in_f, sc, off, gs)
+        return torch.from_numpy(y).to(x.dtype)
 
     def set_cache(self, enabled: bool) -> None:
         """Keep the rebuilt dense weight (speed) or rebuild it per call (memory)."""
@@ -170,13 +234,55 @@ class _ClusteredMixin:
         return self.clustered.dense()
 
 
+def _single_vector(x: torch.Tensor, cw: ClusteredWeight) -> bool:
+    """Batch-1 inference on CPU (token-by-token decoding): the LUT kernel pays."""
+    return (
+        x.numel() == x.shape[-1]
+        and x.device.type == "cpu"
+        and cw._dense is None
+        and not (torch.is_grad_enabled() and (x.requires_grad or cw.codebook.requires_grad))
+        and cw.lut_ok()
+    )
+
+
+class _ClusteredLinearMixin(_ClusteredMixin):
+    def forward(self, x):
+        cw = self.clustered
+        if _single_vector(x, cw):
+            y = cw.matvec(x).view(*x.shape[:-1], -1)
+            return y + self.bias if self.bias is not None else y
+        return super().forward(x)
+
+
+class _ClusteredEmbeddingMixin(_ClusteredMixin):
+    def forward(self, ids):
+        cw = self.clustered
+        if cw._dense is None and self.max_norm is None and not torch.is_grad_enabled():
+            return cw.rows(ids.reshape(-1)).view(*ids.shape, -1)  # decode only those rows
+        return super().forward(ids)
+
+
+def _mixin_for(cls: type) -> type:
+    names = {c.__name__ for c in cls.__mro__}
+    if issubclass(cls, nn.Linear) or "Conv1D" in names:
+        return _ClusteredLinearMixin
+    if issubclass(cls, nn.Embedding):
+        return _ClusteredEmbeddingMixin
+    return _ClusteredMixin
+
+
 _SUBCLASSES: dict[type, type] = {}
 
 
 def _clustered_class(cls: type) -> type:
     if cls not in _SUBCLASSES:
-        _SUBCLASSES[cls] = type(f"Clustered{cls.__name__}", (_ClusteredMixin, cls), {})
+        _SUBCLASSES[cls] = type(f"Clustered{cls.__name__}", (_mixin_for(cls), cls), {})
     return _SUBCLASSES[cls]
+
+
+def base_class(module: nn.Module) -> type:
+    """The original class of a clustered module (the class itself otherwise)."""
+    return next(c for c in type(module).__mro__ if not issubclass(c, _ClusteredMixin))
 
 
 def is_clustered(module: nn.Module) -> bool:
@@ -197,7 +303,7 @@ def swap_weight(module: nn.Module, cw: ClusteredWeight) -> nn.Module:
 
 def unswap_weight(module: nn.Module) -> nn.Module:
     """Plain module of the original class with a dense ``weight`` parameter."""
-    base = type(module).__mro__[2]
+    base = base_class(module)
     new = object.__new__(base)
     new.__dict__ = dict(module.__dict__)
     new._modules = {k: v for k, v in module._modules.items() if k != "clustered"}

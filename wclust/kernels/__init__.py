@@ -1,0 +1,1 @@
+"""CPU kernels on packed codes (numba, compiled on first use)."""
