@@ -126,7 +126,15 @@ def run_compare(
     prepared: dict[str, dict] = {}
     rows: list[dict] = []
     task_name = None
-    for m in resolved:
+    meta = {
+        "model": model, "task": None, "data": data or "(built-in)", "limit": limit,
+        "every": every, "threads": threads, "methods": [m.name for m in resolved],
+        "command": command, "machine": _machine(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+    for i, m in enumerate(resolved):
+        if i:  # partial results survive an interrupted run
+            _write(rows, out, {**meta, "task": task_name, "partial": True}, False, model, resolved)
         base = "fp32" if m.runtime else m.name
         artifact = art_dir / f"{safe}.{base}.wclust"
         if base not in prepared:
