@@ -66,6 +66,20 @@ TENSOR_METHODS: Registry = Registry("tensor method")
 @TENSOR_METHODS.register("exact", "optimal 1-D k-means per codebook")
 @TENSOR_METHODS.register("kmeans", "Lloyd k-means per codebook")
 def _cluster(data, s, sw, seed):
+    frac = s.get("outliers") or 0.0
+    idx = None
+    if frac > 0:
+        # Dense-and-sparse: the largest (importance-weighted) weights are kept exactly
+        # and take no part in the clustering (zero weight).
+        score = data.detach().float().abs().reshape(-1)
+        if sw is not None:
+            score = score * sw.detach().float().reshape(-1).sqrt()
+        n_out = int(frac * data.numel())
+        idx = score.topk(n_out).indices.sort().values if n_out else None
+    fit_w = sw
+    if idx is not None:
+        fit_w = torch.ones_like(data, dtype=torch.float32) if sw is None else sw.float().clone()
+        fit_w.view(-1)[idx] = 0.0
     ct = cluster_tensor(
         data,
         n_clusters=s["n_clusters"],
@@ -74,20 +88,29 @@ def _cluster(data, s, sw, seed):
         group_size=s["group_size"],
         method=s["method"],
         init=s["init"],
-        sample_weight=sw,
+        sample_weight=fit_w,
         keep_zeros=s["keep_zeros"],
         codebook_dtype=s["codebook_dtype"],
         seed=seed,
     )
+    cw = ClusteredWeight.from_clustered(ct)
+    mse = ct.mse
+    if idx is not None:
+        cw.outlier_idx = idx.to(torch.int32)
+        cw.outlier_val = data.detach().reshape(-1)[idx].to(torch.float16)
+        err = (cw.dense().double() - data.double()) ** 2  # cw.transpose is still False here
+        w = sw.double() if sw is not None else torch.ones_like(err)
+        mse = float((err * w).sum() / w.sum())
     st = {
-        "mse": ct.mse,
+        "mse": mse,
         "distinct": _distinct_codes(ct.codes, ct.n_codebooks, ct.n_clusters),
         "n_clusters": ct.n_clusters,
         "keep_zeros": ct.keep_zeros,
+        "outliers": frac,
         "group_size": ct.group_size,
         "granularity": ct.granularity,
     }
-    return ClusteredWeight.from_clustered(ct), st
+    return cw, st
 
 
 def _scaled_stats(sc, data):

@@ -41,6 +41,7 @@ _LAYER_FIELDS = (
     "init",
     "codebook_dtype",
     "keep_zeros",
+    "outliers",
     "skip",
 )
 
@@ -62,6 +63,8 @@ class ClusterConfig:
         init: Lloyd init: "linear" | "density" | "random" | "kmeans++".
         codebook_dtype: "float32" | "float16" | "bfloat16" | "int8".
         keep_zeros: pruned (zero) weights stay zero.
+        outliers: fraction of each weight (largest importance-weighted magnitude)
+            kept exactly in a sparse side table instead of being clustered.
         include: fully qualified module-name globs to cluster (fnmatch).
         exclude: globs never to cluster (reported as excluded).
         layer_types: module class names to cluster.
@@ -80,6 +83,7 @@ class ClusterConfig:
     init: str = "kmeans++"
     codebook_dtype: str = "float32"
     keep_zeros: bool = False
+    outliers: float = 0.0
     include: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE
     layer_types: tuple[str, ...] = SUPPORTED_LAYER_TYPES
@@ -184,6 +188,13 @@ def _check_layer_settings(d: dict, where: str) -> None:
         gs = d.get("group_size")
         if not isinstance(gs, int) or gs < 1:
             raise ConfigError(f"{where}: granularity 'group' needs group_size, a positive integer")
+    if (
+        not isinstance(d.get("outliers", 0.0), (int, float))
+        or not 0 <= d.get("outliers", 0.0) < 0.5
+    ):
+        raise ConfigError(f"{where}: outliers must be a fraction in [0, 0.5), e.g. 0.005")
+    if d.get("outliers") and d["method"] not in _CLUSTER_METHODS:
+        raise ConfigError(f"{where}: outliers work with methods exact and kmeans")
     if d["method"] not in METHODS:
         raise ConfigError(
             f"{where}: method {d['method']!r} is unknown; choose {', '.join(METHODS)}"

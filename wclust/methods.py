@@ -25,6 +25,8 @@ class CompareMethod:
     config: ClusterConfig | None = None
     prune: float | None = None  # magnitude-prune this fraction first (keep_zeros)
     runtime: str | None = None  # transform applied after loading the original
+    calibrate: str | None = None  # "fisher" | "activation": importance-weighted clustering
+    calib_items: int = 16  # calibration items, from the task's built-in data
     notes: str = ""
     extra: dict = field(default_factory=dict)
 
@@ -160,6 +162,51 @@ _add(
         "quantization",
         runtime="torchao-int4wo",
         notes="torchao Int4WeightOnlyConfig on nn.Linear",
+    )
+)
+
+_CAL = (
+    "calibrated on the built-in synthetic clips (not the evaluation set unless --data is omitted)"
+)
+for b in (4, 3):
+    _add(
+        CompareMethod(
+            f"cluster-{b}b-channel-fisher",
+            f"k-means {b}-bit per channel, Fisher-weighted",
+            "clustering",
+            _C(bits=b, granularity="channel"),
+            calibrate="fisher",
+            notes=_CAL,
+        )
+    )
+    _add(
+        CompareMethod(
+            f"cluster-{b}b-channel-fisher-o05",
+            f"k-means {b}-bit per channel, Fisher-weighted, 0.5% outliers kept",
+            "clustering",
+            _C(bits=b, granularity="channel", outliers=0.005),
+            calibrate="fisher",
+            notes=_CAL,
+        )
+    )
+    _add(
+        CompareMethod(
+            f"scaled-{b}b-g64-fisher",
+            f"k-means {b}-bit codebook per tensor, scale per 64, Fisher-weighted",
+            "clustering",
+            _C(bits=b, group_size=64, method="scaled-exact"),
+            calibrate="fisher",
+            notes=_CAL,
+        )
+    )
+_add(
+    CompareMethod(
+        "cluster-4b-channel-act",
+        "k-means 4-bit per channel, activation-weighted",
+        "clustering",
+        _C(bits=4, granularity="channel"),
+        calibrate="activation",
+        notes=_CAL,
     )
 )
 

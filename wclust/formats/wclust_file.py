@@ -120,6 +120,8 @@ def save(
             ("scale", cw.codebook_scale),
             ("group_scale", cw.group_scale),
             ("group_offset", cw.group_offset),
+            ("outlier_idx", cw.outlier_idx),
+            ("outlier_val", cw.outlier_val),
         ):
             if t is not None:
                 tensors[f"{key}.{suffix}"] = t
@@ -343,6 +345,8 @@ def _fill(model: nn.Module, header: dict, tensors: dict, cache: bool) -> None:
             e.get("meta"),
             tensors.get(f"{key}.group_scale"),
             tensors.get(f"{key}.group_offset"),
+            tensors.get(f"{key}.outlier_idx"),
+            tensors.get(f"{key}.outlier_val"),
         )
         if cw.codebook.shape[1] > (1 << cw.bits):
             raise FormatError(f"{key}: more centroids than {cw.bits}-bit codes can address")

@@ -127,9 +127,15 @@ def run_compare(
     rows: list[dict] = []
     task_name = None
     meta = {
-        "model": model, "task": None, "data": data or "(built-in)", "limit": limit,
-        "every": every, "threads": threads, "methods": [m.name for m in resolved],
-        "command": command, "machine": _machine(),
+        "model": model,
+        "task": None,
+        "data": data or "(built-in)",
+        "limit": limit,
+        "every": every,
+        "threads": threads,
+        "methods": [m.name for m in resolved],
+        "command": command,
+        "machine": _machine(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
     for i, m in enumerate(resolved):

@@ -111,8 +111,17 @@ def prepare(spec: dict) -> dict:
     t0 = time.perf_counter()
     if method.prune:
         prune_(loaded.model, method.prune)
+    sample_weights = None
+    if method.calibrate:
+        from wclust.calibrate import calibrate
+        from wclust.tasks import get_task
+
+        task = get_task(loaded.task)
+        calib = task.load_data(None, method.calib_items)  # the task's built-in data
+        batches = task.calibration_batches(loaded.model, loaded.processor, calib)
+        sample_weights = calibrate(loaded.model, batches, kind=method.calibrate)
     cfg = method.config or wclust.ClusterConfig(include=())
-    report = wclust.compress_(loaded.model, cfg)
+    report = wclust.compress_(loaded.model, cfg, sample_weights=sample_weights)
     compress_s = time.perf_counter() - t0 if method.config else 0.0
     wclust.save(loaded.model, spec["artifact"], report=report, config=cfg, source=spec["model"])
     sizes = file_sizes(spec["artifact"])

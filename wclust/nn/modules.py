@@ -39,6 +39,9 @@ class ClusteredWeight(nn.Module):
             the weight is then ``codebook[code] * scale[g] + offset[g]`` (NF4, integer
             round-to-nearest, k-means over normalized groups).
         group_offset: optional (n_groups,) offset per group.
+        outlier_idx: optional int32 flat indices into the (out, in) clustered view of
+            weights stored exactly (dense-and-sparse split, as in SqueezeLLM).
+        outlier_val: their float16 values.
     """
 
     def __init__(
@@ -53,6 +56,8 @@ class ClusteredWeight(nn.Module):
         meta: dict | None = None,
         group_scale: torch.Tensor | None = None,
         group_offset: torch.Tensor | None = None,
+        outlier_idx: torch.Tensor | None = None,
+        outlier_val: torch.Tensor | None = None,
     ):
         super().__init__()
         self.shape = tuple(int(s) for s in shape)
@@ -76,6 +81,17 @@ class ClusteredWeight(nn.Module):
         self.register_buffer("codebook_scale", codebook_scale)
         self.register_buffer("group_scale", group_scale)
         self.register_buffer("group_offset", group_offset)
+        if (outlier_idx is None) != (outlier_val is None):
+            raise ValueError("outlier indices and values go together")
+        if outlier_idx is not None:
+            if outlier_idx.shape != outlier_val.shape or outlier_idx.dim() != 1:
+                raise ValueError("outlier indices and values must be 1-D of one length")
+            if outlier_idx.numel() and (
+                int(outlier_idx.min()) < 0 or int(outlier_idx.max()) >= self.numel
+            ):
+                raise ValueError("outlier index out of range")
+        self.register_buffer("outlier_idx", outlier_idx)
+        self.register_buffer("outlier_val", outlier_val)
         self.cache = False
         self._dense: torch.Tensor | None = None
 
@@ -137,6 +153,8 @@ class ClusteredWeight(nn.Module):
             w = w.view(self.group_scale.numel(), -1) * self.group_scale.float()[:, None]
             if self.group_offset is not None:
                 w = w + self.group_offset.float()[:, None]
+        if self.outlier_idx is not None:
+            w = w.reshape(-1).index_put((self.outlier_idx.long(),), self.outlier_val.to(w.dtype))
         w = w.view(self.shape).to(self.dtype)
         if self.transpose:
             w = w.t()
@@ -157,7 +175,12 @@ class ClusteredWeight(nn.Module):
         """Rows ``idx`` of the (out, in) weight, decoding only those rows' codes."""
         n_rows, d = self.shape[0], self.numel // self.shape[0]
         n_cb = self.n_codebooks
-        if self.transpose or (d * self.bits) % 8 or (n_cb > 1 and n_cb % n_rows):
+        if (
+            self.transpose
+            or (d * self.bits) % 8
+            or (n_cb > 1 and n_cb % n_rows)
+            or self.outlier_idx is not None
+        ):
             return self.dense()[idx]
         per_row = d * self.bits // 8
         sel = self.packed.view(n_rows, per_row).index_select(0, idx).reshape(-1)
@@ -205,7 +228,12 @@ class ClusteredWeight(nn.Module):
         off = self.group_offset.float().numpy() if self.group_offset is not None else None
         xv = x.detach().reshape(-1).float().contiguous().numpy()
         y = lut_gemv(self.packed.numpy(), self.bits, xv, cb, out_f, in_f, sc, off, gs)
-        return torch.from_numpy(y).to(x.dtype)
+        y = torch.from_numpy(y)
+        if self.outlier_idx is not None and self.outlier_idx.numel():
+            idx = self.outlier_idx.long()
+            xs = x.detach().reshape(-1).float()
+            y.index_add_(0, idx // in_f, self.outlier_val.float() * xs[idx % in_f])
+        return y.to(x.dtype)
 
     def set_cache(self, enabled: bool) -> None:
         """Keep the rebuilt dense weight (speed) or rebuild it per call (memory)."""
@@ -217,7 +245,13 @@ class ClusteredWeight(nn.Module):
     def nbytes(self) -> int:
         """Bytes held in memory: packed codes, codebooks and scales."""
         n = self.packed.numel() + self.codebook.numel() * self.codebook.element_size()
-        for t in (self.codebook_scale, self.group_scale, self.group_offset):
+        for t in (
+            self.codebook_scale,
+            self.group_scale,
+            self.group_offset,
+            self.outlier_idx,
+            self.outlier_val,
+        ):
             if t is not None:
                 n += t.numel() * t.element_size()
         return n

@@ -26,6 +26,7 @@ class Task:
     load_data: Any
     evaluate: Any
     default_data: Any
+    calibration_batches: Any = None  # (model, processor, data) -> model(**batch) inputs
     lower_is_better: bool = True
 
 
@@ -57,8 +58,14 @@ def _asr_default():
     return str(builtin_clips_dir())
 
 
+def _asr_calib(model, processor, data):
+    from .asr import calibration_batches
+
+    return calibration_batches(model, processor, data)
+
+
 TASKS.register("asr", "speech recognition: WER/CER of greedy Whisper transcripts")(
-    Task("asr", _asr_load, _asr_eval, _asr_default)
+    Task("asr", _asr_load, _asr_eval, _asr_default, _asr_calib)
 )
 
 

@@ -344,3 +344,36 @@ def evaluate(
         "names": [s.name for s in samples],
         "hypotheses": hypotheses,
     }
+
+
+def calibration_batches(model, processor, samples: list[AudioSample]) -> list[dict]:
+    """Teacher-forced inputs for calibration: ``model(**batch).loss`` is the
+    cross-entropy of the reference transcript after Whisper's English prompt.
+
+    Args:
+        model, processor: as for ``transcribe``.
+        samples: calibration clips (keep them apart from the evaluation clips).
+    Returns:
+        One dict per clip with ``input_features``, ``decoder_input_ids`` and ``labels``.
+    """
+    import torch
+
+    tok = processor.tokenizer
+    sot = _token_id(tok, "<|startoftranscript|>")
+    eot = _token_id(tok, "<|endoftext|>")
+    prompt = [sot]
+    if _is_multilingual(model):
+        prompt += [_token_id(tok, "<|en|>"), _token_id(tok, "<|transcribe|>")]
+    prompt.append(_token_id(tok, "<|notimestamps|>"))
+    out = []
+    for s in samples:
+        feats = processor.feature_extractor(s.audio, sampling_rate=SAMPLE_RATE, return_tensors="pt")
+        text = tok.encode(" " + s.text.strip().lower().capitalize(), add_special_tokens=False)
+        ids = prompt + text + [eot]
+        dec = torch.tensor([ids[:-1]])
+        labels = torch.tensor([ids[1:]])
+        labels[0, : len(prompt) - 1] = -100  # the prompt is given, not predicted
+        out.append(
+            {"input_features": feats.input_features, "decoder_input_ids": dec, "labels": labels}
+        )
+    return out

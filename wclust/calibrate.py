@@ -1,0 +1,124 @@
+"""Sensitivity of each weight, from a few calibration examples.
+
+``calibrate`` returns ``{module name: importance tensor of the weight's shape}`` for
+``compress_(..., sample_weights=...)``: clustering then minimizes the
+importance-weighted error instead of the plain weight error.
+
+- ``"fisher"``: the diagonal of the empirical Fisher information, the mean squared
+  gradient of the model's own loss (SqueezeLLM, Kim et al. 2023): a second-order
+  estimate of how much the loss grows when a weight moves.
+- ``"activation"``: the mean squared input of each input column (the diagonal of
+  X^T X, as in GPTQ/AWQ): how much a column's error reaches the layer output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+from .api import _weight_owners, layer_type
+
+__all__ = ["calibrate"]
+
+
+def calibrate(
+    model: nn.Module,
+    batches: Iterable,
+    *,
+    kind: str = "fisher",
+    loss_fn: Callable[[nn.Module, object], torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Per-weight importance from calibration batches.
+
+    Args:
+        model: the uncompressed model.
+        batches: iterable of inputs; each is passed to ``loss_fn(model, batch)`` or,
+            by default, as keyword arguments ``model(**batch).loss`` (so it must hold
+            labels) for "fisher", and ``model(**batch)`` for "activation".
+        kind: "fisher" or "activation".
+        loss_fn: optional custom loss.
+
+    Returns:
+        ``{module name: float32 tensor of the weight's shape}``, keyed by the first
+        owner of each (possibly shared) weight, averaged over batches.
+    """
+    if kind not in ("fisher", "activation"):
+        raise ValueError(f"kind must be 'fisher' or 'activation', got {kind!r}")
+    groups = _weight_owners(model)
+    if kind == "fisher":
+        return _fisher(model, batches, loss_fn, groups)
+    return _activation(model, batches, groups)
+
+
+def _fisher(model, batches, loss_fn, groups):
+    was_training = model.training
+    model.eval()
+    params = [w for w, _ in groups]
+    flags = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    acc = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+    n = 0
+    try:
+        for batch in batches:
+            for p in params:
+                p.grad = None
+            loss = loss_fn(model, batch) if loss_fn else model(**batch).loss
+            loss.backward()
+            for a, p in zip(acc, params, strict=True):
+                if p.grad is not None:
+                    a += p.grad.detach().float() ** 2
+            n += 1
+    finally:
+        for p in params:
+            p.grad = None
+        for p, f in zip(model.parameters(), flags, strict=True):
+            p.requires_grad_(f)
+        model.train(was_training)
+    if n == 0:
+        raise ValueError("calibration needs at least one batch")
+    return {owners[0][0]: a / n for a, (_, owners) in zip(acc, groups, strict=True)}
+
+
+def _activation(model, batches, groups):
+    sums: dict[int, torch.Tensor] = {}
+    counts: dict[int, int] = {}
+    hooks = []
+    for _, owners in groups:
+        for _name, mod in owners:
+            t = layer_type(mod)
+            if t not in ("Linear", "Conv1D"):
+                continue
+
+            def hook(m, inp, out, key=id(mod)):
+                x = inp[0].detach().float().reshape(-1, inp[0].shape[-1])
+                sums[key] = sums.get(key, 0) + (x**2).sum(0)
+                counts[key] = counts.get(key, 0) + x.shape[0]
+
+            hooks.append(mod.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                model(**batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    out = {}
+    for w, owners in groups:
+        name, mod = owners[0]
+        key = id(mod)
+        if key not in sums:  # embeddings, convs: no column statistics, uniform
+            out[name] = torch.ones_like(w, dtype=torch.float32)
+            continue
+        col = sums[key] / max(counts[key], 1)  # (in,)
+        imp = (
+            col[None, :].expand(w.shape[0], -1)
+            if layer_type(mod) == "Linear"
+            else col[:, None].expand(-1, w.shape[1])
+        )
+        out[name] = imp.contiguous()
+    return out
