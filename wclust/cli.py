@@ -71,6 +71,25 @@ def compress(
         str, typer.Option(help="float32 | float16 | bfloat16 | int8")
     ] = "float32",
     keep_zeros: Annotated[bool, typer.Option(help="pruned (zero) weights stay zero")] = False,
+    outliers: Annotated[
+        float, typer.Option(help="fraction of weights kept exactly (dense-and-sparse), e.g. 0.005")
+    ] = 0.0,
+    target_bits: Annotated[
+        float | None,
+        typer.Option(
+            help="choose bits per layer so the model averages at most this (everything counted); calibrates with Fisher by default"
+        ),
+    ] = None,
+    calibrate: Annotated[
+        str | None,
+        typer.Option(
+            help="importance weighting: fisher | activation | none (default: fisher with --target-bits, else none)"
+        ),
+    ] = None,
+    calib_data: Annotated[
+        str | None, typer.Option(help="calibration data folder (default: the task's built-in data)")
+    ] = None,
+    calib_items: Annotated[int, typer.Option(help="calibration items")] = 16,
     include: Annotated[
         list[str] | None, typer.Option(help="module-name glob to cluster (repeatable)")
     ] = None,
@@ -95,6 +114,7 @@ def compress(
         init=init,
         codebook_dtype=codebook_dtype,
         keep_zeros=keep_zeros,
+        outliers=outliers,
         include=tuple(include or ("*",)),
         exclude=tuple(exclude) if exclude is not None else DEFAULT_EXCLUDE,
         seed=seed,
@@ -105,8 +125,14 @@ def compress(
         loaded = _run(load_model, model)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    kind = calibrate or ("fisher" if target_bits else "none")
+    if kind not in ("fisher", "activation", "none"):
+        _fail(f"--calibrate must be fisher, activation or none, got {kind!r}")
+    sample_weights = None
+    if kind != "none":
+        sample_weights = _calibrate(loaded, kind, calib_data, calib_items)
     with Progress(
-        TextColumn("clustering"),
+        TextColumn("{task.fields[stage]}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
@@ -114,18 +140,50 @@ def compress(
         console=console,
         transient=True,
     ) as prog:
-        task = prog.add_task("", total=None)
+        task = prog.add_task("", total=None, stage="clustering")
 
         def tick(name, i, n):
             prog.update(task, completed=i, total=n, description=name)
 
-        report = _run(wclust.compress_, loaded.model, cfg, progress=tick)
+        if target_bits is not None:
+            from wclust.allocate import allocate_bits
+
+            prog.update(task, stage="choosing bits")
+            cfg, _ = _run(
+                allocate_bits,
+                loaded.model,
+                target_bits,
+                cfg,
+                sample_weights=sample_weights,
+                progress=tick,
+            )
+            prog.update(task, stage="clustering")
+        report = _run(
+            wclust.compress_, loaded.model, cfg, sample_weights=sample_weights, progress=tick
+        )
     source = model if not Path(model).exists() else str(Path(model).resolve())
     _run(wclust.save, loaded.model, output, report=report, config=cfg, source=source)
     _print_report(report.to_dict(), max_rows=12)
     console.print(
         f"wrote {output} ({output.stat().st_size / 1e6:.2f} MB) in {report.seconds:.1f} s of clustering"
     )
+
+
+def _calibrate(loaded, kind: str, calib_data: str | None, items: int):
+    from wclust.calibrate import calibrate
+    from wclust.tasks import get_task
+
+    if loaded.task is None:
+        _fail(
+            f"no task is known for {loaded.name}, so it cannot be calibrated; use --calibrate none"
+        )
+    task = get_task(loaded.task)
+    if task.calibration_batches is None:
+        _fail(f"task {loaded.task!r} has no calibration data; use --calibrate none")
+    with console.status(f"calibrating ({kind}) on {calib_data or 'built-in data'} ..."):
+        data = _run(task.load_data, calib_data, items)
+        batches = task.calibration_batches(loaded.model, loaded.processor, data)
+        return _run(calibrate, loaded.model, batches, kind=kind)
 
 
 def _print_report(d: dict, max_rows: int | None = None) -> None:

@@ -27,6 +27,7 @@ class CompareMethod:
     runtime: str | None = None  # transform applied after loading the original
     calibrate: str | None = None  # "fisher" | "activation": importance-weighted clustering
     calib_items: int = 16  # calibration items, from the task's built-in data
+    target_bits: float | None = None  # per-layer bits chosen under this average
     notes: str = ""
     extra: dict = field(default_factory=dict)
 

@@ -121,6 +121,10 @@ def prepare(spec: dict) -> dict:
         batches = task.calibration_batches(loaded.model, loaded.processor, calib)
         sample_weights = calibrate(loaded.model, batches, kind=method.calibrate)
     cfg = method.config or wclust.ClusterConfig(include=())
+    if method.target_bits:
+        from wclust.allocate import allocate_bits
+
+        cfg, _ = allocate_bits(loaded.model, method.target_bits, cfg, sample_weights=sample_weights)
     report = wclust.compress_(loaded.model, cfg, sample_weights=sample_weights)
     compress_s = time.perf_counter() - t0 if method.config else 0.0
     wclust.save(loaded.model, spec["artifact"], report=report, config=cfg, source=spec["model"])

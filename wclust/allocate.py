@@ -1,0 +1,122 @@
+"""Bits where they matter: per-layer bit widths under an average-bits budget.
+
+Each selected layer is clustered at every candidate width; its predicted loss
+increase at width b is the importance-weighted squared error
+``sum_i F_i (w_i - q_b(w_i))^2`` (a second-order Taylor estimate when F is the
+Fisher diagonal; plain squared error without calibration). Starting from the
+smallest width everywhere, the upgrade with the largest predicted-loss reduction
+per extra byte is taken until the budget, counted over *every* tensor of the
+model (codes, codebooks, outliers, layers left dense, biases, norms), is spent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .api import TENSOR_METHODS, _skip_reason, _weight_owners, layer_type
+from .config import ClusterConfig
+
+__all__ = ["allocate_bits"]
+
+
+def allocate_bits(
+    model: nn.Module,
+    target_bits: float,
+    config: ClusterConfig | None = None,
+    *,
+    sample_weights: dict[str, torch.Tensor] | None = None,
+    candidates: tuple[int, ...] = (2, 3, 4, 5, 6, 8),
+    progress: Callable[[str, int, int], None] | None = None,
+) -> tuple[ClusterConfig, dict]:
+    """Choose bits per layer so the whole model averages at most ``target_bits``.
+
+    Args:
+        model: the uncompressed model (not modified).
+        target_bits: average bits per weight over all parameters, everything counted.
+        config: base settings (granularity, method, outliers, selection, ...).
+        sample_weights: importance per weight (from ``calibrate``); uniform if None.
+        candidates: widths to choose from.
+        progress: callback ``(layer name, index, total)``.
+
+    Returns:
+        (config with one ``bits`` override per selected layer, summary dict with the
+        chosen widths, predicted loss and the bits per weight it will cost).
+
+    Raises:
+        ValueError: the budget is below what the smallest width already costs.
+    """
+    cfg = config or ClusterConfig()
+    sample_weights = sample_weights or {}
+    groups = _weight_owners(model)
+    total_numel = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    layer_ids = {id(w) for w, _ in groups}
+    fixed = 0  # bytes of everything that is not a selected layer weight
+    for t in {id(t): t for t in list(model.parameters()) + list(model.buffers())}.values():
+        if id(t) not in layer_ids:
+            fixed += t.numel() * t.element_size()
+    options: dict[str, list[tuple[int, int, float]]] = {}
+    for i, (w, owners) in enumerate(groups):
+        name = owners[0][0]
+        settings = cfg.for_layer(name)
+        reason = _skip_reason(cfg, owners, layer_type(owners[0][1]), w) or (
+            "skip" if settings["skip"] else ""
+        )
+        if reason:
+            fixed += w.numel() * w.element_size()
+            continue
+        if progress:
+            progress(name, i, len(groups))
+        data = w.detach().t() if layer_type(owners[0][1]) == "Conv1D" else w.detach()
+        sw = sample_weights.get(name)
+        if sw is not None and layer_type(owners[0][1]) == "Conv1D":
+            sw = sw.t()
+        opts = []
+        for b in candidates:
+            s = {**settings, "bits": b, "n_clusters": None}
+            try:
+                cw, st = TENSOR_METHODS.get(s["method"])(data, s, sw, cfg.seed)
+            except ValueError:
+                continue
+            total_w = float(sw.double().sum()) if sw is not None else float(data.numel())
+            opts.append((b, cw.nbytes, st["mse"] * total_w))
+        if not opts:
+            fixed += w.numel() * w.element_size()
+            continue
+        options[name] = opts
+    budget = target_bits * total_numel / 8 - fixed
+    choice = {n: 0 for n in options}
+    used = sum(o[0][1] for o in options.values())
+    if used > budget:
+        raise ValueError(
+            f"target {target_bits} bits/weight is below what {candidates[0]}-bit everywhere "
+            f"costs ({8 * (used + fixed) / total_numel:.3f} bits/weight)"
+        )
+    while True:
+        best, best_gain = None, 0.0
+        for n, opts in options.items():
+            j = choice[n]
+            if j + 1 >= len(opts):
+                continue
+            extra = opts[j + 1][1] - opts[j][1]
+            if used + extra > budget:
+                continue
+            gain = (opts[j][2] - opts[j + 1][2]) / max(extra, 1)
+            if gain > best_gain:
+                best, best_gain = n, gain
+        if best is None:
+            break
+        used += options[best][choice[best] + 1][1] - options[best][choice[best]][1]
+        choice[best] += 1
+    bits = {n: options[n][j][0] for n, j in choice.items()}
+    overrides = {**cfg.overrides, **{n: {"bits": b} for n, b in bits.items()}}
+    new_cfg = cfg.replace(overrides=overrides)
+    summary = {
+        "bits": bits,
+        "predicted_loss": sum(options[n][j][2] for n, j in choice.items()),
+        "bits_per_weight": 8 * (used + fixed) / total_numel,
+        "target_bits": target_bits,
+    }
+    return new_cfg, summary
