@@ -211,6 +211,32 @@ _add(
     )
 )
 
+for t in (4.25, 3.25):
+    _add(
+        CompareMethod(
+            f"mixed-{t}b-fisher",
+            f"k-means per channel, fp16 codebooks, 0.5% outliers, bits per layer for <= {t} "
+            "bits/weight, Fisher",
+            "clustering",
+            _C(granularity="channel", codebook_dtype="float16", outliers=0.005),
+            calibrate="fisher",
+            target_bits=t,
+            notes=_CAL,
+        )
+    )
+    _add(
+        CompareMethod(
+            f"mixed-scaled-{t}b-fisher",
+            f"k-means codebook per tensor, scale per 64, bits per layer for <= {t} "
+            "bits/weight, Fisher",
+            "clustering",
+            _C(group_size=64, method="scaled-exact"),
+            calibrate="fisher",
+            target_bits=t,
+            notes=_CAL,
+        )
+    )
+
 # What `wclust compare` runs when no --methods are given: a few minutes on 2 cores.
 DEFAULT_METHODS = (
     "fp32",
@@ -218,7 +244,6 @@ DEFAULT_METHODS = (
     "cluster-4b-channel",
     "scaled-4b-g64",
     "nf4-g64",
-    "int4-rtn-g128",
     "int8-dynamic",
 )
 
