@@ -366,7 +366,20 @@ def models():
         out.print(f"{name:20s} {MODELS.help(name)}")
 
 
+def quiet_third_party() -> None:
+    """torchao (imported by transformers when installed) and torch log warnings about
+    optional GPU libraries at import; they are noise on a CPU machine."""
+    import logging
+    import os
+
+    for name in ("torchao", "torch.utils._pytree", "torchao.kernel.intmm"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
 def main() -> None:
+    quiet_third_party()
     app()
 
 

@@ -193,6 +193,9 @@ def measure(spec: dict) -> dict:
 
 
 def main() -> None:
+    from wclust.cli import quiet_third_party
+
+    quiet_third_party()
     spec = json.loads(sys.stdin.read())
     fn = {"prepare": prepare, "measure": measure}[spec["mode"]]
     try:
