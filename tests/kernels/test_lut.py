@@ -55,6 +55,8 @@ def test_gemv_with_group_scale_and_offset():
         dict(bits=4, method="nf4"),
         dict(bits=4, method="rtn", group_size=64),
         dict(bits=4, codebook_dtype="int8"),
+        dict(bits=4, outliers=0.02),
+        dict(bits=8, outliers=0.01),
         dict(bits=4, granularity="group", group_size=32),
     ],
 )

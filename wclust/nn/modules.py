@@ -175,12 +175,7 @@ class ClusteredWeight(nn.Module):
         """Rows ``idx`` of the (out, in) weight, decoding only those rows' codes."""
         n_rows, d = self.shape[0], self.numel // self.shape[0]
         n_cb = self.n_codebooks
-        if (
-            self.transpose
-            or (d * self.bits) % 8
-            or (n_cb > 1 and n_cb % n_rows)
-            or self.outlier_idx is not None
-        ):
+        if self.transpose or (d * self.bits) % 8 or (n_cb > 1 and n_cb % n_rows):
             return self.dense()[idx]
         per_row = d * self.bits // 8
         sel = self.packed.view(n_rows, per_row).index_select(0, idx).reshape(-1)
@@ -200,6 +195,14 @@ class ClusteredWeight(nn.Module):
                 off = self.group_offset.float().view(n_rows, gs).index_select(0, idx)[:, :, None]
                 w = w + off
             w = w.reshape(idx.numel(), d)
+        if self.outlier_idx is not None and self.outlier_idx.numel():
+            # outliers of the selected rows, placed at (position in idx, column)
+            o = self.outlier_idx.long()
+            o_row, o_col = o // d, o % d
+            hit = (o_row[:, None] == idx[None, :])  # (n_outliers, n_selected)
+            oi, si = hit.nonzero(as_tuple=True)
+            w = w.clone()
+            w[si, o_col[oi]] = self.outlier_val[oi].to(w.dtype)
         return w.to(self.dtype)
 
     def lut_ok(self) -> bool:
