@@ -233,10 +233,25 @@ class ClusteredWeight(nn.Module):
         y = lut_gemv(self.packed.numpy(), self.bits, xv, cb, out_f, in_f, sc, off, gs)
         y = torch.from_numpy(y)
         if self.outlier_idx is not None and self.outlier_idx.numel():
+            # the kernel used the codebook value at outlier positions: add the difference
             idx = self.outlier_idx.long()
             xs = x.detach().reshape(-1).float()
-            y.index_add_(0, idx // in_f, self.outlier_val.float() * xs[idx % in_f])
+            y.index_add_(0, idx // in_f, self._outlier_delta(idx) * xs[idx % in_f])
         return y.to(x.dtype)
+
+    def _outlier_delta(self, idx: torch.Tensor) -> torch.Tensor:
+        """Outlier value minus the codebook value stored at its position (cached: it
+        needs a full unpack; the key changes whenever the codebook is modified)."""
+        key = (self.codebook.data_ptr(), self.codebook._version, idx.numel())
+        cached = self.__dict__.get("_delta")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        codes = unpack_codes(self.packed, self.bits, self.numel).index_select(0, idx).long()
+        cb = self.codebook_float()
+        base = cb[idx // (self.numel // cb.shape[0]), codes]
+        delta = self.outlier_val.float() - base
+        self.__dict__["_delta"] = (key, delta)
+        return delta
 
     def set_cache(self, enabled: bool) -> None:
         """Keep the rebuilt dense weight (speed) or rebuild it per call (memory)."""
