@@ -199,7 +199,7 @@ class ClusteredWeight(nn.Module):
             # outliers of the selected rows, placed at (position in idx, column)
             o = self.outlier_idx.long()
             o_row, o_col = o // d, o % d
-            hit = (o_row[:, None] == idx[None, :])  # (n_outliers, n_selected)
+            hit = o_row[:, None] == idx[None, :]  # (n_outliers, n_selected)
             oi, si = hit.nonzero(as_tuple=True)
             w = w.clone()
             w[si, o_col[oi]] = self.outlier_val[oi].to(w.dtype)
