@@ -24,7 +24,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check wclust tests benchmarks scripts
 
 test: $(STAMP) lint
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -p no:cacheprovider
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -p no:cacheprovider
 
 clean:
 	rm -rf $(VENV) results .pytest_cache
