@@ -240,7 +240,7 @@ for t in (4.25, 3.25):
 # What `wclust compare` runs when no --methods are given: a few minutes on 2 cores.
 DEFAULT_METHODS = (
     "fp32",
-    "cluster-8b-channel",
+    "cluster-8b-tensor",
     "cluster-4b-channel",
     "scaled-4b-g64",
     "nf4-g64",
