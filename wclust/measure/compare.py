@@ -49,6 +49,11 @@ def run_cell(spec: dict, timeout: float | None = None) -> dict:
     return {"ok": False, "error": f"worker exited with {proc.returncode}: {tail}"}
 
 
+def _safe_name(model: str) -> str:
+    """A model name or path as a file-name part."""
+    return "".join(c if c.isalnum() or c in "-._" else "_" for c in model)
+
+
 def _pct(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     i = min(len(xs) - 1, max(0, round(q * (len(xs) - 1))))
@@ -122,7 +127,7 @@ def run_compare(
     resolved = [get_method(m) for m in methods]  # unknown names fail before any work
     if "fp32" not in methods and any(m.runtime for m in resolved):
         resolved.insert(0, get_method("fp32"))
-    safe = "".join(c if c.isalnum() or c in "-._" else "_" for c in model)
+    safe = _safe_name(model)
     prepared: dict[str, dict] = {}
     rows: list[dict] = []
     task_name = None
@@ -221,18 +226,7 @@ def run_compare(
             row["bits_per_weight"] = 8 * meas["model_tensor_mb"] * 1e6 / prep["numel"]
             row["ratio"] = fp32_bytes / (meas["model_tensor_mb"] * 1e6)
         rows.append(row)
-    meta = {
-        "model": model,
-        "task": task_name,
-        "data": data or "(built-in)",
-        "limit": limit,
-        "every": every,
-        "threads": threads,
-        "methods": [m.name for m in resolved],
-        "command": command,
-        "machine": _machine(),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-    }
+    meta["task"] = task_name
     _write(rows, out, meta, plots, model, resolved)
     return rows, meta
 
@@ -262,7 +256,7 @@ def _histogram(out: Path, model: str, resolved) -> None:
     from ..formats import load
     from ..report.plots import histogram_plot
 
-    safe = "".join(c if c.isalnum() or c in "-._" else "_" for c in model)
+    safe = _safe_name(model)
     orig_path = out / "artifacts" / f"{safe}.fp32.wclust"
     for m in resolved:
         if m.config is None or m.config.method not in ("exact", "kmeans"):
