@@ -29,6 +29,10 @@ class CompareError(RuntimeError):
 def run_cell(spec: dict, timeout: float | None = None) -> dict:
     """Run one worker process on ``spec`` and return its result dict."""
     env = {
+        # torch's OpenMP threads spin-wait after each op; with numba's kernel threads
+        # between ops (and other processes on a 2-core machine) spinning costs several
+        # times the work. Every cell runs with passive waiting, the original included.
+        "OMP_WAIT_POLICY": "PASSIVE",
         **os.environ,
         "PYTHONUNBUFFERED": "1",
         "TRANSFORMERS_VERBOSITY": "error",
