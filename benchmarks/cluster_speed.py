@@ -18,15 +18,16 @@ is installed) per tensor, per output channel and per group of 128. Each at 16 an
 
 wclust times are whole ``cluster_tensor`` calls (codes, float32 codebooks and the
 MSE included). Baseline times cover fitting and labels; their MSE is measured
-afterwards with centroids rounded to float32, as wclust stores them. The wclust
-kmeans rows get three times the baseline budget, then the same treatment. A baseline
-that would exceed ``--budget`` seconds in a cell runs on a random subset of the
-codebooks and its time is extrapolated linearly (by values) to the whole cell; its
-MSE is then estimated as wclust exact's MSE times the ratio measured on the same
-codebooks. Such cells are
-marked ``~`` and explained in the note column. A codebook of more than 2^18 values
-is fitted on growing random subsamples until one would overrun a quarter of the
-budget; its time is then scaled up and its centroids scored on all its values.
+afterwards with centroids rounded to float32, as wclust stores them.
+
+A baseline that would exceed ``--budget`` seconds in a cell runs on a random subset
+of the codebooks; its time is extrapolated linearly (by values) to the whole cell
+and its MSE estimated as wclust exact's MSE times the ratio measured on the same
+codebooks. A codebook of more than 2^18 values is fitted on growing random
+subsamples until the next would overrun a quarter of the budget (the whole budget
+when the cell is a single codebook); its time is scaled up and its centroids are
+scored on all its values. The wclust kmeans rows get three times the budget, by
+whole matrices. Such cells are marked ``~`` and explained in the note column.
 
     python benchmarks/cluster_speed.py [--quick] [--budget 20] [--out FILE]
 """
@@ -211,13 +212,13 @@ def run_wclust(mats, gran, group, k, method, init, repeat, budget=math.inf, exac
     done_numel = sum(mats[i][1].numel() for i in done)
     ex = sum(exact.per_matrix_sse[i] for i in done)
     got = sum(float(sse_of[i].sum()) for i in done)
+    how = "MSE = exact x ratio on those matrices" if ex > 0 else "MSE from those matrices"
     return Cell(
         best * numel / done_numel,
-        exact.sse * got / ex if ex > 0 else math.nan,
+        exact.sse * got / ex if ex > 0 else got * numel / done_numel,
         numel,
         approx=True,
-        note=f"~: {len(done)}/{len(mats)} matrices, time x{numel / done_numel:.3g}; "
-        "MSE = exact x ratio on those matrices",
+        note=f"~: {len(done)}/{len(mats)} matrices, time x{numel / done_numel:.3g}; {how}",
     )
 
 
@@ -254,7 +255,8 @@ def run_baseline(name, rows: list[np.ndarray], k, budget, exact: Cell, rng) -> C
         fit(np.random.default_rng(1).standard_normal(max(4 * k, 256)), k)  # warm-up
         t0 = time.perf_counter()
         for r in rng.permutation(len(rows)):
-            c, seconds, frac = _fit_one(fit, rows[r], k, budget / 4, rng)
+            one = budget if len(rows) == 1 else budget / 4
+            c, seconds, frac = _fit_one(fit, rows[r], k, one, rng)
             done.append(r)
             cents.append(c)
             est += seconds
@@ -269,8 +271,13 @@ def run_baseline(name, rows: list[np.ndarray], k, budget, exact: Cell, rng) -> C
         notes.append(f"fit on a >={frac_min:.1%} subsample of each codebook, time scaled")
     if len(done) < len(rows):
         notes.append(f"{len(done)}/{len(rows)} codebooks, time x{numel / done_numel:.3g}")
-        notes.append("MSE = exact x ratio on those codebooks")
-        total = exact.sse * sse.sum() / exact.per_row_sse[done].sum()
+        ex_done = exact.per_row_sse[done].sum()
+        if ex_done > 0:
+            notes.append("MSE = exact x ratio on those codebooks")
+            total = exact.sse * sse.sum() / ex_done
+        else:  # exact is lossless there (k >= values per codebook)
+            notes.append("MSE from those codebooks")
+            total = float(sse.sum()) * numel / done_numel
     else:
         total = float(sse.sum())
     approx = bool(notes)
