@@ -66,3 +66,25 @@ def test_bad_input_gives_one_line_and_exit_2(args, match, model_dir, tmp_path):
     assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
     assert "Traceback" not in r.stderr
     assert match in r.stderr.replace("\n", " ")
+
+
+def test_compress_with_target_bits_meets_the_budget(model_dir, tmp_path):
+    out = tmp_path / "mixed.wclust"
+    r = wclust(
+        "compress",
+        model_dir,
+        "-o",
+        out,
+        "--target-bits",
+        "10",
+        "--calibrate",
+        "none",
+        "--codebook-dtype",
+        "float16",
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    d = json.loads(wclust("inspect", out, "--json").stdout)
+    assert d["bits_per_weight"] <= 10
+    assert len({x["bits"] for x in d["layers"] if x["bits"]}) >= 1
+    r = wclust("compress", model_dir, "-o", out, "--target-bits", "10")  # Fisher needs a task
+    assert r.returncode == 2 and "cannot be calibrated" in r.stderr.replace("\n", " ")

@@ -182,7 +182,13 @@ def _calibrate(loaded, kind: str, calib_data: str | None, items: int):
         _fail(f"task {loaded.task!r} has no calibration data; use --calibrate none")
     with console.status(f"calibrating ({kind}) on {calib_data or 'built-in data'} ..."):
         data = _run(task.load_data, calib_data, items)
-        batches = task.calibration_batches(loaded.model, loaded.processor, data)
+        try:
+            batches = task.calibration_batches(loaded.model, loaded.processor, data)
+        except (AttributeError, TypeError, ValueError) as e:
+            _fail(
+                f"{loaded.name} cannot be calibrated: its processor does not fit task "
+                f"{loaded.task!r} ({e}); use --calibrate none"
+            )
         return _run(calibrate, loaded.model, batches, kind=kind)
 
 
