@@ -329,7 +329,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--layers", type=int, default=None, help="BERT layers (default 2; quick 1)")
     ap.add_argument("--no-whisper", action="store_true", help="skip the Whisper base stack")
     ap.add_argument("--threads", type=int, default=None, help="torch/numba threads")
-    ap.add_argument("--out", help="also write the markdown table to this file")
+    ap.add_argument(
+        "--only",
+        default="synthetic,bert,whisper",
+        help="comma-separated subset of: synthetic, bert, whisper",
+    )
+    ap.add_argument("--out", help="also write the markdown table to this file (kept current)")
     args = ap.parse_args(argv)
 
     if args.threads:
@@ -343,13 +348,16 @@ def main(argv: list[str] | None = None) -> None:
     layers = args.layers or (1 if args.quick else 2)
     rng = np.random.default_rng(0)
 
+    only = set(args.only.split(","))
     cases: list[tuple[str, list[tuple[str, torch.Tensor]], str, int | None]] = []
-    for n in sizes:
-        cases.append(
-            (f"synthetic {n / 1e6:g}M", [("x", gaussian_with_outliers(n))], "tensor", None)
-        )
-    stacks = [(f"BERT-shaped x{layers} (random init)", bert_stack(layers))]
-    if not args.no_whisper:
+    if "synthetic" in only:
+        for n in sizes:
+            x = gaussian_with_outliers(n)
+            cases.append((f"synthetic {n / 1e6:g}M", [("x", x)], "tensor", None))
+    stacks = []
+    if "bert" in only:
+        stacks.append((f"BERT-shaped x{layers} (random init)", bert_stack(layers)))
+    if "whisper" in only and not args.no_whisper:
         wh = whisper_stack(1 if args.quick else None)
         if wh is not None:
             stacks.append((f"Whisper base ({'1 layer each' if args.quick else 'all'})", wh))
@@ -396,6 +404,9 @@ def main(argv: list[str] | None = None) -> None:
                 )
                 lines.append(line)
                 print(line, flush=True)
+            if args.out:
+                with open(args.out, "w") as f:
+                    f.write("\n".join(lines) + "\n")
 
     env = (
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
