@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from .config import ClusterConfig
 from .registry import METHODS
 
-__all__ = ["CompareMethod", "DEFAULT_METHODS", "get_method"]
+__all__ = ["CompareMethod", "DEFAULT_METHODS", "apply_method", "get_method"]
 
 
 @dataclass(frozen=True)
@@ -250,3 +250,41 @@ DEFAULT_METHODS = (
 
 def get_method(name: str) -> CompareMethod:
     return METHODS.get(name)
+
+
+def apply_method(method: CompareMethod, loaded, sample_weights=None):
+    """Apply a file-producing method to ``loaded.model`` in place (prune, calibrate,
+    allocate bits, cluster).
+
+    Args:
+        method: the method.
+        loaded: a :class:`wclust.models.LoadedModel` (model, processor, task).
+        sample_weights: importance per weight to reuse instead of calibrating again
+            (must come from the same ``method.calibrate`` kind).
+
+    Returns:
+        (the config used, the :class:`CompressionReport`).
+    """
+    from . import api
+
+    if method.prune:
+        from .prune import prune_
+
+        prune_(loaded.model, method.prune)
+    if method.calibrate and sample_weights is None:
+        from .calibrate import calibrate
+        from .tasks import get_task
+
+        task = get_task(loaded.task)
+        calib = task.load_data(None, method.calib_items)  # the task's built-in data
+        batches = task.calibration_batches(loaded.model, loaded.processor, calib)
+        sample_weights = calibrate(loaded.model, batches, kind=method.calibrate)
+    if not method.calibrate:
+        sample_weights = None
+    cfg = method.config or ClusterConfig(include=())
+    if method.target_bits:
+        from .allocate import allocate_bits
+
+        cfg, _ = allocate_bits(loaded.model, method.target_bits, cfg, sample_weights=sample_weights)
+    report = api.compress_(loaded.model, cfg, sample_weights=sample_weights)
+    return cfg, report

@@ -102,30 +102,13 @@ def _apply_runtime(model, runtime: str):
 def prepare(spec: dict) -> dict:
     import wclust
     from wclust.measure.sizes import file_sizes
-    from wclust.methods import get_method
+    from wclust.methods import apply_method, get_method
     from wclust.models import load_model
-    from wclust.prune import prune_
 
     method = get_method(spec["method"])
     loaded = load_model(spec["model"])
     t0 = time.perf_counter()
-    if method.prune:
-        prune_(loaded.model, method.prune)
-    sample_weights = None
-    if method.calibrate:
-        from wclust.calibrate import calibrate
-        from wclust.tasks import get_task
-
-        task = get_task(loaded.task)
-        calib = task.load_data(None, method.calib_items)  # the task's built-in data
-        batches = task.calibration_batches(loaded.model, loaded.processor, calib)
-        sample_weights = calibrate(loaded.model, batches, kind=method.calibrate)
-    cfg = method.config or wclust.ClusterConfig(include=())
-    if method.target_bits:
-        from wclust.allocate import allocate_bits
-
-        cfg, _ = allocate_bits(loaded.model, method.target_bits, cfg, sample_weights=sample_weights)
-    report = wclust.compress_(loaded.model, cfg, sample_weights=sample_weights)
+    cfg, report = apply_method(method, loaded)
     compress_s = time.perf_counter() - t0 if method.config else 0.0
     wclust.save(loaded.model, spec["artifact"], report=report, config=cfg, source=spec["model"])
     sizes = file_sizes(spec["artifact"])

@@ -1,0 +1,122 @@
+"""Fast screening of compression methods on Whisper: teacher-forced loss, no decoding.
+
+Greedy decoding of 100 LibriSpeech clips takes minutes per method on 2 cores; the
+teacher-forced cross-entropy of the reference transcripts takes seconds and moves
+with WER. This script applies each method in-process (same code as ``wclust
+compare``'s prepare step, Fisher computed once and reused), then reports for each:
+
+- bits per weight, everything counted (the compression report);
+- mean token cross-entropy on the evaluation clips and its increase over fp32;
+- mean KL divergence of the next-token distribution from fp32's;
+- optionally greedy WER/CER on a few clips (``--wer-clips``).
+
+Use it to choose what to measure with ``wclust compare``; the table in
+BENCHMARKS.md comes from ``compare``, not from this proxy.
+
+    python benchmarks/proxy_loss.py --model whisper-base \\
+        --data ../shared/data/speech/librispeech-test-other-100 --every 5 \\
+        --methods nf4-g64,cluster-4b-channel,scaled-4b-g64
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+
+import torch
+import torch.nn.functional as F
+
+from wclust.calibrate import calibrate
+from wclust.methods import apply_method, get_method
+from wclust.models import load_model
+from wclust.tasks import get_task
+
+
+def _logits(model, batches):
+    out = []
+    with torch.inference_mode():
+        for b in batches:
+            r = model(input_features=b["input_features"], decoder_input_ids=b["decoder_input_ids"])
+            keep = b["labels"][0] != -100
+            out.append(r.logits[0][keep].float())
+    return out
+
+
+def _scores(logits, ref_logits, batches):
+    ce, kl, n = 0.0, 0.0, 0
+    for lg, rf, b in zip(logits, ref_logits, batches, strict=True):
+        y = b["labels"][0][b["labels"][0] != -100]
+        ce += float(F.cross_entropy(lg, y, reduction="sum"))
+        lp, rp = F.log_softmax(lg, -1), F.log_softmax(rf, -1)
+        kl += float((rp.exp() * (rp - lp)).sum())
+        n += len(y)
+    return ce / n, kl / n
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="whisper-base")
+    ap.add_argument("--data", required=True, help="evaluation clips folder")
+    ap.add_argument("--every", type=int, default=5)
+    ap.add_argument("--methods", required=True, help="comma-separated compare methods")
+    ap.add_argument("--wer-clips", type=int, default=0, help="also decode this many clips")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", default=None, help="write results here")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    base = load_model(args.model)
+    task = get_task(base.task)
+    data = task.load_data(args.data, None, args.every)
+    batches = task.calibration_batches(base.model, base.processor, data)
+    ref = _logits(base.model, batches)
+    fp_ce, _ = _scores(ref, ref, batches)
+    print(f"{'method':34s} {'bits':>6s} {'CE':>7s} {'dCE':>7s} {'KL':>7s} {'s':>6s}")
+    print(f"{'fp32':34s} {32.0:6.2f} {fp_ce:7.4f} {0.0:7.4f} {0.0:7.4f}")
+    fisher: dict[str, dict] = {}
+    rows = []
+    for name in args.methods.split(","):
+        method = get_method(name)
+        loaded = copy.deepcopy(base)
+        sw = None
+        if method.calibrate:
+            if method.calibrate not in fisher:
+                calib = task.load_data(None, method.calib_items)
+                cb = task.calibration_batches(base.model, base.processor, calib)
+                fisher[method.calibrate] = calibrate(base.model, cb, kind=method.calibrate)
+            sw = fisher[method.calibrate]
+        t0 = time.perf_counter()
+        _, report = apply_method(method, loaded, sample_weights=sw)
+        secs = time.perf_counter() - t0
+        ce, kl = _scores(_logits(loaded.model, batches), ref, batches)
+        row = {
+            "method": name,
+            "bits_per_weight": report.bits_per_weight,
+            "ce": ce,
+            "dce": ce - fp_ce,
+            "kl": kl,
+            "compress_s": secs,
+        }
+        if args.wer_clips:
+            with torch.inference_mode():
+                r = task.evaluate(loaded.model, loaded.processor, data[: args.wer_clips])
+            row["quality"] = r["quality"]
+        rows.append(row)
+        extra = f"  {row['quality']}" if "quality" in row else ""
+        print(
+            f"{name:34s} {report.bits_per_weight:6.2f} {ce:7.4f} {ce - fp_ce:7.4f} {kl:7.4f} "
+            f"{secs:6.1f}{extra}",
+            flush=True,
+        )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"fp32_ce": fp_ce, "rows": rows, "args": vars(args)}, f, indent=1)
+
+
+if __name__ == "__main__":
+    from wclust.cli import quiet_third_party
+
+    quiet_third_party()
+    main()
