@@ -115,8 +115,8 @@ class MobileNetSmall(nn.Module):
 
         self.stem = nn.Sequential(
             nn.Conv2d(1, 32, 3, 2, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU()
-        )
-        self.blocks = nn.Sequential(block(32, 64, 1), block(64, 128, 2), block(128, 128, 1))
+        )  # (32, 14, 14)
+        self.blocks = nn.Sequential(block(32, 64, 2), block(64, 64, 1), block(64, 128, 1))
         self.fc = nn.Linear(128, 10)
 
     def forward(self, x):
@@ -130,26 +130,26 @@ PLANS = {
     "LeNet-300-100": dict(
         make=LeNet300,
         dense_epochs=8,
-        prune={"fc1": 0.95, "fc2": 0.91, "fc3": 0.74},
+        prune={"fc1": 0.94, "fc2": 0.91, "fc3": 0.74},
         retrain_epochs=3,
-        bits={"fc1": 4, "fc2": 4, "fc3": 5},
+        bits={"fc1": 4, "fc2": 4, "fc3": 4},
         finetune_epochs=3,
     ),
     "LeNet-5": dict(
         make=LeNet5,
-        dense_epochs=4,
+        dense_epochs=3,
         prune={"conv1": 0.34, "conv2": 0.88, "fc1": 0.95, "fc2": 0.81},
-        retrain_epochs=2,
+        retrain_epochs=1,
         bits={"conv1": 6, "conv2": 5, "fc1": 4, "fc2": 5},
-        finetune_epochs=2,
+        finetune_epochs=1,
     ),
     "MobileNet-small": dict(
         make=MobileNetSmall,
-        dense_epochs=3,
+        dense_epochs=2,
         prune={"stem.0": 0.3, "*.0": 0.3, "*.3": 0.75, "fc": 0.5},
-        retrain_epochs=2,
+        retrain_epochs=1,
         bits={"stem.0": 6, "*.0": 5, "*.3": 4, "fc": 5},
-        finetune_epochs=2,
+        finetune_epochs=1,
     ),
 }
 QUICK = dict(dense_epochs=3, retrain_epochs=1, finetune_epochs=1)
