@@ -47,6 +47,18 @@ def test_compress_then_inspect_json(model_dir, tmp_path):
     assert r.returncode == 0 and "bits per weight" in r.stdout
 
 
+def test_compress_with_entropy_coding_loads_back(model_dir, tmp_path):
+    out = tmp_path / "e.wclust"
+    r = wclust("compress", model_dir, "-o", out, "--bits", "3", "--entropy", "ans")
+    assert r.returncode == 0, r.stderr[-2000:]
+    import wclust as wc
+
+    hdr = wc.read_header(out)
+    assert hdr["version"] == 2 and all(e["entropy"]["coder"] == "ans" for e in hdr["clustered"])
+    m = wc.load(out)
+    assert m.model.decoder.layers[0].fc1.clustered.bits == 3
+
+
 @pytest.mark.parametrize(
     "args,match",
     [
@@ -54,6 +66,7 @@ def test_compress_then_inspect_json(model_dir, tmp_path):
         (["compress", "{tmp}", "-o", "x.wclust"], "config.json"),
         (["compress", "{model}", "-o", "x.wclust", "--bits", "12"], "bits"),
         (["compress", "{model}", "-o", "x.wclust", "--granularity", "group"], "group_size"),
+        (["compress", "{model}", "-o", "x.wclust", "--entropy", "zip"], "--entropy"),
         (["inspect", "/no/such/file.wclust"], "no such file"),
         (["inspect", "{junk}"], "header length"),
     ],

@@ -8,7 +8,9 @@ from .api import compress_, model_nbytes, strip
 from .config import ClusterConfig, ConfigError
 from .core import ClusteredTensor, cluster_tensor
 from .formats import FormatError, load, read_header, save
+from .prune import prune_, remove_masks_
 from .report.layers import CompressionReport, LayerReport
+from .train import finetune, freeze_codebooks_, trainable_codebooks_
 
 __version__ = "0.1.0"
 
@@ -22,9 +24,14 @@ __all__ = [
     "__version__",
     "cluster_tensor",
     "compress_",
+    "finetune",
+    "freeze_codebooks_",
     "load",
     "model_nbytes",
+    "prune_",
     "read_header",
+    "remove_masks_",
     "save",
     "strip",
+    "trainable_codebooks_",
 ]

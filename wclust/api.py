@@ -184,6 +184,11 @@ def compress_(
     for name, mod in model.named_modules():
         if is_clustered(mod):
             raise ValueError(f"{name} is already clustered; compress the original model")
+        if "weight_orig" in mod._parameters:  # torch.nn.utils.prune reparametrization
+            raise ValueError(
+                f"{name} still has a pruning mask; call wclust.prune.remove_masks_(model) "
+                "before compress_"
+            )
     groups = _weight_owners(model)
     layer_params = {id(w) for w, _ in groups}
     for i, (w, owners) in enumerate(groups):

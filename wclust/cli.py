@@ -98,6 +98,10 @@ def compress(
         typer.Option(help="module-name glob to keep dense (repeatable; replaces the defaults)"),
     ] = None,
     seed: Annotated[int, typer.Option(help="RNG seed")] = 0,
+    entropy: Annotated[
+        str | None,
+        typer.Option(help="entropy-code the codes in the file: huffman | ans (default: none)"),
+    ] = None,
 ):
     """Cluster a model's weights and write a .wclust file."""
     import wclust
@@ -119,6 +123,8 @@ def compress(
         exclude=tuple(exclude) if exclude is not None else DEFAULT_EXCLUDE,
         seed=seed,
     )
+    if entropy is not None and entropy not in ("huffman", "ans"):
+        _fail(f"--entropy must be huffman or ans, got {entropy!r}")
     if output.exists() and output.is_dir():
         _fail(f"{output} is a directory; give a file name such as {output / 'model.wclust'}")
     with console.status(f"loading {model} ..."):
@@ -162,7 +168,15 @@ def compress(
             wclust.compress_, loaded.model, cfg, sample_weights=sample_weights, progress=tick
         )
     source = model if not Path(model).exists() else str(Path(model).resolve())
-    _run(wclust.save, loaded.model, output, report=report, config=cfg, source=source)
+    _run(
+        wclust.save,
+        loaded.model,
+        output,
+        report=report,
+        config=cfg,
+        source=source,
+        entropy=entropy,
+    )
     _print_report(report.to_dict(), max_rows=12)
     console.print(
         f"wrote {output} ({output.stat().st_size / 1e6:.2f} MB) in {report.seconds:.1f} s of clustering"

@@ -8,6 +8,11 @@ altered file is rejected. Tensors:
 - ``clustered.<i>.codes`` (uint8 packed codes), ``clustered.<i>.codebook`` (storage
   dtype), ``clustered.<i>.scale`` (int8 codebooks only): one clustered weight, used
   by the modules listed under ``owners`` in the header;
+- or, in files saved with ``entropy=``, ``clustered.<i>.entropy`` (uint8) instead of
+  ``codes``: the codes entropy-coded (``core.entropy``: Huffman or ANS, with their
+  code tables; pruned weights as a sparse index of coded gaps); the header entry's
+  ``entropy`` says how. Such files have format version 2; files without entropy
+  coding are still written as version 1, so older readers keep reading them.
 - every other parameter and buffer under its own module path; a tensor used under
   several names is stored once, the other names listed in ``aliases``.
 
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import struct
 import tempfile
@@ -33,7 +39,7 @@ from ..nn.modules import ClusteredWeight, base_class, swap_weight
 
 __all__ = ["FORMAT_VERSION", "FormatError", "load", "read_header", "save"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: entropy-coded codes (only files that use them say 2)
 MAX_HEADER_BYTES = 64 << 20
 _DTYPES = {
     "float32": torch.float32,
@@ -91,6 +97,7 @@ def save(
     config=None,
     source: str | None = None,
     extra: dict | None = None,
+    entropy: str | None = None,
 ) -> Path:
     """Write a clustered model to ``path`` atomically (temp file + rename).
 
@@ -103,10 +110,17 @@ def save(
         source: model name or path the model came from (lets ``load`` find the
             matching processor/tokenizer).
         extra: more JSON-serializable metadata.
+        entropy: None (packed fixed-width codes), "huffman" or "ans": entropy-code
+            the codes, with pruned weights (``keep_zeros``) stored as a sparse
+            index of coded gaps. Smaller on disk; decoded exactly on load.
 
     Returns:
         The path written.
     """
+    from ..core.entropy import CODERS
+
+    if entropy is not None and entropy not in CODERS:
+        raise ValueError(f"entropy must be None or one of {', '.join(CODERS)}; got {entropy!r}")
     path = Path(path)
     tensors: dict[str, torch.Tensor] = {}
     entries = []
@@ -114,8 +128,12 @@ def save(
     for i, (cw, owners) in enumerate(clustered_weights(model).values()):
         cw_ids.add(id(cw))
         key = f"clustered.{i}"
-        tensors[f"{key}.codes"] = cw.packed
-        tensors[f"{key}.codebook"] = cw.codebook
+        info = None
+        if entropy is None:
+            tensors[f"{key}.codes"] = cw.packed
+        else:
+            tensors[f"{key}.entropy"], info = _entropy_encode(cw, entropy)
+        tensors[f"{key}.codebook"] = cw.codebook.detach()  # trainable while fine-tuning
         for suffix, t in (
             ("scale", cw.codebook_scale),
             ("group_scale", cw.group_scale),
@@ -135,6 +153,7 @@ def save(
                 "dtype": _dtype_name(cw.dtype),
                 "transpose": cw.transpose,
                 "meta": cw.meta,
+                **({"entropy": info} if info is not None else {}),
             }
         )
     aliases: dict[str, str] = {}
@@ -156,7 +175,7 @@ def save(
                 tensors[f"{kind}:{full}"] = t.detach()
     header = {
         "format": "wclust",
-        "version": FORMAT_VERSION,
+        "version": FORMAT_VERSION if entropy else 1,
         "arch": _arch(model),
         "clustered": entries,
         "aliases": aliases,
@@ -178,6 +197,30 @@ def save(
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _entropy_encode(cw: ClusteredWeight, coder: str) -> tuple[torch.Tensor, dict]:
+    from ..core.entropy import encode_codes
+
+    codes = cw.codes().reshape(-1).numpy()
+    sparse = bool(cw.meta.get("keep_zeros")) and float((codes == 0).mean()) > 0.5
+    blob, info = encode_codes(codes, coder, sparse)
+    info["coder"] = coder
+    return torch.frombuffer(bytearray(blob), dtype=torch.uint8), info
+
+
+def _entropy_decode(key: str, e: dict, tensors: dict) -> torch.Tensor:
+    from ..core.entropy import EntropyError, decode_codes
+    from ..core.packing import pack_codes
+
+    numel = math.prod(int(s) for s in e["shape"])
+    try:
+        codes = decode_codes(tensors[f"{key}.entropy"].numpy().tobytes(), e["entropy"], numel)
+    except EntropyError as err:
+        raise FormatError(f"{key}: entropy-coded codes: {err}") from None
+    if numel and int(codes.max()) >= 1 << int(e["bits"]):
+        raise FormatError(f"{key}: decoded code out of range for {e['bits']} bits")
+    return pack_codes(torch.from_numpy(codes), int(e["bits"]))
 
 
 _ST_DTYPES = {
@@ -334,8 +377,9 @@ def _fill(model: nn.Module, header: dict, tensors: dict, cache: bool) -> None:
     for e in header["clustered"]:
         key = e["key"]
         dtype = _DTYPES[e["dtype"]]
+        packed = _entropy_decode(key, e, tensors) if "entropy" in e else tensors[f"{key}.codes"]
         cw = ClusteredWeight(
-            tensors[f"{key}.codes"],
+            packed,
             tensors[f"{key}.codebook"],
             tensors.get(f"{key}.scale"),
             tuple(e["shape"]),
