@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import math
 import sys
 import tempfile
 import time
@@ -152,6 +153,14 @@ PLANS = {
         finetune_epochs=1,
     ),
 }
+DEFAULTS = dict(
+    batch=128,
+    channels_last=False,
+    dense_lr=1e-3,
+    prune_rounds=(0.5, 1.0),
+    retrain_lr=3e-4,
+    finetune_lr=1e-4,
+)
 QUICK = dict(dense_epochs=3, retrain_epochs=1, finetune_epochs=1)
 
 
@@ -162,6 +171,9 @@ class Batches:
         self.x, self.y, self.batch = x, y, batch
         self.gen = torch.Generator().manual_seed(seed)
 
+    def __len__(self):
+        return -(-len(self.x) // self.batch)
+
     def __iter__(self):
         order = torch.randperm(len(self.x), generator=self.gen)
         for i in range(0, len(order), self.batch):
@@ -169,14 +181,22 @@ class Batches:
             yield self.x[j], self.y[j]
 
 
-def train(model, batches, epochs, lr):
+def train(model, batches, epochs, lr, lr_end=None):
+    """Adam over ``epochs`` passes; the learning rate follows a cosine from ``lr`` down
+    to ``lr_end`` (default lr / 20) step by step."""
     opt = torch.optim.Adam(model.parameters(), lr=lr)
+    steps = max(epochs * len(batches), 1)
+    lr_end = lr / 20 if lr_end is None else lr_end
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda i: (lr_end + 0.5 * (lr - lr_end) * (1 + math.cos(math.pi * i / steps))) / lr
+    )
     model.train()
     for _ in range(epochs):
         for x, y in batches:
             opt.zero_grad(set_to_none=True)
             nn.functional.cross_entropy(model(x), y).backward()
             opt.step()
+            sched.step()
 
 
 @torch.no_grad()
@@ -244,23 +264,39 @@ def layer_rows(path: Path, model_fp32: nn.Module) -> tuple[list[dict], dict]:
 
 def run_model(name: str, plan: dict, data, quick: bool, workdir: Path) -> dict:
     xtr, ytr, xte, yte = data
-    plan = {**plan, **(QUICK if quick else {})}
+    plan = {**DEFAULTS, **plan, **(QUICK if quick else {})}
     t0 = time.perf_counter()
+    stage = {}
+
+    def lap(key, t=[t0]):  # noqa: B006 - a running clock
+        now = time.perf_counter()
+        stage[key], t[0] = round(now - t[0], 1), now
+
     torch.manual_seed(0)
     model = plan["make"]()
     fp32_bytes = sum(p.numel() * 4 for p in model.parameters())
-    batches = Batches(xtr, ytr)
-    train(model, batches, plan["dense_epochs"], 1e-3)
+    if plan["channels_last"]:  # ~2x faster convolutions on CPU (measured, 1 thread)
+        model = model.to(memory_format=torch.channels_last)
+    batches = Batches(xtr, ytr, batch=plan["batch"])
+    train(model, batches, plan["dense_epochs"], plan["dense_lr"])
     acc_dense = accuracy(model, xte, yte)
+    lap("dense")
 
-    # Prune in two rounds (half, then full rate), retraining with the masks held.
-    for frac in (0.5, 1.0):
+    # Iterative pruning: each round prunes every layer to a growing fraction of its
+    # final rate, then retrains with the masks held (pruned weights stay zero).
+    rounds = plan["prune_rounds"]
+    epochs = plan["retrain_epochs"]
+    epochs = list(epochs) if isinstance(epochs, (list, tuple)) else [epochs] * len(rounds)
+    acc_rounds = []
+    for frac, ep in zip(rounds, epochs, strict=True):
         amounts = {k: v * frac for k, v in plan["prune"].items()}
         wclust.remove_masks_(model)
         wclust.prune_(model, amounts, mask=True)
-        train(model, batches, plan["retrain_epochs"], 3e-4)
+        train(model, batches, ep, plan["retrain_lr"])
+        acc_rounds.append(accuracy(model, xte, yte))
     wclust.remove_masks_(model)
-    acc_pruned = accuracy(model, xte, yte)
+    acc_pruned = acc_rounds[-1]
+    lap("prune+retrain")
 
     overrides = {pat: {"bits": b} for pat, b in plan["bits"].items()}
     cfg = wclust.ClusterConfig(
@@ -269,9 +305,14 @@ def run_model(name: str, plan: dict, data, quick: bool, workdir: Path) -> dict:
     wclust.compress_(model, cfg)
     acc_clustered = accuracy(model, xte, yte)
     wclust.finetune(
-        model, batches, nn.functional.cross_entropy, epochs=plan["finetune_epochs"], lr=1e-4
+        model,
+        batches,
+        nn.functional.cross_entropy,
+        epochs=plan["finetune_epochs"],
+        lr=plan["finetune_lr"],
     )
     acc_ft = accuracy(model, xte, yte)
+    lap("cluster+finetune")
 
     out = {"model": name, "fp32_bytes": fp32_bytes}
     for coder in ("huffman", "ans"):
@@ -287,8 +328,12 @@ def run_model(name: str, plan: dict, data, quick: bool, workdir: Path) -> dict:
             file_ratio=fp32_bytes / path.stat().st_size,
             acc_loaded=accuracy(loaded, xte, yte),
         )
+    lap("save+load")
     out.update(
+        plan={k: v for k, v in plan.items() if k != "make"},
+        stages=stage,
         acc_dense=acc_dense,
+        acc_rounds=acc_rounds,
         acc_pruned=acc_pruned,
         acc_clustered=acc_clustered,
         acc_finetuned=acc_ft,
@@ -316,7 +361,8 @@ def print_result(r: dict) -> None:
     )
     a = r["ans"]
     print(
-        f"\naccuracy: dense {r['acc_dense']:.2f}% | pruned+retrained {r['acc_pruned']:.2f}% | "
+        f"\naccuracy: dense {r['acc_dense']:.2f}% | pruned+retrained "
+        f"{' -> '.join(f'{a:.2f}%' for a in r['acc_rounds'])} (rounds) | "
         f"clustered {r['acc_clustered']:.2f}% | fine-tuned {r['acc_finetuned']:.2f}% | "
         f"loaded from the Huffman file {h['acc_loaded']:.2f}%"
     )
@@ -324,7 +370,9 @@ def print_result(r: dict) -> None:
         f"Huffman: payload {h['payload']:,} B = {h['ratio']:.1f}x; whole file {h['file_bytes']:,} B "
         f"(JSON header included) = {h['file_ratio']:.1f}x.  ANS: payload {a['payload']:,} B = "
         f"{a['ratio']:.1f}x; file {a['file_bytes']:,} B = {a['file_ratio']:.1f}x.  "
-        f"({r['seconds']:.0f} s)"
+        f"({r['seconds']:.0f} s: "
+        + ", ".join(f"{k} {v:.0f} s" for k, v in r["stages"].items())
+        + ")"
     )
 
 
