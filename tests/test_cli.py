@@ -59,6 +59,39 @@ def test_compress_with_entropy_coding_loads_back(model_dir, tmp_path):
     assert m.model.decoder.layers[0].fc1.clustered.bits == 3
 
 
+def test_inspect_reports_stored_bits_of_entropy_coded_files(model_dir, tmp_path):
+    import wclust as wc
+
+    plain, coded = tmp_path / "p.wclust", tmp_path / "h.wclust"
+    for out, extra in ((plain, []), (coded, ["--entropy", "huffman"])):
+        r = wclust("compress", model_dir, "-o", out, "--bits", "2", "--calibrate", "none", *extra)
+        assert r.returncode == 0, r.stderr[-2000:]
+    p = json.loads(wclust("inspect", plain, "--json").stdout)
+    h = json.loads(wclust("inspect", coded, "--json").stdout)
+    # A plain file stores its codes at fixed width: both figures agree.
+    assert p["entropy_coders"] == []
+    assert p["bits_per_weight"] == p["stored_bits_per_weight"] == p["fixed_width_bits_per_weight"]
+    # The entropy-coded file: same fixed-width figure, and the stored one is what its
+    # tensors really occupy (the report's other tensors plus the real layer bytes).
+    assert h["entropy_coders"] == ["huffman"]
+    assert h["fixed_width_bits_per_weight"] == p["fixed_width_bits_per_weight"]
+    # (random tiny weights: coded codes plus their tables need not be smaller)
+    assert h["bits_per_weight"] == h["stored_bits_per_weight"] != h["fixed_width_bits_per_weight"]
+    real = wc.formats.stored_bytes(coded)
+    hdr = wc.read_header(coded)
+    other = sum(x["stored_bytes"] for x in h["layers"] if x["name"] not in real["clustered"]) + int(
+        hdr["report"]["other_bytes"]
+    )
+    assert h["stored_bytes"] == sum(real["clustered"].values()) + other
+    assert h["stored_bits_per_weight"] == 8 * h["stored_bytes"] / h["totals"]["numel"]
+    fc1 = next(x for x in h["layers"] if x["name"] == "model.decoder.layers.0.fc1")
+    assert fc1["stored_bytes"] == real["clustered"]["model.decoder.layers.0.fc1"]
+    r = wclust("inspect", coded)
+    text = " ".join(r.stdout.split())
+    assert r.returncode == 0 and "codes at fixed width" in text
+    assert f"{h['stored_bits_per_weight']:.3f} bits per weight" in text and "huffman" in text
+
+
 @pytest.mark.parametrize(
     "args,match",
     [

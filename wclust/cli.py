@@ -206,7 +206,7 @@ def _calibrate(loaded, kind: str, calib_data: str | None, items: int):
         return _run(calibrate, loaded.model, batches, kind=kind)
 
 
-def _print_report(d: dict, max_rows: int | None = None) -> None:
+def _print_report(d: dict, max_rows: int | None = None, stored: dict | None = None) -> None:
     t = Table(title="per-layer report", show_lines=False)
     for col in (
         "layer",
@@ -218,7 +218,8 @@ def _print_report(d: dict, max_rows: int | None = None) -> None:
         "distinct",
         "rel. error",
         "KB before",
-        "KB after",
+        "KB after" if stored is None else "KB fixed-width",
+        *(["KB stored"] if stored is not None else []),
     ):
         t.add_column(col, justify="right" if col not in ("layer", "type", "status") else "left")
     layers = d["layers"]
@@ -236,16 +237,30 @@ def _print_report(d: dict, max_rows: int | None = None) -> None:
             f"{r['rel_error']:.2e}" if r["rel_error"] is not None else "",
             f"{r['bytes_before'] / 1e3:.1f}",
             f"{r['bytes_after'] / 1e3:.1f}",
+            *(
+                [f"{stored['layers'].get(r['name'], r['bytes_after']) / 1e3:.1f}"]
+                if stored is not None
+                else []
+            ),
         )
     if len(shown) < len(layers):
-        t.add_row(f"... {len(layers) - len(shown)} more (wclust inspect FILE)", *[""] * 9)
+        n_cols = 9 if stored is None else 10
+        t.add_row(f"... {len(layers) - len(shown)} more (wclust inspect FILE)", *[""] * n_cols)
     out.print(t)
     tot = d["totals"]
     out.print(
         f"{tot['layers_clustered']} weights clustered, {tot['layers_dense']} dense; "
         f"{tot['bytes_before'] / 1e6:.2f} MB -> {tot['bytes_after'] / 1e6:.2f} MB "
         f"({tot['ratio']:.2f}x), {tot['bits_per_weight']:.3f} bits per weight (everything counted)"
+        + (", codes at fixed width" if stored is not None else "")
     )
+    if stored is not None:
+        out.print(
+            f"stored ({'/'.join(stored['coders'])}-coded codes): "
+            f"{tot['bytes_before'] / 1e6:.2f} MB -> {stored['bytes'] / 1e6:.2f} MB "
+            f"({tot['bytes_before'] / max(stored['bytes'], 1):.2f}x), "
+            f"{stored['bits_per_weight']:.3f} bits per weight (everything counted)"
+        )
 
 
 @app.command()
@@ -265,24 +280,63 @@ def inspect(
     report = header.get("report")
     if not isinstance(report, dict) or "totals" not in report:
         _fail(f"{file}: holds no compression report (saved without report=)")
+    stored = _stored_sizes(file, header, report)
     numel = report["totals"]["numel"]
     summary = {
         "file": str(file),
         "source": header.get("source"),
         "format_version": header.get("version"),
-        "bits_per_weight": report["totals"]["bits_per_weight"],
+        # bits_per_weight is what the file really stores (entropy coding included);
+        # fixed_width_bits_per_weight counts every code at its fixed width, as in memory.
+        "bits_per_weight": stored["bits_per_weight"],
+        "stored_bits_per_weight": stored["bits_per_weight"],
+        "fixed_width_bits_per_weight": report["totals"]["bits_per_weight"],
+        "entropy_coders": stored["coders"],
+        "stored_bytes": stored["bytes"],
+        "stored_ratio": report["totals"]["bytes_before"] / max(stored["bytes"], 1),
         "file_bits_per_weight": 8 * sizes["file_bytes"] / max(numel, 1),
         **sizes,
         "totals": report["totals"],
         "config": header.get("config"),
-        "layers": report["layers"],
+        "layers": [
+            {
+                **r,
+                "stored_bytes": stored["layers"].get(r["name"], r["bytes_after"]),
+                "stored_bits_per_weight": 8
+                * stored["layers"].get(r["name"], r["bytes_after"])
+                / max(r["numel"], 1),
+            }
+            for r in report["layers"]
+        ],
     }
     if as_json:
         sys.stdout.write(json.dumps(summary, indent=2) + "\n")
         return
-    _print_report(report)
+    _print_report(report, stored=stored if stored["coders"] else None)
     extra = f", gzip {sizes['gzip_bytes'] / 1e6:.2f} MB" if gzip else ""
     out.print(f"file {sizes['file_bytes'] / 1e6:.2f} MB{extra}; source: {header.get('source')}")
+
+
+def _stored_sizes(file: Path, header: dict, report: dict) -> dict:
+    """Bytes the file really stores per clustered layer (entropy-coded ones differ
+    from the report's fixed-width bytes) and the totals that follow."""
+    from wclust.formats import stored_bytes
+
+    coded = {
+        e["owners"][0]: e["entropy"].get("coder", "?")
+        for e in header.get("clustered", [])
+        if isinstance(e.get("entropy"), dict)
+    }
+    per = _run(stored_bytes, file)["clustered"]
+    layers = {name: per[name] for name in coded if name in per}
+    fixed = {r["name"]: r["bytes_after"] for r in report["layers"]}
+    total = report["totals"]["bytes_after"] + sum(b - fixed.get(n, 0) for n, b in layers.items())
+    return {
+        "layers": layers,
+        "coders": sorted(set(coded.values())),
+        "bytes": total,
+        "bits_per_weight": 8.0 * total / max(report["totals"]["numel"], 1),
+    }
 
 
 @app.command()

@@ -37,7 +37,7 @@ from torch import nn
 from ..api import _set_module, clustered_weights, layer_type
 from ..nn.modules import ClusteredWeight, base_class, swap_weight
 
-__all__ = ["FORMAT_VERSION", "FormatError", "load", "read_header", "save"]
+__all__ = ["FORMAT_VERSION", "FormatError", "load", "read_header", "save", "stored_bytes"]
 
 FORMAT_VERSION = 2  # 2: entropy-coded codes (only files that use them say 2)
 MAX_HEADER_BYTES = 64 << 20
@@ -302,6 +302,32 @@ def _read_raw_header(path: Path) -> dict:
 def read_header(path: str | os.PathLike) -> dict:
     """The JSON header of a .wclust file (cheap: no tensor is read)."""
     return _read_raw_header(Path(path))["header"]
+
+
+def stored_bytes(path: str | os.PathLike) -> dict:
+    """What each clustered weight really occupies in the file (no tensor is read).
+
+    Returns:
+        ``{"clustered": {owner name: bytes}, "tensors": bytes}``: per clustered
+        weight (named by its first owner) the bytes of all its stored tensors (packed
+        or entropy-coded codes, codebook, scales, ...); ``tensors`` is the payload of
+        every tensor in the file (the JSON header excluded).
+    """
+    raw = _read_raw_header(Path(path))
+    sizes = {}
+    for name, e in raw["st"].items():
+        if name == "__metadata__" or not isinstance(e, dict):
+            continue
+        try:
+            lo, hi = (int(v) for v in e["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise FormatError(f"{path}: bad safetensors entry for {name!r}") from None
+        sizes[name] = hi - lo
+    per = {}
+    for e in raw["header"].get("clustered", []):
+        prefix = f"{e['key']}."
+        per[e["owners"][0]] = sum(n for k, n in sizes.items() if k.startswith(prefix))
+    return {"clustered": per, "tensors": sum(sizes.values())}
 
 
 def load(
