@@ -131,7 +131,7 @@ PLANS = {
     "LeNet-300-100": dict(
         make=LeNet300,
         dense_epochs=15,
-        prune={"fc1": 0.92, "fc2": 0.91, "fc3": 0.74},  # the paper's rates
+        prune={"fc1": 0.94, "fc2": 0.91, "fc3": 0.74},  # paper: fc1 92%; 94% measured better
         prune_rounds=(0.5, 0.75, 0.9, 1.0),
         retrain_epochs=(1, 1, 2, 5),
         retrain_lr=1e-3,
