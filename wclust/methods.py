@@ -237,6 +237,33 @@ for t in (4.25, 3.25):
         )
     )
 
+# Issue 7: outliers without calibration (tasks with no loss: embed, vision), and
+# clustering restricted to attention or MLP layers (config.LAYER_PRESETS).
+from .config import layer_preset as _preset  # noqa: E402
+
+for b in (4, 3):
+    _add(
+        CompareMethod(
+            f"cluster-{b}b-channel-o05",
+            f"k-means {b}-bit per channel, 0.5% outliers kept",
+            "clustering",
+            _C(bits=b, granularity="channel", outliers=0.005),
+        )
+    )
+    for part, short, what in (
+        ("attention", "attn", "attention layers only"),
+        ("mlp", "mlp", "MLP layers only"),
+    ):
+        _add(
+            CompareMethod(
+                f"cluster-{b}b-channel-{short}",
+                f"k-means {b}-bit per channel, {what}",
+                "clustering",
+                _C(bits=b, granularity="channel", **_preset(part)),
+                notes=f"layer preset {part!r}: other layers stay fp32",
+            )
+        )
+
 # What `wclust compare` runs when no --methods are given: a few minutes on 2 cores.
 DEFAULT_METHODS = (
     "fp32",
