@@ -157,3 +157,12 @@ def test_smollm2_is_dequantized_q4_blocks():
     w = loaded.model.model.layers[0].self_attn.q_proj.weight.detach()
     per_block = torch.tensor([b.unique().numel() for b in w.reshape(-1, 32)[:256]])
     assert int(per_block.max()) <= 16  # Q4_1: 16 levels per block of 32
+
+
+def test_torchvision_names_need_torchvision():
+    if importlib.util.find_spec("torchvision") is not None:
+        pytest.skip("torchvision is installed; the hub-backed path is not tested offline")
+    from wclust.models import ModelSourceError
+
+    with pytest.raises(ModelSourceError, match="pip install torchvision"):
+        load_model("torchvision:mobilenet_v3_small")
