@@ -3,6 +3,12 @@
 For each method: a ``prepare`` process applies it and writes the artifact; then a
 fresh ``measure`` process loads only that artifact and runs the task. Every cell
 is thus measured in a process that never held another variant of the model.
+
+Tasks scored against the original model rather than ground truth (embed, vision) get
+one ``reference`` process per run: it loads the source model, runs it on the evaluation
+data and writes the outputs to ``out_dir/reference/<model>.<task>.safetensors``; every
+measure cell (fp32 included) reads that file. With ``reuse`` the file is kept when its
+metadata (model, task, data, limit, every) matches.
 """
 
 from __future__ import annotations
