@@ -264,6 +264,17 @@ for b in (4, 3):
             )
         )
 
+# int4 RTN with groups that divide hidden sizes like 576 (SmolLM2), where groups of
+# 128 would span rows of the embedding table.
+_add(
+    CompareMethod(
+        "int4-rtn-g64",
+        "int4 round-to-nearest asym. per 64",
+        "quantization",
+        _C(bits=4, group_size=64, method="rtn"),
+    )
+)
+
 # What `wclust compare` runs when no --methods are given: a few minutes on 2 cores.
 DEFAULT_METHODS = (
     "fp32",
