@@ -71,7 +71,7 @@ _NAMED_FORMATS = {
     "cos_min": "min cos {:.4f}",
     "nn_recall": "NN@1 {:.1f}%",
     "top1_agree": "top-1 agree {:.1f}%",
-    "kl": "KL {:.2e}",
+    "kl_div": "KL {:.2e}",
     "accuracy": "acc {:.1f}%",
 }
 

@@ -20,7 +20,7 @@ processor), then classified one at a time (latency per image).
 
 Metrics against the original model's logits on the same images (the reference, computed
 once per ``compare`` run, see :mod:`wclust.tasks.embed`): ``top1_agree`` (percent of
-images where the top-1 class is the original's) and ``kl`` (mean KL divergence
+images where the top-1 class is the original's) and ``kl_div`` (mean KL divergence
 KL(original || compressed) of the softmax outputs, nats); ``accuracy`` (percent) when
 the data has labels.
 """
@@ -220,7 +220,7 @@ def reference(model, processor, data: ImageSet) -> dict:
 
 
 def compare_logits(lg, ref) -> dict:
-    """``top1_agree`` (percent) and mean ``kl`` = KL(softmax(ref) || softmax(lg))."""
+    """``top1_agree`` (percent) and mean ``kl_div`` = KL(softmax(ref) || softmax(lg))."""
     import torch
 
     if lg.shape != ref.shape:
@@ -232,7 +232,7 @@ def compare_logits(lg, ref) -> dict:
     kl = (logp.exp() * (logp - logq)).sum(-1)
     return {
         "top1_agree": 100.0 * float((lg.argmax(-1) == ref.argmax(-1)).float().mean()),
-        "kl": float(kl.mean()),
+        "kl_div": float(kl.mean()),
     }
 
 
