@@ -166,3 +166,16 @@ def test_torchvision_names_need_torchvision():
 
     with pytest.raises(ModelSourceError, match="pip install torchvision"):
         load_model("torchvision:mobilenet_v3_small")
+
+
+def test_registries_import_light():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, wclust, wclust.models, wclust.tasks, wclust.methods; "
+        "heavy = [m for m in ('transformers', 'numba', 'skimage', 'sklearn', 'gguf') "
+        "if m in sys.modules]; print(heavy)"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
