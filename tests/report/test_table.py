@@ -346,3 +346,9 @@ def test_plots_name_the_extra_without_matplotlib(tmp_path, monkeypatch):
         plots.histogram_plot(np.zeros(4), np.zeros(2), tmp_path / "h.png")
     with pytest.raises(ImportError, match=r"wclust\[bench\]"):
         plots.pareto_plot(_rows(), tmp_path / "p.png")
+
+
+def test_quality_str_task_metrics():
+    q = {"cos_sim": 0.999871, "cos_min": 0.98, "nn_recall": 96.5}
+    assert quality_str(q) == "cos 0.99987, min cos 0.9800, NN@1 96.5%"
+    assert quality_str({"top1_agree": 62.5, "kl_div": 0.4127}) == "top-1 agree 62.5%, KL 4.13e-01"

@@ -3,6 +3,12 @@
 For each method: a ``prepare`` process applies it and writes the artifact; then a
 fresh ``measure`` process loads only that artifact and runs the task. Every cell
 is thus measured in a process that never held another variant of the model.
+
+Tasks scored against the original model rather than ground truth (embed, vision) get
+one ``reference`` process per run: it loads the source model, runs it on the evaluation
+data and writes the outputs to ``out_dir/reference/<model>.<task>.safetensors``; every
+measure cell (fp32 included) reads that file. With ``reuse`` the file is kept when its
+metadata (model, task, data, limit, every) matches.
 """
 
 from __future__ import annotations
@@ -135,6 +141,7 @@ def run_compare(
     prepared: dict[str, dict] = {}
     rows: list[dict] = []
     task_name = None
+    reference_ok: bool | str = False  # True once the reference file exists; str: its error
     meta = {
         "model": model,
         "task": None,
@@ -180,6 +187,25 @@ def run_compare(
             rows.append({**row, "error": f"no task known for model {model!r}"})
             continue
         task = get_task(task_name)
+        ref_path = None
+        if task.reference is not None:
+            ref_path = out / "reference" / f"{safe}.{task_name}.safetensors"
+            if not reference_ok:
+                if on_event:
+                    on_event(m.name, "computing the original's reference outputs")
+                reference_ok = _reference(
+                    model,
+                    task_name,
+                    data or task.default_data(),
+                    limit,
+                    every,
+                    threads,
+                    ref_path,
+                    reuse,
+                )
+            if reference_ok is not True:
+                rows.append({**row, "error": f"reference outputs failed: {reference_ok}"})
+                continue
         if on_event:
             on_event(m.name, "measuring")
         meas = run_cell(
@@ -193,6 +219,7 @@ def run_compare(
                 "every": every,
                 "threads": threads,
                 "runtime": m.runtime,
+                "reference": str(ref_path) if ref_path else None,
             }
         )
         if not meas.get("ok"):
@@ -235,6 +262,20 @@ def run_compare(
     return rows, meta
 
 
+def _reference(model, task_name, data, limit, every, threads, path: Path, reuse: bool):
+    """Write the original model's outputs for reference-scored tasks; True or an error."""
+    want = {"model": model, "task": task_name, "data": data, "limit": limit, "every": every}
+    if reuse and path.exists():
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            have = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+        if have == want:
+            return True
+    r = run_cell({"mode": "reference", "path": str(path), "threads": threads, **want})
+    return True if r.get("ok") else str(r.get("error"))
+
+
 def _write(rows, out: Path, meta: dict, plots: bool, model: str, resolved) -> None:
     from ..report.table import write_results
 
@@ -247,7 +288,14 @@ def _write(rows, out: Path, meta: dict, plots: bool, model: str, resolved) -> No
     try:
         from ..report.plots import pareto_plot
 
-        pareto_plot([r for r in rows if not r.get("error")], out / "pareto.png")
+        lower = True
+        if meta.get("task"):
+            from ..tasks import get_task
+
+            lower = get_task(meta["task"]).lower_is_better
+        pareto_plot(
+            [r for r in rows if not r.get("error")], out / "pareto.png", lower_is_better=lower
+        )
         _histogram(out, model, resolved)
     except ImportError as e:
         (out / "plots-skipped.txt").write_text(f"plots not written: {e}\n")
@@ -268,7 +316,10 @@ def _histogram(out: Path, model: str, resolved) -> None:
         path = out / "artifacts" / f"{safe}.{m.name}.wclust"
         if not path.exists():
             continue
-        cms = load(path)
+        from ..models import architecture_for
+
+        factory = architecture_for(model)
+        cms = load(path, model_factory=factory)
         cws = sorted(clustered_weights(cms).values(), key=lambda t: -t[0].numel)
         if not cws:
             return
@@ -276,7 +327,7 @@ def _histogram(out: Path, model: str, resolved) -> None:
         name = owners[0][0]
         weights = cw.dense().detach()
         if orig_path.exists():  # the original weights, not their clustered values
-            weights = load(orig_path).get_submodule(name).weight.detach()
+            weights = load(orig_path, model_factory=factory).get_submodule(name).weight.detach()
         if cw.transpose:
             weights = weights.t()
         histogram_plot(

@@ -1,10 +1,13 @@
 """One cell of the compare grid, run in its own fresh process.
 
 ``python -m wclust.measure.worker`` reads a JSON spec on stdin and prints one line
-``WCLUST_RESULT <json>`` on stdout. Two modes:
+``WCLUST_RESULT <json>`` on stdout. Three modes:
 
 - ``prepare``: load the source model, apply the method (timed), write the .wclust
   artifact and measure its size and gzip size;
+- ``reference``: for tasks scored against the original model (embed, vision), load
+  the source model and write its outputs on the evaluation data to a safetensors file
+  (once per run; every ``measure`` cell reads the same file);
 - ``measure``: in a process that has never held the original model, load the
   artifact (timed), apply a runtime transform if the method is one, then run the
   task: quality, latency per item (after a warm-up), memory.
@@ -127,21 +130,59 @@ def prepare(spec: dict) -> dict:
     }
 
 
+def reference(spec: dict) -> dict:
+    """Outputs of the source model on the evaluation data, saved atomically."""
+    import tempfile
+    from pathlib import Path
+
+    import torch
+    from safetensors.torch import save_file
+
+    from wclust.models import load_model
+    from wclust.tasks import get_task
+
+    torch.set_num_threads(spec["threads"])
+    task = get_task(spec["task"])
+    data = task.load_data(spec.get("data"), spec.get("limit"), spec.get("every", 1))
+    loaded = load_model(spec["model"])
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        ref = task.reference(loaded.model, loaded.processor, data)
+    path = Path(spec["path"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        meta = {k: json.dumps(spec.get(k)) for k in ("model", "task", "data", "limit", "every")}
+        save_file({k: v.contiguous() for k, v in ref.items()}, tmp, metadata=meta)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return {"path": str(path), "seconds": time.perf_counter() - t0}
+
+
 def measure(spec: dict) -> dict:
     import torch
 
     import wclust
-    from wclust.models import load_processor
+    from wclust.models import architecture_for, load_processor
     from wclust.tasks import get_task
 
     torch.set_num_threads(spec["threads"])
     task = get_task(spec["task"])
     data = task.load_data(spec.get("data"), spec.get("limit"), spec.get("every", 1))
     processor = load_processor(spec.get("source"))
+    kwargs = {}
+    if spec.get("reference"):
+        from safetensors.torch import load_file
+
+        kwargs["reference"] = load_file(spec["reference"])
+    factory = architecture_for(spec.get("source"))
     gc.collect()
     rss0 = current_rss()
     t0 = time.perf_counter()
-    model = wclust.load(spec["artifact"])
+    model = wclust.load(spec["artifact"], model_factory=factory)
     if spec.get("runtime"):
         model = _apply_runtime(model, spec["runtime"])
     load_s = time.perf_counter() - t0
@@ -149,7 +190,7 @@ def measure(spec: dict) -> dict:
     rss1 = current_rss()
     tensor_bytes = runtime_nbytes(model)
     with torch.inference_mode():
-        r = task.evaluate(model, processor, data)
+        r = task.evaluate(model, processor, data, **kwargs)
     lat = sorted(r["latency_s"])
     out = {
         "load_s": load_s,
@@ -168,7 +209,7 @@ def measure(spec: dict) -> dict:
         model = model.to("cuda")
         torch.cuda.reset_peak_memory_stats()
         with torch.inference_mode():
-            g = task.evaluate(model, processor, data)
+            g = task.evaluate(model, processor, data, **kwargs)
         torch.cuda.synchronize()
         out["gpu_latency_s"] = g["latency_s"]
         out["vram_mb"] = torch.cuda.max_memory_allocated() / 1e6
@@ -180,7 +221,7 @@ def main() -> None:
 
     quiet_third_party()
     spec = json.loads(sys.stdin.read())
-    fn = {"prepare": prepare, "measure": measure}[spec["mode"]]
+    fn = {"prepare": prepare, "reference": reference, "measure": measure}[spec["mode"]]
     try:
         result = {"ok": True, **fn(spec)}
     except Exception as e:  # reported to the parent, which shows it in the table

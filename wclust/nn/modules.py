@@ -175,7 +175,12 @@ class ClusteredWeight(nn.Module):
         """Rows ``idx`` of the (out, in) weight, decoding only those rows' codes."""
         n_rows, d = self.shape[0], self.numel // self.shape[0]
         n_cb = self.n_codebooks
-        if self.transpose or (d * self.bits) % 8 or (n_cb > 1 and n_cb % n_rows):
+        if (
+            self.transpose
+            or (d * self.bits) % 8
+            or (n_cb > 1 and n_cb % n_rows)
+            or (self.group_scale is not None and self.group_scale.numel() % n_rows)
+        ):  # codes, codebooks or scale groups straddle rows: decode everything
             return self.dense()[idx]
         per_row = d * self.bits // 8
         sel = self.packed.view(n_rows, per_row).index_select(0, idx).reshape(-1)

@@ -65,6 +65,15 @@ ROW_FIELDS = [
 
 # Quality metrics with a fixed display: key -> (format, order). Others are "name=value".
 _PERCENT_METRICS = {"cer": "CER", "wer": "WER"}  # shown "3.80% CER", CER before WER
+# Metrics of the lm/embed/vision tasks: agreement with the original needs more digits.
+_NAMED_FORMATS = {
+    "cos_sim": "cos {:.5f}",
+    "cos_min": "min cos {:.4f}",
+    "nn_recall": "NN@1 {:.1f}%",
+    "top1_agree": "top-1 agree {:.1f}%",
+    "kl_div": "KL {:.2e}",
+    "accuracy": "acc {:.1f}%",
+}
 
 
 def _is_num(x: Any) -> bool:
@@ -126,6 +135,9 @@ def quality_str(quality: Mapping[str, Any] | None) -> str:
         parts.append(f"PPL {v:.2f}" if _is_num(v) else f"PPL {NA if v is None else v}")
     for key, v in quality.items():
         if key in _PERCENT_METRICS or key == "ppl":
+            continue
+        if key in _NAMED_FORMATS and _is_num(v):
+            parts.append(_NAMED_FORMATS[key].format(v))
             continue
         if v is None:
             parts.append(f"{key}={NA}")

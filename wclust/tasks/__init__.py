@@ -2,6 +2,10 @@
 
 Each task is registered by name in ``wclust.registry.TASKS``; ``compare`` looks the
 task of a model up there. Heavy imports happen inside the functions.
+
+Registered: ``asr`` (WER/CER), ``lm`` (perplexity), ``embed`` (sentence-embedding
+agreement with the original) and ``vision`` (top-1 agreement and KL with the original,
+accuracy on labelled folders).
 """
 
 from __future__ import annotations
@@ -28,6 +32,9 @@ class Task:
     default_data: Any
     calibration_batches: Any = None  # (model, processor, data) -> model(**batch) inputs
     lower_is_better: bool = True
+    # (model, processor, data) -> {name: tensor}: outputs of the original model that
+    # ``evaluate(..., reference=...)`` scores against; None for tasks with ground truth.
+    reference: Any = None
 
 
 def _asr_load(path: str | None, limit: int | None = None, every: int = 1):
@@ -67,6 +74,86 @@ def _asr_calib(model, processor, data):
 TASKS.register("asr", "speech recognition: WER/CER of greedy Whisper transcripts")(
     Task("asr", _asr_load, _asr_eval, _asr_default, _asr_calib)
 )
+
+
+def _lm_load(path: str | None, limit: int | None = None, every: int = 1):
+    from .lm import load_text
+
+    return load_text(path, limit, every)
+
+
+def _lm_eval(model, processor, data) -> dict:
+    from .lm import evaluate
+
+    r = evaluate(model, processor, data)
+    return {
+        "quality": {"ppl": r["ppl"]},
+        "latency_s": r["latency_s"],
+        "details": {"nll": r["nll"], "n_tokens": r["n_tokens"], "n_windows": r["n_windows"]},
+    }
+
+
+def _lm_calib(model, processor, data):
+    from .lm import calibration_batches
+
+    return calibration_batches(model, processor, data)
+
+
+TASKS.register("lm", "language modelling: perplexity, sliding window over a fixed token budget")(
+    Task("lm", _lm_load, _lm_eval, lambda: None, _lm_calib)
+)
+
+
+def _embed_load(path: str | None, limit: int | None = None, every: int = 1):
+    from .embed import load_sentences
+
+    return load_sentences(path, limit, every)
+
+
+def _embed_eval(model, processor, data, reference=None) -> dict:
+    from .embed import evaluate
+
+    r = evaluate(model, processor, data, reference)
+    return {"quality": r["quality"], "latency_s": r["latency_s"], "details": {}}
+
+
+def _embed_ref(model, processor, data):
+    from .embed import reference
+
+    return reference(model, processor, data)
+
+
+TASKS.register(
+    "embed", "sentence embeddings: cosine similarity and neighbour agreement with the original"
+)(Task("embed", _embed_load, _embed_eval, lambda: None, None, False, _embed_ref))
+
+
+def _vision_load(path: str | None, limit: int | None = None, every: int = 1):
+    from .vision import load_images
+
+    return load_images(path, limit, every)
+
+
+def _vision_eval(model, processor, data, reference=None) -> dict:
+    from .vision import evaluate
+
+    r = evaluate(model, processor, data, reference)
+    return {
+        "quality": r["quality"],
+        "latency_s": r["latency_s"],
+        "details": {"predictions": r["predictions"]},
+    }
+
+
+def _vision_ref(model, processor, data):
+    from .vision import reference
+
+    return reference(model, processor, data)
+
+
+TASKS.register(
+    "vision", "image classification: top-1 agreement and KL with the original; accuracy if labelled"
+)(Task("vision", _vision_load, _vision_eval, lambda: None, None, False, _vision_ref))
 
 
 def get_task(name: str) -> Task:
