@@ -148,6 +148,16 @@ def _scaled_exact(data, s, sw, seed):
     return _scaled_stats(scaled_kmeans(data, _bits(s), s["group_size"] or 64, sw), data)
 
 
+@TENSOR_METHODS.register(
+    "scaled-lloyd",
+    "one codebook per tensor over absmax-normalized groups: Lloyd from NormalFloat, -1/0/+1 kept",
+)
+def _scaled_lloyd(data, s, sw, seed):
+    return _scaled_stats(
+        scaled_kmeans(data, _bits(s), s["group_size"] or 64, sw, method="lloyd"), data
+    )
+
+
 def _bits(s) -> int:
     return s["bits"] if s["bits"] is not None else max(1, (s["n_clusters"] - 1).bit_length())
 

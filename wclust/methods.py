@@ -237,6 +237,43 @@ for t in (4.25, 3.25):
         )
     )
 
+# Learned codebook per tensor over absmax-normalized groups of 64, started from the
+# NormalFloat table with -1/0/+1 kept (so it can only improve on NF4's weighted
+# error), weighted by Fisher: beats NF4 at equal size where plain k-means loses.
+_LLOYD = "k-means {b}-bit codebook per tensor (NormalFloat start, -1/0/+1 kept), scale per 64"
+for b in (4, 3):
+    _add(
+        CompareMethod(
+            f"lloyd-{b}b-g64",
+            _LLOYD.format(b=b),
+            "clustering",
+            _C(bits=b, group_size=64, method="scaled-lloyd"),
+        )
+    )
+    _add(
+        CompareMethod(
+            f"lloyd-{b}b-g64-fisher",
+            _LLOYD.format(b=b) + ", Fisher-weighted",
+            "clustering",
+            _C(bits=b, group_size=64, method="scaled-lloyd"),
+            calibrate="fisher",
+            notes=_CAL,
+        )
+    )
+for t in (4.25, 3.25):
+    _add(
+        CompareMethod(
+            f"mixed-lloyd-{t}b-fisher",
+            f"k-means codebook per tensor (NormalFloat start), scale per 64, bits per layer "
+            f"for <= {t} bits/weight, positional tables included, Fisher",
+            "clustering",
+            _C(group_size=64, method="scaled-lloyd", exclude=()),
+            calibrate="fisher",
+            target_bits=t,
+            notes=_CAL,
+        )
+    )
+
 # Issue 7: outliers without calibration (tasks with no loss: embed, vision), and
 # clustering restricted to attention or MLP layers (config.LAYER_PRESETS).
 from .config import layer_preset as _preset  # noqa: E402

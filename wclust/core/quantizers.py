@@ -22,7 +22,7 @@ import torch
 
 from .codebook import cluster_tensor
 
-__all__ = ["NF4_TABLE", "ScaledCodes", "nf4", "rtn", "scaled_kmeans"]
+__all__ = ["NF4_TABLE", "ScaledCodes", "nf4", "normal_float_table", "rtn", "scaled_kmeans"]
 
 # QLoRA's NormalFloat4 (Dettmers et al. 2023): quantiles of N(0,1), scaled to [-1, 1].
 NF4_TABLE = torch.tensor(
@@ -31,6 +31,22 @@ NF4_TABLE = torch.tensor(
      0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
      0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0]
 )  # fmt: skip
+
+
+def normal_float_table(bits: int) -> torch.Tensor:
+    """QLoRA's NormalFloat construction for any width: ``2**(b-1)`` positive and
+    ``2**(b-1) - 1`` negative quantiles of N(0, 1), plus an exact 0, scaled to
+    [-1, 1] (ascending). ``normal_float_table(4)`` is NF4."""
+    if not 1 < bits <= 8:
+        raise ValueError(f"bits must be in 2..8, got {bits}")
+    half = 1 << (bits - 1)
+    offset = 0.5 * (1 / 32 + 1 / 30)  # QLoRA's choice (0.9677 after 1 - offset)
+    p = torch.linspace(1 - offset, 0.5, half + 1, dtype=torch.float64)[:-1]
+    pos = torch.special.ndtri(p)
+    n = torch.linspace(1 - offset, 0.5, half, dtype=torch.float64)[:-1]
+    neg = -torch.special.ndtri(n)
+    v = torch.cat([pos, torch.zeros(1, dtype=torch.float64), neg])
+    return (v / v.abs().max()).sort().values.float()
 
 
 @dataclass
@@ -133,19 +149,62 @@ def rtn(x: torch.Tensor, bits: int, group_size: int = 128, symmetric: bool = Fal
     return _finish(x, rows, q, table, scale, offset, group_size, bits)
 
 
+def _lloyd_fixed(
+    values: torch.Tensor, weights: torch.Tensor, init: torch.Tensor, fixed: torch.Tensor, iters: int
+) -> torch.Tensor:
+    """Weighted 1-D Lloyd from ``init`` (k,), keeping the ``fixed`` (k,) centroids
+    where they are. On sorted points each cell is a contiguous run, so one step is a
+    binary search of k-1 midpoints plus prefix-sum lookups. Never increases the
+    weighted error (assignment and free-centroid updates are both optimal steps)."""
+    order = values.argsort()
+    v = values[order].double()
+    w = weights[order].double()
+    z = torch.zeros(1, dtype=torch.float64)
+    cw, cwx = torch.cat([z, w.cumsum(0)]), torch.cat([z, (w * v).cumsum(0)])
+    c, fixed = init.double().clone(), fixed.clone()
+    n = torch.tensor([v.numel()])
+    for _ in range(iters):
+        c, perm = c.sort()
+        fixed = fixed[perm]
+        cut = torch.searchsorted(v, 0.5 * (c[1:] + c[:-1]))
+        lo, hi = torch.cat([torch.zeros(1, dtype=torch.long), cut]), torch.cat([cut, n])
+        mass = cw[hi] - cw[lo]
+        new = torch.where(mass > 0, (cwx[hi] - cwx[lo]) / mass.clamp_min(1e-300), c)
+        new = torch.where(fixed, c, new)
+        if torch.equal(new, c):
+            break
+        c = new
+    return c.sort().values.float()
+
+
 def scaled_kmeans(
     x: torch.Tensor,
     bits: int,
     group_size: int = 64,
     sample_weight: torch.Tensor | None = None,
     method: str = "exact",
+    anchors: bool = True,
+    iters: int = 100,
 ) -> ScaledCodes:
     """One learned codebook per tensor over absmax-normalized groups (as in any4).
 
     Each group is divided by its absmax (float16 scale); the normalized values of the
     whole tensor are clustered into ``2**bits`` centroids minimizing the error of
     the *real* weights: weight ``scale**2`` (times ``sample_weight`` if given).
+
+    Args:
+        x: float tensor; ``group_size`` must divide its number of elements.
+        bits: codebook size ``2**bits``.
+        group_size: consecutive elements sharing one scale.
+        sample_weight: importance of each weight (e.g. Fisher), x's shape.
+        method: "exact" (optimal k-means of the normalized values) or "lloyd"
+            (weighted Lloyd started from the NormalFloat table of that width).
+        anchors: for "lloyd": keep -1, 0 and +1 as centroids, so every group's
+            largest-magnitude weight and every zero stay exact (as in NF4).
+        iters: for "lloyd": at most this many iterations.
     """
+    if method not in ("exact", "lloyd"):
+        raise ValueError(f"method must be 'exact' or 'lloyd', got {method!r}")
     rows = _groups(x, group_size)
     scale = rows.abs().amax(1).clamp_min(1e-12).half()
     s = scale.float()[:, None]
@@ -153,8 +212,14 @@ def scaled_kmeans(
     w = s.expand_as(rows) ** 2
     if sample_weight is not None:
         w = w * sample_weight.detach().float().reshape(rows.shape)
-    ct = cluster_tensor(normed, bits=bits, method=method, sample_weight=w)
-    table = ct.codebook[0]
+    if method == "exact":
+        table = cluster_tensor(normed, bits=bits, method="exact", sample_weight=w).codebook[0]
+    else:
+        init = normal_float_table(bits)
+        fixed = torch.zeros_like(init, dtype=torch.bool)
+        if anchors:
+            fixed = (init == -1) | (init == 0) | (init == 1)
+        table = _lloyd_fixed(normed.reshape(-1), w.reshape(-1), init, fixed, iters)
     codes = _nearest(normed, table)
     report_w = None if sample_weight is None else sample_weight.detach().float().reshape(rows.shape)
     return _finish(x, rows, codes, table, scale, None, group_size, bits, weight=report_w)
