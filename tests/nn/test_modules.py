@@ -25,3 +25,23 @@ def test_embedding_row_decode_matches_dense(method, group_size):
         out = emb(idx)
     assert out.shape == (2, 3, 96)
     torch.testing.assert_close(out, cw.dense()[idx], rtol=0, atol=0)
+
+
+class _PositionTable(nn.Embedding):
+    """Like Whisper's positional embedding: its own forward with extra arguments."""
+
+    def forward(self, input_ids, past_key_values_length=0, position_ids=None):
+        start = past_key_values_length
+        return self.weight[start : start + input_ids.shape[-1]]
+
+
+def test_embedding_subclass_with_own_forward_and_kwargs():
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"pos": _PositionTable(32, 64)})
+    wclust.compress_(model, wclust.ClusterConfig(bits=4, exclude=()))
+    pos = model["pos"]
+    assert wclust.nn.modules.is_clustered(pos)
+    ids = torch.zeros(1, 5, dtype=torch.long)
+    with torch.no_grad():
+        out = pos(ids, past_key_values_length=3)
+    torch.testing.assert_close(out, pos.clustered.dense()[3:8], rtol=0, atol=0)

@@ -312,11 +312,20 @@ class _ClusteredLinearMixin(_ClusteredMixin):
 
 
 class _ClusteredEmbeddingMixin(_ClusteredMixin):
-    def forward(self, ids):
+    def forward(self, ids, *args, **kwargs):
         cw = self.clustered
-        if cw._dense is None and self.max_norm is None and not torch.is_grad_enabled():
+        if (
+            not args
+            and not kwargs
+            and base_class(self).forward is nn.Embedding.forward  # not a subclass' own lookup
+            and cw._dense is None
+            and self.max_norm is None
+            and not torch.is_grad_enabled()
+        ):
             return cw.rows(ids.reshape(-1)).view(*ids.shape, -1)  # decode only those rows
-        return super().forward(ids)
+        # subclasses with their own forward (e.g. Whisper's positional embedding,
+        # called with cache_length=...) see the decoded weight through the property
+        return super().forward(ids, *args, **kwargs)
 
 
 def _mixin_for(cls: type) -> type:
