@@ -62,8 +62,13 @@ def compress(
         int | None, typer.Option(help="elements per codebook for --granularity group")
     ] = None,
     method: Annotated[
-        str, typer.Option(help="exact (optimal 1-D k-means) | kmeans (Lloyd)")
-    ] = "exact",
+        str | None,
+        typer.Option(
+            help="exact (optimal 1-D k-means) | kmeans (Lloyd) | scaled-lloyd (one codebook "
+            "per tensor over absmax-scaled groups of --group-size, NormalFloat start) | nf4 | "
+            "rtn | rtn-sym | scaled-exact; default: exact, or scaled-lloyd with --target-bits"
+        ),
+    ] = None,
     init: Annotated[
         str, typer.Option(help="Lloyd init: linear | density | random | kmeans++")
     ] = "kmeans++",
@@ -120,6 +125,15 @@ def compress(
             "--layers sets the include/exclude globs; give either --layers or --include/--exclude"
         )
     preset = _run(layer_preset, layers) if layers is not None else {}
+    if method is None:
+        # With a budget, the best measured recipe (BENCHMARKS.md section 1): per-tensor
+        # NormalFloat-started codebooks over groups of 64, Fisher-weighted, bits chosen
+        # per layer, positional tables included in the budget.
+        method = "scaled-lloyd" if target_bits is not None else "exact"
+        if target_bits is not None:
+            group_size = group_size or 64
+            if exclude is None and layers is None:
+                exclude = []
     cfg = _run(
         wclust.ClusterConfig,
         bits=None if n_clusters else bits,
