@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import time
 
@@ -63,6 +64,12 @@ def main() -> None:
     ap.add_argument("--methods", required=True, help="comma-separated compare methods")
     ap.add_argument("--wer-clips", type=int, default=0, help="also decode this many clips")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--set",
+        default=None,
+        help="JSON merged into every method's ClusterConfig, e.g. "
+        '\'{"overrides": {"model.decoder.embed_tokens": {"method": "nf4"}}}\'',
+    )
     ap.add_argument("--json", default=None, help="write results here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -79,6 +86,10 @@ def main() -> None:
     rows = []
     for name in args.methods.split(","):
         method = get_method(name)
+        if args.set and method.config is not None:
+            method = dataclasses.replace(
+                method, config=method.config.replace(**json.loads(args.set))
+            )
         loaded = copy.deepcopy(base)
         sw = None
         if method.calibrate:
