@@ -207,6 +207,19 @@ def test_hostile_header_fields(valid, tmp_path, which, data):
     expect_format_error(q, factory)
 
 
+@pytest.mark.parametrize("value", [[], {}, [[]], {"a": []}])
+def test_unhashable_values_in_every_entry_field(valid, tmp_path, value):
+    """Found by benchmarks/fuzz_files.py (seed 377): a list as dtype was a TypeError."""
+    path, factory = valid["ent"]
+    for field in ENTRY_FIELDS:
+        header, tensors = parts(path)
+        header["clustered"][0][field] = value
+        q = write_hostile(tmp_path / "u.wclust", header, tensors)
+        if not (field == "meta" and isinstance(value, dict)):  # any dict is a valid meta
+            must_fail(q, factory)
+        expect_format_error(q, factory)
+
+
 DTYPES = [torch.float32, torch.float16, torch.int8, torch.uint8, torch.int64, torch.bool]
 
 

@@ -336,8 +336,10 @@ def _check_header(path, header: dict) -> None:
             bad(f"{e['key']}: shape {shape} declares more than {MAX_NUMEL} weights")
         if type(bits) is not int or not 1 <= bits <= 8:
             bad(f"{e['key']}: bits {bits!r} is not an integer from 1 to 8")
-        if e.get("dtype") not in _DTYPES or not isinstance(e.get("transpose"), bool):
-            bad(f"{e['key']}: bad dtype {e.get('dtype')!r} or transpose {e.get('transpose')!r}")
+        if not isinstance(e.get("dtype"), str) or e["dtype"] not in _DTYPES:
+            bad(f"{e['key']}: unknown dtype {e.get('dtype')!r}")
+        if not isinstance(e.get("transpose"), bool):
+            bad(f"{e['key']}: transpose {e.get('transpose')!r} is not true or false")
         if not isinstance(e.get("meta"), dict | None) or not isinstance(e.get("entropy", {}), dict):
             bad(f"{e['key']}: 'meta'/'entropy' are not objects")
 
