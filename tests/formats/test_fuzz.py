@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 
 import wclust
 import wclust.formats.wclust_file as wf
-from tests.conftest import small_cnn
+from tests.conftest import small_cnn, tiny_gpt2
 from wclust.cli import app
 from wclust.prune import prune_
 
@@ -338,3 +338,29 @@ def test_inspect_on_hostile_files_gives_exit_2(valid, tmp_path):
         r = runner.invoke(app, ["inspect", str(q)])
         assert r.exit_code == 2, (q.name, r.exit_code, r.output, r.exception)
         assert isinstance(r.exception, SystemExit), (q.name, r.exception)
+
+
+@pytest.mark.parametrize(
+    "where,field,value",
+    [
+        ("config", "vocab_size", True),  # transformers' strict dataclass errors
+        ("config", "pad_token_id", 1.5),
+        ("config", "use_cache", []),
+        ("config", "model_type", "no-such-model"),
+        ("config", "model_type", None),
+        ("arch", "config", "x"),
+        ("arch", "class", "PreTrainedModel"),
+        ("arch", "class", "AutoModel"),
+        ("arch", "generation_config", "x"),
+    ],
+)
+def test_hostile_transformers_config(tmp_path, where, field, value):
+    """Found by a probe of the no-factory path: invalid config values escaped load
+    as huggingface_hub's StrictDataclassFieldValidationError."""
+    m = tiny_gpt2()
+    wclust.compress_(m)
+    header, tensors = parts(wclust.save(m, tmp_path / "g.wclust"))
+    target = header["arch"]["config"] if where == "config" else header["arch"]
+    target[field] = value
+    with pytest.raises(wclust.FormatError):
+        wclust.load(write_hostile(tmp_path / "h.wclust", header, tensors))

@@ -443,12 +443,19 @@ def _build(header: dict, model_factory) -> nn.Module:
     cls = getattr(transformers, str(arch.get("class")), None)
     if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
         raise FormatError(f"unknown transformers model class {arch.get('class')!r}")
-    cfg = dict(arch["config"])
-    config = transformers.AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-    with torch.device("meta"):
-        model = cls(config)
-    if arch.get("generation_config") and hasattr(model, "generation_config"):
-        model.generation_config = transformers.GenerationConfig.from_dict(arch["generation_config"])
+    try:
+        cfg = dict(arch["config"])
+        config = transformers.AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+        with torch.device("meta"):
+            model = cls(config)
+        if arch.get("generation_config") and hasattr(model, "generation_config"):
+            model.generation_config = transformers.GenerationConfig.from_dict(
+                arch["generation_config"]
+            )
+    except Exception as e:  # noqa: BLE001 - transformers validates configs with many types
+        raise FormatError(
+            f"the file's {arch.get('class')} config is invalid: {type(e).__name__}: {e}"
+        ) from None
     return model
 
 
