@@ -39,6 +39,8 @@ TB = 1 << 40
 NASTY = [None, True, False, -1, 0, 9, 64, 10**12, 1 << 63, 10**400, TB, -(1 << 63),
          float("inf"), float("nan"), 0.5, "", "x", "float32", "clustered.0", [], [TB],
          [TB, TB], [-1], [1, 2, 3], ["a"], {}, {"a": 1}, [[[]]]]  # fmt: skip
+ARCH = ["gpt2", "bert", "GPT2LMHeadModel", "AutoModel", "PreTrainedModel", "BertModel",
+        "transformers", "torch", 3, 2, 1, 0.1]  # fmt: skip
 DTYPES = [torch.float32, torch.float16, torch.int8, torch.uint8, torch.int64, torch.bool]
 
 
@@ -74,6 +76,16 @@ def make_valid(d: Path) -> dict:
     wclust.compress_(e, wclust.ClusterConfig(bits=4, granularity="tensor", keep_zeros=True))
     files["mlp-huffman"] = (wclust.save(e, d / "mlp-h.wclust", entropy="huffman"), mlp)
     files["mlp-ans"] = (wclust.save(e, d / "mlp-a.wclust", entropy="ans"), mlp)
+    try:  # a transformers model, rebuilt from the config in its file (no factory)
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        g = GPT2LMHeadModel(
+            GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=16)
+        )
+        wclust.compress_(g, wclust.ClusterConfig(bits=4, granularity="group", group_size=16))
+        files["gpt2"] = (wclust.save(g, d / "gpt2.wclust"), None)
+    except ImportError:
+        pass
     return files
 
 
@@ -92,6 +104,7 @@ def hostile(header: dict, tensors: dict) -> bytes:
 def mutate(rng: random.Random, blob: bytes, header: dict, tensors: dict) -> tuple[str, bytes]:
     kind = rng.choice(
         ["truncate", "flip", "header-len", "random", "header-field", "tensor", "st-entry"]
+        + (["arch"] * 2 if header.get("arch", {}).get("kind") == "transformers" else [])
     )
     if kind == "truncate":
         return kind, blob[: rng.randrange(len(blob))]
@@ -125,6 +138,16 @@ def mutate(rng: random.Random, blob: bytes, header: dict, tensors: dict) -> tupl
                 e.pop(field, None)
             else:
                 e[field] = rng.choice(NASTY)
+        return kind, hostile(header, tensors)
+    if kind == "arch":  # the transformers class and config the model is rebuilt from
+        a = header["arch"]
+        for _ in range(rng.randint(1, 3)):
+            if isinstance(a.get("config"), dict) and a["config"] and rng.random() < 0.7:
+                a["config"][rng.choice(sorted(a["config"]))] = rng.choice(NASTY + ARCH)
+            else:
+                a[rng.choice(["class", "kind", "config", "generation_config"])] = rng.choice(
+                    NASTY + ARCH
+                )
         return kind, hostile(header, tensors)
     if kind == "tensor":
         name = rng.choice(sorted(tensors))
