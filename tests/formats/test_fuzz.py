@@ -352,6 +352,9 @@ def test_inspect_on_hostile_files_gives_exit_2(valid, tmp_path):
         ("arch", "class", "PreTrainedModel"),
         ("arch", "class", "AutoModel"),
         ("arch", "generation_config", "x"),
+        # benchmarks/fuzz_files.py seeds 25981, 28814: building 10**12 layers hung
+        ("config", "n_layer", 10**12),
+        ("config", "n_layer", 1 << 40),
     ],
 )
 def test_hostile_transformers_config(tmp_path, where, field, value):

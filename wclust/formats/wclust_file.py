@@ -410,7 +410,7 @@ def load(
     if raw["sha256"] != _digest(raw["text"], tensors):
         raise FormatError(f"{path}: checksum mismatch: the file is truncated or was altered")
     try:
-        model = _build(header, model_factory)
+        model = _build(header, model_factory, len(tensors))
         _fill(model, header, tensors, cache)
     except FormatError:
         raise
@@ -427,7 +427,7 @@ def load(
     return model.eval()
 
 
-def _build(header: dict, model_factory) -> nn.Module:
+def _build(header: dict, model_factory, n_tensors: int = 0) -> nn.Module:
     if model_factory is not None:
         return model_factory if isinstance(model_factory, nn.Module) else model_factory()
     arch = header.get("arch") or {}
@@ -445,6 +445,11 @@ def _build(header: dict, model_factory) -> nn.Module:
         raise FormatError(f"unknown transformers model class {arch.get('class')!r}")
     try:
         cfg = dict(arch["config"])
+        # Every layer has at least one tensor in the file: a config declaring more
+        # layers than that would only spend time and memory building empty modules.
+        for k, v in cfg.items():
+            if "layer" in k and type(v) is int and v > n_tensors:
+                raise FormatError(f"config {k}={v} declares more layers than the file holds")
         config = transformers.AutoConfig.for_model(cfg.pop("model_type"), **cfg)
         with torch.device("meta"):
             model = cls(config)
@@ -452,6 +457,8 @@ def _build(header: dict, model_factory) -> nn.Module:
             model.generation_config = transformers.GenerationConfig.from_dict(
                 arch["generation_config"]
             )
+    except FormatError:
+        raise
     except Exception as e:  # noqa: BLE001 - transformers validates configs with many types
         raise FormatError(
             f"the file's {arch.get('class')} config is invalid: {type(e).__name__}: {e}"
