@@ -199,6 +199,8 @@ def compress_(
                 f"{name} still has a pruning mask; call wclust.prune.remove_masks_(model) "
                 "before compress_"
             )
+    if next(model.parameters(), None) is None:
+        raise ValueError(f"the model ({type(model).__name__}) has no parameters to cluster")
     groups = _weight_owners(model)
     layer_params = {id(w) for w, _ in groups}
     for i, (w, owners) in enumerate(groups):
@@ -224,6 +226,11 @@ def compress_(
         if reason:
             entry.reason = reason
             continue
+        if w.is_meta:
+            raise ValueError(
+                f"weight of {name} is on the meta device (no values); load the real "
+                "weights (e.g. from_pretrained without device_map='meta') before clustering"
+            )
         if not torch.isfinite(w).all():
             raise ValueError(
                 f"weight of {name} has NaN/Inf values; fix the model before clustering"

@@ -296,6 +296,14 @@ def inspect(
     gzip: Annotated[bool, typer.Option(help="also measure the gzip size of the file")] = False,
 ):
     """Print the per-layer report and totals of a .wclust file."""
+    try:
+        _inspect(file, as_json, gzip)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, ArithmeticError) as e:
+        # The checksum is no signature: a hand-made header can hold any report.
+        _fail(f"{file}: malformed compression report in the header ({type(e).__name__}: {e})")
+
+
+def _inspect(file: Path, as_json: bool, gzip: bool) -> None:
     from wclust.formats import read_header
     from wclust.measure.sizes import file_sizes
 

@@ -41,6 +41,9 @@ __all__ = ["FORMAT_VERSION", "FormatError", "load", "read_header", "save", "stor
 
 FORMAT_VERSION = 2  # 2: entropy-coded codes (only files that use them say 2)
 MAX_HEADER_BYTES = 64 << 20
+# Largest clustered weight a header may declare (2**36 weights, 64 Gi): a bound on
+# what decoding may allocate, checked before any tensor is read.
+MAX_NUMEL = 1 << 36
 _DTYPES = {
     "float32": torch.float32,
     "float16": torch.float16,
@@ -284,19 +287,61 @@ def _read_raw_header(path: Path) -> dict:
         meta = st.get("__metadata__") or {}
         text = meta["wclust"]
         header = json.loads(text)
-    except (ValueError, KeyError, AttributeError, TypeError):
+    except (ValueError, KeyError, AttributeError, TypeError, RecursionError):
         raise FormatError(
             f"{path}: not a .wclust file (no wclust header); was it written by wclust.save?"
         ) from None
     if not isinstance(header, dict) or header.get("format") != "wclust":
         raise FormatError(f"{path}: not a .wclust file")
     version = header.get("version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if not isinstance(version, int) or isinstance(version, bool) or version > FORMAT_VERSION:
         raise FormatError(
             f"{path}: format version {version!r} is newer than this wclust reads "
             f"({FORMAT_VERSION}); upgrade wclust"
         )
+    _check_header(path, header)
     return {"header": header, "text": text, "sha256": meta.get("wclust_sha256"), "st": st}
+
+
+def _strs(x) -> bool:
+    return isinstance(x, list) and all(isinstance(v, str) for v in x)
+
+
+def _check_header(path, header: dict) -> None:
+    """The header's structure, checked before any tensor is read or allocated."""
+
+    def bad(msg: str):
+        raise FormatError(f"{path}: malformed header: {msg}")
+
+    if not isinstance(header.get("arch", {}), dict | None):
+        bad("'arch' is not an object")
+    aliases = header.get("aliases", {})
+    if not isinstance(aliases, dict) or not _strs(list(aliases) + list(aliases.values())):
+        bad("'aliases' is not an object of names")
+    entries = header.get("clustered", [])
+    if not isinstance(entries, list):
+        bad("'clustered' is not a list")
+    for i, e in enumerate(entries):
+        if not isinstance(e, dict):
+            bad(f"clustered[{i}] is not an object")
+        if not isinstance(e.get("key"), str) or not e["key"].startswith("clustered."):
+            bad(f"clustered[{i}]: bad key {e.get('key')!r}")
+        owners, types = e.get("owners"), e.get("owner_types")
+        if not (_strs(owners) and _strs(types) and owners and len(owners) == len(types)):
+            bad(f"{e['key']}: 'owners'/'owner_types' are not equal, non-empty lists of names")
+        shape, bits = e.get("shape"), e.get("bits")
+        if not (isinstance(shape, list) and all(type(s) is int and s >= 0 for s in shape)):
+            bad(f"{e['key']}: shape {shape!r} is not a list of non-negative integers")
+        if math.prod(shape) > MAX_NUMEL:
+            bad(f"{e['key']}: shape {shape} declares more than {MAX_NUMEL} weights")
+        if type(bits) is not int or not 1 <= bits <= 8:
+            bad(f"{e['key']}: bits {bits!r} is not an integer from 1 to 8")
+        if not isinstance(e.get("dtype"), str) or e["dtype"] not in _DTYPES:
+            bad(f"{e['key']}: unknown dtype {e.get('dtype')!r}")
+        if not isinstance(e.get("transpose"), bool):
+            bad(f"{e['key']}: transpose {e.get('transpose')!r} is not true or false")
+        if not isinstance(e.get("meta"), dict | None) or not isinstance(e.get("entropy", {}), dict):
+            bad(f"{e['key']}: 'meta'/'entropy' are not objects")
 
 
 def read_header(path: str | os.PathLike) -> dict:
@@ -365,16 +410,24 @@ def load(
     if raw["sha256"] != _digest(raw["text"], tensors):
         raise FormatError(f"{path}: checksum mismatch: the file is truncated or was altered")
     try:
-        model = _build(header, model_factory)
+        model = _build(header, model_factory, len(tensors))
         _fill(model, header, tensors, cache)
     except FormatError:
         raise
-    except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as e:
+    except (
+        KeyError,
+        TypeError,
+        ValueError,
+        AttributeError,
+        IndexError,
+        RuntimeError,
+        ArithmeticError,
+    ) as e:
         raise FormatError(f"{path}: does not match the model architecture: {e}") from None
     return model.eval()
 
 
-def _build(header: dict, model_factory) -> nn.Module:
+def _build(header: dict, model_factory, n_tensors: int = 0) -> nn.Module:
     if model_factory is not None:
         return model_factory if isinstance(model_factory, nn.Module) else model_factory()
     arch = header.get("arch") or {}
@@ -390,27 +443,83 @@ def _build(header: dict, model_factory) -> nn.Module:
     cls = getattr(transformers, str(arch.get("class")), None)
     if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
         raise FormatError(f"unknown transformers model class {arch.get('class')!r}")
-    cfg = dict(arch["config"])
-    config = transformers.AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-    with torch.device("meta"):
-        model = cls(config)
-    if arch.get("generation_config") and hasattr(model, "generation_config"):
-        model.generation_config = transformers.GenerationConfig.from_dict(arch["generation_config"])
+    try:
+        cfg = dict(arch["config"])
+        # Every layer has at least one tensor in the file: a config declaring more
+        # layers than that would only spend time and memory building empty modules.
+        for k, v in cfg.items():
+            if "layer" in k and type(v) is int and v > n_tensors:
+                raise FormatError(f"config {k}={v} declares more layers than the file holds")
+        config = transformers.AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+        with torch.device("meta"):
+            model = cls(config)
+        if arch.get("generation_config") and hasattr(model, "generation_config"):
+            model.generation_config = transformers.GenerationConfig.from_dict(
+                arch["generation_config"]
+            )
+    except FormatError:
+        raise
+    except Exception as e:  # noqa: BLE001 - transformers validates configs with many types
+        raise FormatError(
+            f"the file's {arch.get('class')} config is invalid: {type(e).__name__}: {e}"
+        ) from None
     return model
+
+
+_FLOAT = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+# What each stored part of a clustered weight may be: (dtypes, dims).
+_PARTS = {
+    "codes": ((torch.uint8,), 1),
+    "entropy": ((torch.uint8,), 1),
+    "codebook": ((*_FLOAT, torch.int8), 2),
+    "scale": (_FLOAT, 1),
+    "group_scale": (_FLOAT, None),
+    "group_offset": (_FLOAT, None),
+    "outlier_idx": ((torch.int32, torch.int64), 1),
+    "outlier_val": (_FLOAT, 1),
+}
+
+
+def _check_parts(key: str, e: dict, tensors: dict) -> None:
+    for part in ("entropy" if "entropy" in e else "codes", "codebook"):
+        if f"{key}.{part}" not in tensors:
+            raise FormatError(f"{key}: the file lacks its {part} tensor")
+    for part, (dtypes, dims) in _PARTS.items():
+        t = tensors.get(f"{key}.{part}")
+        if t is None:
+            continue
+        if t.dtype not in dtypes or (dims is not None and t.dim() != dims):
+            raise FormatError(
+                f"{key}.{part}: dtype {_dtype_name(t.dtype)} with {t.dim()} dims is not a "
+                f"valid {part} tensor"
+            )
+    if (tensors[f"{key}.codebook"].dtype == torch.int8) != (f"{key}.scale" in tensors):
+        raise FormatError(f"{key}: an int8 codebook needs its scale, and only it has one")
 
 
 def _fill(model: nn.Module, header: dict, tensors: dict, cache: bool) -> None:
     for e in header["clustered"]:
         key = e["key"]
-        dtype = _DTYPES[e["dtype"]]
+        shape = tuple(e["shape"])
+        # The model's shapes first: nothing is decoded for a weight it does not have.
+        owners = []
+        for owner, otype in zip(e["owners"], e["owner_types"], strict=True):
+            mod = model.get_submodule(owner)
+            if layer_type(mod) is None or type(mod).__name__ != otype:
+                raise FormatError(f"{owner}: file has a {otype}, model has {type(mod).__name__}")
+            want = shape[::-1] if e["transpose"] else shape
+            if tuple(mod._parameters["weight"].shape) != want:
+                raise FormatError(f"{owner}: weight shape {want} does not match the model")
+            owners.append((owner, mod))
+        _check_parts(key, e, tensors)
         packed = _entropy_decode(key, e, tensors) if "entropy" in e else tensors[f"{key}.codes"]
         cw = ClusteredWeight(
             packed,
             tensors[f"{key}.codebook"],
             tensors.get(f"{key}.scale"),
-            tuple(e["shape"]),
+            shape,
             int(e["bits"]),
-            dtype,
+            _DTYPES[e["dtype"]],
             bool(e["transpose"]),
             e.get("meta"),
             tensors.get(f"{key}.group_scale"),
@@ -421,25 +530,38 @@ def _fill(model: nn.Module, header: dict, tensors: dict, cache: bool) -> None:
         if cw.codebook.shape[1] > (1 << cw.bits):
             raise FormatError(f"{key}: more centroids than {cw.bits}-bit codes can address")
         cw.set_cache(cache)
-        for owner, otype in zip(e["owners"], e["owner_types"], strict=True):
-            mod = model.get_submodule(owner)
-            if layer_type(mod) is None or type(mod).__name__ != otype:
-                raise FormatError(f"{owner}: file has a {otype}, model has {type(mod).__name__}")
-            shape = tuple(cw.shape[::-1]) if cw.transpose else cw.shape
-            if tuple(mod._parameters["weight"].shape) != shape:
-                raise FormatError(f"{owner}: weight shape {shape} does not match the model")
+        for owner, mod in owners:
             _set_module(model, owner, swap_weight(mod, cw))
+    keys = {e["key"] for e in header["clustered"]}
     placed: dict[str, torch.Tensor] = {}
     for name, t in tensors.items():
         if name.startswith("clustered."):
+            if name.rpartition(".")[0] not in keys:
+                raise FormatError(f"{name}: no clustered weight in the header uses it")
             continue
         kind, _, full = name.partition(":")
+        if kind not in ("p", "b"):
+            raise FormatError(f"{name}: not a parameter (p:) or buffer (b:) name")
         placed[full] = _place(model, kind, full, t)
     for alias, target in header.get("aliases", {}).items():
         _place(
             model, "p" if isinstance(placed[target], nn.Parameter) else "b", alias, placed[target]
         )
-    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    # Every tensor save() would store must come from the file: a factory's random
+    # init must not survive silently.
+    left = [
+        full
+        for mod_name, mod in model.named_modules(remove_duplicate=False)
+        if not isinstance(mod, ClusteredWeight)
+        for store in (mod._parameters, mod._buffers)
+        for attr, t in store.items()
+        if t is not None
+        and (full := f"{mod_name}.{attr}" if mod_name else attr) not in placed
+        and full not in header.get("aliases", {})
+    ]
+    left += [
+        n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta
+    ]
     if left:
         raise FormatError(f"file lacks tensors for {left[:5]}{' ...' if len(left) > 5 else ''}")
 
@@ -455,6 +577,10 @@ def _place(model: nn.Module, kind: str, full: str, t: torch.Tensor):
     old = store[attr]
     if old is not None and tuple(old.shape) != tuple(t.shape):
         raise FormatError(f"{full}: shape {tuple(t.shape)} in file, {tuple(old.shape)} in model")
+    if old is not None and (
+        old.dtype != t.dtype if not old.dtype.is_floating_point else not t.dtype.is_floating_point
+    ):
+        raise FormatError(f"{full}: dtype {_dtype_name(t.dtype)} in file, {old.dtype} in model")
     if kind == "p" and not isinstance(t, nn.Parameter):
         t = nn.Parameter(t, requires_grad=old.requires_grad if old is not None else True)
     store[attr] = t
