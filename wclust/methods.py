@@ -167,7 +167,8 @@ _add(
 )
 
 _CAL = (
-    "calibrated on the built-in synthetic clips (not the evaluation set unless --data is omitted)"
+    "calibrated on the task's built-in data (ASR: the synthetic clips; LM: the Book of Ruth), "
+    "not the evaluation set unless --data is omitted"
 )
 for b in (4, 3):
     _add(
