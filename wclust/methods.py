@@ -237,6 +237,18 @@ for t in (4.25, 3.25):
             notes=_CAL,
         )
     )
+    _add(
+        CompareMethod(
+            f"mixed-lloyd-{t}b-fisher",
+            f"k-means codebook per tensor (NormalFloat start), scale per 64, bits per layer "
+            f"for <= {t} bits/weight, positional tables included, Fisher",
+            "clustering",
+            _C(group_size=64, method="scaled-lloyd", exclude=()),
+            calibrate="fisher",
+            target_bits=t,
+            notes=_CAL,
+        )
+    )
 
 # Learned codebook per tensor over absmax-normalized groups of 64, started from the
 # NormalFloat table with -1/0/+1 kept (so it can only improve on NF4's weighted
@@ -261,20 +273,6 @@ for b in (4, 3):
             notes=_CAL,
         )
     )
-for t in (4.25, 3.25):
-    _add(
-        CompareMethod(
-            f"mixed-lloyd-{t}b-fisher",
-            f"k-means codebook per tensor (NormalFloat start), scale per 64, bits per layer "
-            f"for <= {t} bits/weight, positional tables included, Fisher",
-            "clustering",
-            _C(group_size=64, method="scaled-lloyd", exclude=()),
-            calibrate="fisher",
-            target_bits=t,
-            notes=_CAL,
-        )
-    )
-
 # Issue 7: outliers without calibration (tasks with no loss: embed, vision), and
 # clustering restricted to attention or MLP layers (config.LAYER_PRESETS).
 from .config import layer_preset as _preset  # noqa: E402

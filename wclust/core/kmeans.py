@@ -125,6 +125,7 @@ def lloyd_sorted(
     ws: torch.Tensor,
     cents: torch.Tensor,
     max_iter: int = 300,
+    fixed: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Run Lloyd iterations until no assignment changes.
 
@@ -133,6 +134,8 @@ def lloyd_sorted(
         ws: (B, n) non-negative weights.
         cents: (B, k) initial centroids.
         max_iter: iteration cap.
+        fixed: optional (B, k) bool: these centroids keep their initial value (they
+            still take part in the assignment). Lloyd still never raises the error.
 
     Returns:
         (B, k) float64 centroids, ascending. A centroid whose cell is empty keeps
@@ -146,9 +149,10 @@ def lloyd_sorted(
     x = np.ascontiguousarray(xs.detach().to("cpu", torch.float64).numpy())
     w = np.ascontiguousarray(ws.detach().to("cpu", torch.float64).numpy())
     c = np.array(cents.detach().to("cpu", torch.float64).numpy(), dtype=np.float64, order="C")
+    f = np.zeros(c.shape, dtype=np.bool_) if fixed is None else np.array(fixed.cpu().numpy())
     b = x.shape[0]
     if b and c.shape[1]:
-        _LLOYD(x, w, c, int(max_iter), int(min(b, 4 * numba.get_num_threads())))
+        _LLOYD(x, w, c, f, int(max_iter), int(min(b, 4 * numba.get_num_threads())))
     return torch.from_numpy(c).to(device=cents.device)
 
 
@@ -160,7 +164,7 @@ def _build_lloyd():
     import numba as nb
 
     @nb.njit(parallel=True, cache=True, error_model="numpy")
-    def _lloyd_rows(xs, ws, cents, max_iter, n_chunks):
+    def _lloyd_rows(xs, ws, cents, fixed, max_iter, n_chunks):
         b, n = xs.shape
         k = cents.shape[1]
         for ch in nb.prange(n_chunks):
@@ -172,6 +176,7 @@ def _build_lloyd():
                 x = xs[r]
                 w = ws[r]
                 c = cents[r]
+                f = fixed[r]
                 p0[0] = 0.0
                 p1[0] = 0.0
                 for t in range(n):
@@ -180,7 +185,9 @@ def _build_lloyd():
                 bnd[0] = 0
                 bnd[k] = n
                 for it in range(max_iter):
-                    c[:] = np.sort(c)
+                    o = np.argsort(c)
+                    c[:] = c[o]
+                    f[:] = f[o]
                     same = it > 0
                     for j in range(1, k):  # first point of each right cell
                         v = np.searchsorted(x, 0.5 * (c[j - 1] + c[j]))
@@ -192,7 +199,7 @@ def _build_lloyd():
                     prev[:] = bnd
                     for j in range(k):
                         s0 = p0[bnd[j + 1]] - p0[bnd[j]]
-                        if s0 > 0.0:
+                        if s0 > 0.0 and not f[j]:
                             c[j] = (p1[bnd[j + 1]] - p1[bnd[j]]) / s0
                     if k == 1:
                         break

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from .codebook import cluster_tensor
+from .kmeans import lloyd_sorted
 
 __all__ = ["NF4_TABLE", "ScaledCodes", "nf4", "normal_float_table", "rtn", "scaled_kmeans"]
 
@@ -149,34 +150,6 @@ def rtn(x: torch.Tensor, bits: int, group_size: int = 128, symmetric: bool = Fal
     return _finish(x, rows, q, table, scale, offset, group_size, bits)
 
 
-def _lloyd_fixed(
-    values: torch.Tensor, weights: torch.Tensor, init: torch.Tensor, fixed: torch.Tensor, iters: int
-) -> torch.Tensor:
-    """Weighted 1-D Lloyd from ``init`` (k,), keeping the ``fixed`` (k,) centroids
-    where they are. On sorted points each cell is a contiguous run, so one step is a
-    binary search of k-1 midpoints plus prefix-sum lookups. Never increases the
-    weighted error (assignment and free-centroid updates are both optimal steps)."""
-    order = values.argsort()
-    v = values[order].double()
-    w = weights[order].double()
-    z = torch.zeros(1, dtype=torch.float64)
-    cw, cwx = torch.cat([z, w.cumsum(0)]), torch.cat([z, (w * v).cumsum(0)])
-    c, fixed = init.double().clone(), fixed.clone()
-    n = torch.tensor([v.numel()])
-    for _ in range(iters):
-        c, perm = c.sort()
-        fixed = fixed[perm]
-        cut = torch.searchsorted(v, 0.5 * (c[1:] + c[:-1]))
-        lo, hi = torch.cat([torch.zeros(1, dtype=torch.long), cut]), torch.cat([cut, n])
-        mass = cw[hi] - cw[lo]
-        new = torch.where(mass > 0, (cwx[hi] - cwx[lo]) / mass.clamp_min(1e-300), c)
-        new = torch.where(fixed, c, new)
-        if torch.equal(new, c):
-            break
-        c = new
-    return c.sort().values.float()
-
-
 def scaled_kmeans(
     x: torch.Tensor,
     bits: int,
@@ -219,7 +192,10 @@ def scaled_kmeans(
         fixed = torch.zeros_like(init, dtype=torch.bool)
         if anchors:
             fixed = (init == -1) | (init == 0) | (init == 1)
-        table = _lloyd_fixed(normed.reshape(-1), w.reshape(-1), init, fixed, iters)
+        order = normed.reshape(-1).argsort()
+        xs = normed.reshape(-1)[order].double()[None]
+        ws = w.reshape(-1)[order].double()[None]
+        table = lloyd_sorted(xs, ws, init.double()[None], iters, fixed[None])[0].float()
     codes = _nearest(normed, table)
     report_w = None if sample_weight is None else sample_weight.detach().float().reshape(rows.shape)
     return _finish(x, rows, codes, table, scale, None, group_size, bits, weight=report_w)
