@@ -54,10 +54,17 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent._modules[child] = new
 
 
-def _distinct_codes(codes: torch.Tensor, n_cb: int, k: int) -> int:
-    rows = codes.reshape(n_cb, -1).long() + (torch.arange(n_cb) * k)[:, None]
-    used = torch.bincount(rows.reshape(-1), minlength=n_cb * k).view(n_cb, k) > 0
-    return int(used.sum(1).max())
+def _distinct_codes(codes: torch.Tensor, n_cb: int, k: int, chunk: int = 1 << 22) -> int:
+    """Most distinct codes used by any one codebook (batches of rows: bounded memory)."""
+    rows = codes.reshape(n_cb, -1)
+    step = max(1, chunk // max(1, rows.shape[1]))
+    most = 0
+    for i in range(0, n_cb, step):
+        n = min(step, n_cb - i)
+        part = rows[i : i + n].long() + (torch.arange(n) * k)[:, None]
+        used = torch.bincount(part.reshape(-1), minlength=n * k).view(n, k) > 0
+        most = max(most, int(used.sum(1).max()))
+    return most
 
 
 TENSOR_METHODS: Registry = Registry("tensor method")
@@ -204,70 +211,90 @@ def compress_(
     groups = _weight_owners(model)
     layer_params = {id(w) for w, _ in groups}
     for i, (w, owners) in enumerate(groups):
-        name, mod = owners[0]
         if progress:
-            progress(name, i, len(groups))
-        ltype = layer_type(mod)
-        entry = LayerReport(
-            name=name,
-            type=type(mod).__name__,
-            shape=list(w.shape),
-            status="dense",
-            shared_with=[n for n, _ in owners[1:]],
-            numel=w.numel(),
-            bytes_before=w.numel() * w.element_size(),
-            bytes_after=w.numel() * w.element_size(),
-        )
+            progress(owners[0][0], i, len(groups))
+        entry, cw = _compress_weight(w, owners, cfg, sample_weights.get(owners[0][0]))
         report.layers.append(entry)
-        reason = _skip_reason(cfg, owners, ltype, w)
-        settings = cfg.for_layer(name)
-        if not reason and settings["skip"]:
-            reason = "skipped by override"
-        if reason:
-            entry.reason = reason
-            continue
-        if w.is_meta:
-            raise ValueError(
-                f"weight of {name} is on the meta device (no values); load the real "
-                "weights (e.g. from_pretrained without device_map='meta') before clustering"
-            )
-        if not torch.isfinite(w).all():
-            raise ValueError(
-                f"weight of {name} has NaN/Inf values; fix the model before clustering"
-            )
-        transpose = ltype == "Conv1D"  # stored (in, out); cluster the (out, in) view
-        data = w.detach().t() if transpose else w.detach()
-        sw = sample_weights.get(name)
-        if sw is not None and transpose:
-            sw = sw.t()
-        t0 = time.perf_counter()
-        meta = {k: settings[k] for k in ("method", "granularity", "group_size", "codebook_dtype")}
-        try:
-            cw, st = TENSOR_METHODS.get(settings["method"])(data, settings, sw, cfg.seed)
-        except ValueError as e:
-            entry.reason = f"cannot cluster: {e}"
-            continue
-        cw.transpose = transpose
-        cw.meta = {**meta, **st}
-        for owner_name, owner in owners:
-            _set_module(model, owner_name, swap_weight(owner, cw))
-        ms = float((data.double() ** 2).mean())
-        entry.status = "clustered"
-        entry.method = settings["method"]
-        entry.granularity = st.get("granularity", settings["granularity"])
-        entry.group_size = st.get("group_size")
-        entry.codebook_dtype = st.get("codebook_dtype", settings["codebook_dtype"])
-        entry.bits = cw.bits
-        entry.n_clusters = cw.codebook.shape[1]
-        entry.n_codebooks = cw.n_codebooks
-        entry.distinct_values = st["distinct"]
-        entry.mse = st["mse"]
-        entry.rel_error = st["mse"] / ms if ms > 0 else 0.0
-        entry.bytes_after = cw.nbytes
-        entry.seconds = time.perf_counter() - t0
+        if cw is not None:
+            for owner_name, owner in owners:
+                _set_module(model, owner_name, swap_weight(owner, cw))
     _count_other(model, report, layer_params)
     report.seconds = time.perf_counter() - t_start
     return report
+
+
+def _compress_weight(
+    w: torch.Tensor, owners: list, cfg: ClusterConfig, sw: torch.Tensor | None
+) -> tuple[LayerReport, ClusteredWeight | None]:
+    """Cluster one layer weight (used by all ``owners``) as ``cfg`` says.
+
+    Returns:
+        (its report entry, the ClusteredWeight or None when it stays dense; the
+        entry's ``reason`` then says why).
+    """
+    name, mod = owners[0]
+    ltype = layer_type(mod)
+    entry = LayerReport(
+        name=name,
+        type=type(mod).__name__,
+        shape=list(w.shape),
+        status="dense",
+        shared_with=[n for n, _ in owners[1:]],
+        numel=w.numel(),
+        bytes_before=w.numel() * w.element_size(),
+        bytes_after=w.numel() * w.element_size(),
+    )
+    reason = _skip_reason(cfg, owners, ltype, w)
+    settings = cfg.for_layer(name)
+    if not reason and settings["skip"]:
+        reason = "skipped by override"
+    if reason:
+        entry.reason = reason
+        return entry, None
+    if w.is_meta:
+        raise ValueError(
+            f"weight of {name} is on the meta device (no values); load the real "
+            "weights (e.g. from_pretrained without device_map='meta') before clustering"
+        )
+    if not torch.isfinite(w).all():
+        raise ValueError(f"weight of {name} has NaN/Inf values; fix the model before clustering")
+    transpose = ltype == "Conv1D"  # stored (in, out); cluster the (out, in) view
+    data = w.detach().t() if transpose else w.detach()
+    if sw is not None and transpose:
+        sw = sw.t()
+    t0 = time.perf_counter()
+    meta = {k: settings[k] for k in ("method", "granularity", "group_size", "codebook_dtype")}
+    try:
+        cw, st = TENSOR_METHODS.get(settings["method"])(data, settings, sw, cfg.seed)
+    except ValueError as e:
+        entry.reason = f"cannot cluster: {e}"
+        return entry, None
+    cw.transpose = transpose
+    cw.meta = {**meta, **st}
+    ms = _mean_square(data)
+    entry.status = "clustered"
+    entry.method = settings["method"]
+    entry.granularity = st.get("granularity", settings["granularity"])
+    entry.group_size = st.get("group_size")
+    entry.codebook_dtype = st.get("codebook_dtype", settings["codebook_dtype"])
+    entry.bits = cw.bits
+    entry.n_clusters = cw.codebook.shape[1]
+    entry.n_codebooks = cw.n_codebooks
+    entry.distinct_values = st["distinct"]
+    entry.mse = st["mse"]
+    entry.rel_error = st["mse"] / ms if ms > 0 else 0.0
+    entry.bytes_after = cw.nbytes
+    entry.seconds = time.perf_counter() - t0
+    return entry, cw
+
+
+def _mean_square(t: torch.Tensor, chunk: int = 1 << 22) -> float:
+    """Mean of t**2 in float64, a chunk at a time (no full float64 copy)."""
+    flat = t.reshape(-1)
+    total = sum(
+        float(flat[i : i + chunk].double().square().sum()) for i in range(0, flat.numel(), chunk)
+    )
+    return total / max(1, flat.numel())
 
 
 def _skip_reason(cfg: ClusterConfig, owners, ltype, w) -> str:

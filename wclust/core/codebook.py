@@ -32,6 +32,9 @@ MAX_CLUSTERS = 256
 # polished by Lloyd on the full data (which never increases the error).
 # BENCHMARKS.md measures the effect.
 EXACT_MAX_POINTS = 1 << 16
+# Rows of codebooks are clustered in batches of at most this many elements (a single
+# codebook larger than this is one batch).
+CHUNK_ELEMENTS = 1 << 22
 
 
 @dataclass
@@ -247,8 +250,58 @@ def cluster_tensor(
     sw = _validate(x, sample_weight, method, init, codebook_dtype)
     shape = tuple(x.shape)
     n_cb, per = codebook_layout(shape, granularity, group_size)
-    rows = x.detach().to("cpu", torch.float64).reshape(n_cb, per)  # (n_cb, per)
-    w = sw.reshape(n_cb, per) if sw is not None else torch.ones_like(rows)
+    rows = x.detach().reshape(n_cb, per)  # (n_cb, per), still x's dtype
+    sw_rows = sw.reshape(n_cb, per) if sw is not None else None
+    gen = torch.Generator().manual_seed(seed)
+    # Codebooks are solved in batches of whole rows of at most CHUNK_ELEMENTS, so the
+    # float64 working copies stay bounded (about 100 bytes per element) however large
+    # the tensor: a 4096x11008 matrix per channel peaks at ~0.6 GB, not 2.3 GB.
+    step = max(1, CHUNK_ELEMENTS // per)
+    parts = [
+        _cluster_rows(
+            rows[i : i + step],
+            None if sw_rows is None else sw_rows[i : i + step],
+            k,
+            method,
+            init,
+            keep_zeros,
+            codebook_dtype,
+            gen,
+            max_iter,
+        )
+        for i in range(0, n_cb, step)
+    ]
+    codebook = torch.cat([p[0] for p in parts])
+    codes = torch.cat([p[1] for p in parts])
+    scale = torch.cat([p[2] for p in parts]) if codebook_dtype == "int8" else None
+    mse = sum(p[3] for p in parts) / sum(p[4] for p in parts)
+    return ClusteredTensor(
+        codebook=codebook,
+        codes=codes.reshape(shape),
+        shape=shape,
+        dtype=x.dtype,
+        granularity=granularity,
+        group_size=group_size if granularity == "group" else None,
+        n_clusters=k,
+        codebook_dtype=codebook_dtype,
+        mse=mse,
+        method=method,
+        init=init if method == "kmeans" else None,
+        keep_zeros=keep_zeros,
+        codebook_scale=scale,
+    )
+
+
+def _cluster_rows(x_rows, sw_rows, k, method, init, keep_zeros, codebook_dtype, gen, max_iter):
+    """Cluster each row of ``x_rows`` (n, per) into its own codebook.
+
+    Returns:
+        (codebook (n, k) float32, codes (n, per) uint8, int8 scale (n,) or None,
+        weighted squared error sum, weight sum).
+    """
+    n_cb = x_rows.shape[0]
+    rows = x_rows.to("cpu", torch.float64)  # (n, per)
+    w = sw_rows if sw_rows is not None else torch.ones_like(rows)
     w = torch.where(w.sum(1, keepdim=True) > 0, w, torch.ones_like(w))
 
     if keep_zeros:
@@ -260,15 +313,16 @@ def cluster_tensor(
         w_fit = w
         k_fit = k
 
-    gen = torch.Generator().manual_seed(seed)
     if method == "exact":
         cents = _exact(rows, w_fit, k_fit)
     else:
         order = rows.argsort(dim=1, stable=True)
         xs = rows.gather(1, order)
         ws = w_fit.gather(1, order)
+        del order
         cents = init_centroids(xs, ws, k_fit, init, gen) if k_fit > 0 else xs[:, :0]
         cents = lloyd_sorted(xs, ws, cents, max_iter)
+        del xs, ws
 
     scale = None
     if codebook_dtype == "int8":
@@ -288,23 +342,9 @@ def cluster_tensor(
 
     codebook = cents.float()
     codes = codes.to(torch.uint8)
-    deq = codebook.gather(1, codes.long()).to(x.dtype).double()
-    mse = float(((deq - rows) ** 2 * w).sum() / w.sum())
-    return ClusteredTensor(
-        codebook=codebook,
-        codes=codes.reshape(shape),
-        shape=shape,
-        dtype=x.dtype,
-        granularity=granularity,
-        group_size=group_size if granularity == "group" else None,
-        n_clusters=k,
-        codebook_dtype=codebook_dtype,
-        mse=mse,
-        method=method,
-        init=init if method == "kmeans" else None,
-        keep_zeros=keep_zeros,
-        codebook_scale=scale,
-    )
+    deq = codebook.gather(1, codes.long()).to(x_rows.dtype).double()
+    err = float(((deq - rows) ** 2 * w).sum())
+    return codebook, codes, scale, err, float(w.sum())
 
 
 def _assign(rows: torch.Tensor, cents: torch.Tensor) -> torch.Tensor:
