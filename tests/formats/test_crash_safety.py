@@ -26,15 +26,15 @@ import wclust.formats.wclust_file as wf
 torch.set_num_threads(1)
 torch.manual_seed(int(sys.argv[2]))
 m = nn.ParameterList([nn.Parameter(torch.randn(1 << 16)) for _ in range(200)])  # 52 MB
-real_bytes, real_write = wf._tensor_bytes, wf._write_safetensors
-def slow_bytes(t):  # ~1 s of writing: room to be killed in the middle
+real_chunks, real_write = wf.FileWriter._chunks, wf.FileWriter._write_file
+def slow_chunks(self, name):  # ~1 s of writing: room to be killed in the middle
     time.sleep(0.005)
-    return real_bytes(t)
-def write(*a, **k):
-    wf._tensor_bytes = slow_bytes
+    yield from real_chunks(self, name)
+def write(self, *a, **k):
+    wf.FileWriter._chunks = slow_chunks
     print("W", flush=True)
-    return real_write(*a, **k)
-wf._write_safetensors = write
+    return real_write(self, *a, **k)
+wf.FileWriter._write_file = write
 print("R", flush=True)
 wf.save(m, sys.argv[1])
 print("D", flush=True)

@@ -120,15 +120,15 @@ def test_atomic_save_keeps_existing_file_on_failure(tmp_path, monkeypatch):
     before = p.read_bytes()
     import wclust.formats.wclust_file as wf
 
-    real = wf._write_safetensors
+    real = wf.FileWriter._write_file
 
-    def boom(path, *a, **k):  # write half a file, then fail
-        real(path, *a, **k)
-        with open(path, "r+b") as f:
+    def boom(self, target, *a, **k):  # write half a file, then fail
+        real(self, target, *a, **k)
+        with open(target, "r+b") as f:
             f.truncate(100)
         raise OSError("disk full")
 
-    monkeypatch.setattr(wf, "_write_safetensors", boom)
+    monkeypatch.setattr(wf.FileWriter, "_write_file", boom)
     with pytest.raises(OSError):
         wclust.save(m, p)
     assert p.read_bytes() == before

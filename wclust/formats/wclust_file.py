@@ -71,7 +71,7 @@ def _digest(header_text: str, tensors: dict[str, torch.Tensor]) -> str:
     for name in sorted(tensors):
         t = tensors[name].contiguous()
         h.update(f"\0{name}\0{_dtype_name(t.dtype)}\0{list(t.shape)}\0".encode())
-        h.update(_tensor_bytes(t))
+        h.update(_tensor_view(t))
     return h.hexdigest()
 
 
@@ -124,59 +124,79 @@ def save(
 
     if entropy is not None and entropy not in CODERS:
         raise ValueError(f"entropy must be None or one of {', '.join(CODERS)}; got {entropy!r}")
-    path = Path(path)
-    tensors: dict[str, torch.Tensor] = {}
+    writer = FileWriter(path, spill=False)
     entries = []
-    cw_ids = set()
     for i, (cw, owners) in enumerate(clustered_weights(model).values()):
-        cw_ids.add(id(cw))
-        key = f"clustered.{i}"
-        info = None
-        if entropy is None:
-            tensors[f"{key}.codes"] = cw.packed
+        entries.append(add_clustered(writer, f"clustered.{i}", cw, owners, entropy))
+    aliases = {}
+    for stored, t, alias_of in plain_tensors(model):
+        if alias_of is not None:
+            aliases[stored] = alias_of
         else:
-            tensors[f"{key}.entropy"], info = _entropy_encode(cw, entropy)
-        tensors[f"{key}.codebook"] = cw.codebook.detach()  # trainable while fine-tuning
-        for suffix, t in (
-            ("scale", cw.codebook_scale),
-            ("group_scale", cw.group_scale),
-            ("group_offset", cw.group_offset),
-            ("outlier_idx", cw.outlier_idx),
-            ("outlier_val", cw.outlier_val),
-        ):
-            if t is not None:
-                tensors[f"{key}.{suffix}"] = t
-        entries.append(
-            {
-                "key": key,
-                "owners": [n for n, _ in owners],
-                "owner_types": [base_class(m).__name__ for _, m in owners],
-                "shape": list(cw.shape),
-                "bits": cw.bits,
-                "dtype": _dtype_name(cw.dtype),
-                "transpose": cw.transpose,
-                "meta": cw.meta,
-                **({"entropy": info} if info is not None else {}),
-            }
-        )
-    aliases: dict[str, str] = {}
+            writer.add(stored, t.detach())
+    header = make_header(model, entries, aliases, config, report, source, extra, entropy)
+    return writer.finish(header)
+
+
+def add_clustered(writer: FileWriter, key: str, cw: ClusteredWeight, owners, entropy) -> dict:
+    """Add one clustered weight's tensors to ``writer``; returns its header entry."""
+    info = None
+    if entropy is None:
+        writer.add(f"{key}.codes", cw.packed)
+    else:
+        blob, info = _entropy_encode(cw, entropy)
+        writer.add(f"{key}.entropy", blob)
+    writer.add(f"{key}.codebook", cw.codebook.detach())  # trainable while fine-tuning
+    for suffix, t in (
+        ("scale", cw.codebook_scale),
+        ("group_scale", cw.group_scale),
+        ("group_offset", cw.group_offset),
+        ("outlier_idx", cw.outlier_idx),
+        ("outlier_val", cw.outlier_val),
+    ):
+        if t is not None:
+            writer.add(f"{key}.{suffix}", t)
+    return {
+        "key": key,
+        "owners": [n for n, _ in owners],
+        "owner_types": [base_class(m).__name__ for _, m in owners],
+        "shape": list(cw.shape),
+        "bits": cw.bits,
+        "dtype": _dtype_name(cw.dtype),
+        "transpose": cw.transpose,
+        "meta": cw.meta,
+        **({"entropy": info} if info is not None else {}),
+    }
+
+
+def plain_tensors(model: nn.Module, skip: set[int] = frozenset()):
+    """Every parameter and buffer ``save`` stores under its own name.
+
+    Yields ``(stored name, tensor, None)`` for the first name of each tensor
+    (``p:<path>`` for parameters, ``b:<path>`` for buffers) and ``(path, None, first
+    path)`` for a tensor met again under another name. ClusteredWeight internals and
+    tensors whose id is in ``skip`` are left out.
+    """
     first_name: dict[int, str] = {}
     for mod_name, mod in model.named_modules(remove_duplicate=False):
         if isinstance(mod, ClusteredWeight):
             continue
-        kinds = [("p", mod._parameters), ("b", mod._buffers)]
-        for kind, store in kinds:
+        for kind, store in (("p", mod._parameters), ("b", mod._buffers)):
             for attr, t in store.items():
-                if t is None:
+                if t is None or id(t) in skip:
                     continue
                 full = f"{mod_name}.{attr}" if mod_name else attr
                 if id(t) in first_name:
                     if first_name[id(t)] != full:
-                        aliases[full] = first_name[id(t)]
+                        yield full, None, first_name[id(t)]
                     continue
                 first_name[id(t)] = full
-                tensors[f"{kind}:{full}"] = t.detach()
-    header = {
+                yield f"{kind}:{full}", t, None
+
+
+def make_header(model, entries, aliases, config, report, source, extra, entropy) -> dict:
+    """The JSON header of a .wclust file (see the module docstring)."""
+    return {
         "format": "wclust",
         "version": FORMAT_VERSION if entropy else 1,
         "arch": _arch(model),
@@ -187,19 +207,120 @@ def save(
         "source": source,
         "extra": extra or {},
     }
-    tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
-    text = json.dumps(header, sort_keys=True, default=str)
-    meta = {"wclust": text, "wclust_sha256": _digest(text, tensors)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        _write_safetensors(tmp, tensors, meta)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+
+
+class FileWriter:
+    """Writes a .wclust (safetensors) file one tensor at a time, atomically.
+
+    With ``spill=True`` each added tensor's bytes go straight to a temporary file
+    next to ``path``, so the caller needs only one tensor in memory at a time (the
+    larger-than-memory path); otherwise the tensors are kept by reference.
+    ``finish(header)`` writes the canonical file (tensors in name order, SHA-256 in
+    the metadata) to a temporary name and renames it over ``path``; on any error,
+    or ``abort()``, nothing is left behind and an existing ``path`` is untouched.
+    """
+
+    _CHUNK = 16 << 20
+
+    def __init__(self, path: str | os.PathLike, spill: bool = False):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._items: dict[str, tuple] = {}  # name -> (dtype, shape, tensor | (offset, n))
+        self._spill = None
+        if spill:
+            self._spill = tempfile.NamedTemporaryFile(
+                prefix=f".{self.path.name}.", suffix=".spill", dir=self.path.parent
+            )
+        self._offset = 0
+
+    def add(self, name: str, t: torch.Tensor) -> None:
+        if name in self._items:
+            raise ValueError(f"tensor {name!r} added twice")
+        t = t.detach().cpu().contiguous()
+        if t.dtype not in _ST_DTYPES:
+            raise ValueError(f"{name}: dtype {t.dtype} cannot be stored")
+        if self._spill is None:
+            self._items[name] = (t.dtype, list(t.shape), t)
+            return
+        n = t.numel() * t.element_size()
+        self._spill.write(_tensor_view(t))
+        self._items[name] = (t.dtype, list(t.shape), (self._offset, n))
+        self._offset += n
+
+    def _chunks(self, name: str):
+        _, _, src = self._items[name]
+        if isinstance(src, torch.Tensor):
+            yield _tensor_view(src)
+            return
+        offset, n = src
+        self._spill.flush()
+        with open(self._spill.name, "rb") as f:
+            f.seek(offset)
+            while n > 0:
+                buf = f.read(min(n, self._CHUNK))
+                if not buf:
+                    raise OSError(f"spill file ended early while writing {name}")
+                n -= len(buf)
+                yield buf
+
+    def digest(self, header_text: str) -> str:
+        h = hashlib.sha256(header_text.encode())
+        for name in sorted(self._items):
+            dtype, shape, _ = self._items[name]
+            h.update(f"\0{name}\0{_dtype_name(dtype)}\0{shape}\0".encode())
+            for chunk in self._chunks(name):
+                h.update(chunk)
+        return h.hexdigest()
+
+    def finish(self, header: dict) -> Path:
+        """Write the file (checksummed header, then every tensor) and rename it into place."""
+        text = json.dumps(header, sort_keys=True, default=str)
+        meta = {"wclust": text, "wclust_sha256": self.digest(text)}
+        fd, tmp = tempfile.mkstemp(
+            prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent
+        )
+        os.close(fd)
+        try:
+            self._write_file(tmp, meta)
+            os.replace(tmp, self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        finally:
+            self.abort()
+        return self.path
+
+    def _write_file(self, target: str, meta: dict[str, str]) -> None:
+        """A standard safetensors file with a canonical header (sorted keys, tensors in
+        name order), so equal inputs give byte-identical files; fsynced."""
+        entries: dict = {"__metadata__": meta}
+        offset = 0
+        for name in sorted(self._items):
+            dtype, shape, src = self._items[name]
+            n = src[1] if isinstance(src, tuple) else src.numel() * src.element_size()
+            entries[name] = {
+                "dtype": _ST_DTYPES[dtype],
+                "shape": shape,
+                "data_offsets": [offset, offset + n],
+            }
+            offset += n
+        head = json.dumps(entries, sort_keys=True, separators=(",", ":")).encode()
+        head += b" " * (-len(head) % 8)
+        with open(target, "wb") as f:
+            f.write(struct.pack("<Q", len(head)))
+            f.write(head)
+            for name in sorted(self._items):
+                for chunk in self._chunks(name):
+                    f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def abort(self) -> None:
+        """Drop what was added (and the spill file)."""
+        if self._spill is not None:
+            self._spill.close()  # a NamedTemporaryFile deletes itself
+            self._spill = None
+        self._items.clear()
 
 
 def _entropy_encode(cw: ClusteredWeight, coder: str) -> tuple[torch.Tensor, dict]:
@@ -240,33 +361,20 @@ _ST_DTYPES = {
 }
 
 
-def _tensor_bytes(t: torch.Tensor) -> bytes:
-    return t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
-
-
 def _write_safetensors(path: str, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
-    """A standard safetensors file with a canonical header (sorted keys, tensors in
-    name order), so equal inputs give byte-identical files; fsynced."""
-    entries: dict = {"__metadata__": meta}
-    offset = 0
-    for name in sorted(tensors):
-        t = tensors[name]
-        n = t.numel() * t.element_size()
-        entries[name] = {
-            "dtype": _ST_DTYPES[t.dtype],
-            "shape": list(t.shape),
-            "data_offsets": [offset, offset + n],
-        }
-        offset += n
-    head = json.dumps(entries, sort_keys=True, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(head)))
-        f.write(head)
-        for name in sorted(tensors):
-            f.write(_tensor_bytes(tensors[name]))
-        f.flush()
-        os.fsync(f.fileno())
+    """Write ``tensors`` with this exact metadata to ``path`` (not atomic; for tools
+    and tests that craft files)."""
+    w = FileWriter(path)
+    for name, t in tensors.items():
+        w.add(name, t)
+    w._write_file(str(path), meta)
+
+
+def _tensor_view(t: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, without a copy."""
+    if not t.numel():
+        return memoryview(b"")
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
 def _read_raw_header(path: Path) -> dict:
