@@ -100,6 +100,11 @@ def test_inspect_reports_stored_bits_of_entropy_coded_files(model_dir, tmp_path)
         (["compress", "{model}", "-o", "x.wclust", "--bits", "12"], "bits"),
         (["compress", "{model}", "-o", "x.wclust", "--granularity", "group"], "group_size"),
         (["compress", "{model}", "-o", "x.wclust", "--entropy", "zip"], "--entropy"),
+        (["compress", "{tmp}", "-o", "x.wclust", "--stream"], "local safetensors checkpoint"),
+        (
+            ["compress", "{model}", "-o", "x.wclust", "--stream", "--target-bits", "4"],
+            "whole model in memory",
+        ),
         (["inspect", "/no/such/file.wclust"], "no such file"),
         (["inspect", "{junk}"], "header length"),
     ],
@@ -151,3 +156,18 @@ def test_compress_layers_preset(model_dir, tmp_path):
     assert any("fc1" in x["name"] for x in d["layers"] if x["status"] == "dense")
     r = wclust("compress", model_dir, "-o", out, "--layers", "conv")
     assert r.returncode == 2 and "layer preset 'conv' is unknown" in r.stderr
+
+
+def test_compress_stream_writes_the_same_tensors(model_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    outs, said = {}, {}
+    for flag in ("--stream", "--no-stream"):
+        outs[flag] = tmp_path / f"{flag.strip('-')}.wclust"
+        r = wclust("compress", model_dir, "-o", outs[flag], "--bits", "3", flag)
+        assert r.returncode == 0, r.stderr[-2000:]
+        said[flag] = "one tensor at a time" in " ".join(r.stderr.split())
+    assert said == {"--stream": True, "--no-stream": False}
+    a, b = (load_file(str(outs[f])) for f in ("--stream", "--no-stream"))
+    assert sorted(a) == sorted(b)
+    assert all((a[k] == b[k]).all() for k in a)

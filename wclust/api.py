@@ -224,9 +224,16 @@ def compress_(
 
 
 def _compress_weight(
-    w: torch.Tensor, owners: list, cfg: ClusterConfig, sw: torch.Tensor | None
+    w: torch.Tensor,
+    owners: list,
+    cfg: ClusterConfig,
+    sw: torch.Tensor | None,
+    materialize: Callable[[], torch.Tensor] | None = None,
 ) -> tuple[LayerReport, ClusteredWeight | None]:
     """Cluster one layer weight (used by all ``owners``) as ``cfg`` says.
+
+    ``materialize``, if given, returns the weight's values once it is known to be
+    clustered (``w`` may then be a meta tensor: the streaming path).
 
     Returns:
         (its report entry, the ClusteredWeight or None when it stays dense; the
@@ -251,6 +258,8 @@ def _compress_weight(
     if reason:
         entry.reason = reason
         return entry, None
+    if materialize is not None:
+        w = materialize()
     if w.is_meta:
         raise ValueError(
             f"weight of {name} is on the meta device (no values); load the real "

@@ -7,6 +7,7 @@ into one red line and exit status 2, never a traceback.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -114,6 +115,16 @@ def compress(
         str | None,
         typer.Option(help="entropy-code the codes in the file: huffman | ans (default: none)"),
     ] = None,
+    stream: Annotated[
+        bool | None,
+        typer.Option(
+            "--stream/--no-stream",
+            help="read a local safetensors checkpoint (sharded or not) one tensor at a time "
+            "and write the file as it goes, never holding the model: memory is bounded by "
+            "the largest tensor. Default: stream when the checkpoint would take more than "
+            "half of the available memory and no calibration is asked for",
+        ),
+    ] = None,
 ):
     """Cluster a model's weights and write a .wclust file."""
     import wclust
@@ -153,13 +164,16 @@ def compress(
         _fail(f"--entropy must be huffman or ans, got {entropy!r}")
     if output.exists() and output.is_dir():
         _fail(f"{output} is a directory; give a file name such as {output / 'model.wclust'}")
+    kind = calibrate or ("fisher" if target_bits else "none")
+    if kind not in ("fisher", "activation", "none"):
+        _fail(f"--calibrate must be fisher, activation or none, got {kind!r}")
+    if _should_stream(model, stream, kind, target_bits):
+        _compress_streaming(model, output, cfg, entropy)
+        return
     with console.status(f"loading {model} ..."):
         loaded = _run(load_model, model)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    kind = calibrate or ("fisher" if target_bits else "none")
-    if kind not in ("fisher", "activation", "none"):
-        _fail(f"--calibrate must be fisher, activation or none, got {kind!r}")
     sample_weights = None
     if kind != "none":
         sample_weights = _calibrate(loaded, kind, calib_data, calib_items)
@@ -206,6 +220,74 @@ def compress(
     _print_report(report.to_dict(), max_rows=12)
     console.print(
         f"wrote {output} ({output.stat().st_size / 1e6:.2f} MB) in {report.seconds:.1f} s of clustering"
+    )
+
+
+def _available_memory() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _should_stream(model: str, stream: bool | None, kind: str, target_bits) -> bool:
+    from wclust.formats.checkpoint import find_safetensors
+
+    files = _run(find_safetensors, model) if Path(model).exists() else None
+    if stream is False:
+        return False
+    if stream is None:
+        if files is None or kind != "none" or target_bits is not None:
+            return False
+        # float32 in memory: a bf16/fp16 checkpoint doubles.
+        need, avail = 2 * sum(f.stat().st_size for f in files), _available_memory()
+        if need <= avail / 2:
+            return False
+        console.print(
+            f"streaming: {model} needs ~{need / 1e9:.1f} GB as float32, more than half of "
+            f"the {avail / 1e9:.1f} GB available (--no-stream to load it anyway)"
+        )
+        return True
+    if files is None:
+        _fail(
+            f"--stream needs a local safetensors checkpoint (a .safetensors file or a folder "
+            f"with model.safetensors or model.safetensors.index.json); {model} is not one"
+        )
+    if kind != "none" or target_bits is not None:
+        _fail("--target-bits and --calibrate need the whole model in memory; drop --stream")
+    return True
+
+
+def _compress_streaming(model: str, output: Path, cfg, entropy: str | None) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from wclust.stream import compress_checkpoint
+
+    with Progress(
+        TextColumn("streaming"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.description}"),
+        console=console,
+        transient=True,
+    ) as prog:
+        task = prog.add_task("", total=None)
+        report = _run(
+            compress_checkpoint,
+            model,
+            output,
+            cfg,
+            source=str(Path(model).resolve()),
+            entropy=entropy,
+            progress=lambda name, i, n: prog.update(task, completed=i, total=n, description=name),
+        )
+    _print_report(report.to_dict(), max_rows=12)
+    console.print(
+        f"wrote {output} ({output.stat().st_size / 1e6:.2f} MB) in {report.seconds:.1f} s, "
+        "one tensor at a time"
     )
 
 
