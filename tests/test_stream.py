@@ -95,6 +95,10 @@ def test_streaming_errors(tmp_path):
     with pytest.raises(CheckpointError, match="--no-stream"):
         compress_checkpoint(folder, tmp_path / "x.wclust")
     (folder / "config.json").write_text(json.dumps(cfg))
+    data = (folder / shard).read_bytes()
+    (folder / shard).write_bytes(data[:-4])  # truncated: an entry no longer fits
+    with pytest.raises(CheckpointError, match="does not fit the file"):
+        compress_checkpoint(folder, tmp_path / "x.wclust")
     (folder / shard).unlink()
     with pytest.raises(CheckpointError, match="missing"):
         compress_checkpoint(folder, tmp_path / "x.wclust")

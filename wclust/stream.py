@@ -164,6 +164,4 @@ def compress_checkpoint(
     except BaseException:
         writer.abort()
         raise
-    finally:
-        ckpt.close()
     return report

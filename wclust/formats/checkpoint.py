@@ -7,7 +7,10 @@ model, and nothing is unpickled (``pytorch_model.bin`` checkpoints are refused).
 from __future__ import annotations
 
 import json
+import math
 import os
+import struct
+import sys
 from pathlib import Path
 
 import torch
@@ -45,8 +48,61 @@ def find_safetensors(path: str | os.PathLike) -> list[Path] | None:
     return None
 
 
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+MAX_HEADER = 100 << 20  # safetensors' own limit
+
+
+def _read_index(f: Path) -> dict[str, tuple[torch.dtype, list[int], int, int]]:
+    """``{name: (dtype, shape, start, end)}`` of one safetensors file, offsets absolute
+    in the file, every entry checked against the file's size."""
+    size = f.stat().st_size
+    with open(f, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{f}: too short to be a safetensors file")
+        (n,) = struct.unpack("<Q", head)
+        if n > min(size - 8, MAX_HEADER):
+            raise CheckpointError(f"{f}: header length {n} is impossible for a {size}-byte file")
+        try:
+            entries = json.loads(fh.read(n))
+        except ValueError:
+            raise CheckpointError(f"{f}: the safetensors header is not JSON") from None
+    if not isinstance(entries, dict):
+        raise CheckpointError(f"{f}: the safetensors header is not an object")
+    out = {}
+    for name, e in entries.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = _DTYPES[e["dtype"]]
+            shape = [int(v) for v in e["shape"]]
+            lo, hi = (int(v) for v in e["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{f}: bad or unsupported entry for {name!r}") from None
+        nbytes = math.prod(shape) * dtype.itemsize
+        if min(shape, default=0) < 0 or hi - lo != nbytes or lo < 0 or 8 + n + hi > size:
+            raise CheckpointError(f"{f}: entry {name!r} does not fit the file")
+        out[name] = (dtype, shape, 8 + n + lo, 8 + n + hi)
+    return out
+
+
 class SafetensorsCheckpoint:
     """Tensor names, dtypes and shapes of a checkpoint, and each tensor on demand.
+
+    Tensors are read with plain file reads, not memory maps: a 5 GB shard costs no
+    address space, so a process under a memory (or address-space) limit smaller than
+    a shard can still read it.
 
     Args:
         path: a ``.safetensors`` file or a folder holding ``model.safetensors`` or a
@@ -58,8 +114,6 @@ class SafetensorsCheckpoint:
     """
 
     def __init__(self, path: str | os.PathLike):
-        from safetensors import safe_open
-
         self.path = Path(path)
         files = find_safetensors(self.path)
         if files is None:
@@ -75,47 +129,34 @@ class SafetensorsCheckpoint:
                 )
             )
         self.files = files
-        self.shard_of: dict[str, Path] = {}
+        self.entries: dict[str, tuple[Path, torch.dtype, list[int], int, int]] = {}
         self.nbytes = 0
         for f in files:
             if not f.is_file():
                 raise CheckpointError(f"{f}: shard listed in {INDEX} is missing")
             self.nbytes += f.stat().st_size
-            try:
-                with safe_open(str(f), framework="pt") as h:
-                    names = list(h.keys())
-            except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
-                raise CheckpointError(f"{f}: not a readable safetensors file ({e})") from None
-            for n in names:
-                if n in self.shard_of:
-                    raise CheckpointError(f"{n!r} is in both {self.shard_of[n]} and {f}")
-                self.shard_of[n] = f
-        self._open: tuple[Path, object] | None = None
+            for name, e in _read_index(f).items():
+                if name in self.entries:
+                    raise CheckpointError(f"{name!r} is in both {self.entries[name][0]} and {f}")
+                self.entries[name] = (f, *e)
 
     @property
     def names(self) -> list[str]:
-        return list(self.shard_of)
+        return list(self.entries)
 
     def __contains__(self, name: str) -> bool:
-        return name in self.shard_of
+        return name in self.entries
 
     def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Read one tensor (a fresh CPU tensor), cast to ``dtype`` if given."""
-        from safetensors import safe_open
-
-        f = self.shard_of[name]
-        if self._open is None or self._open[0] != f:
-            self.close()  # one shard mapped at a time
-            self._open = (f, safe_open(str(f), framework="pt"))
-        try:
-            t = self._open[1].get_tensor(name)
-        except Exception as e:  # noqa: BLE001
-            raise CheckpointError(f"{f}: cannot read {name!r} ({e})") from None
+        f, st_dtype, shape, lo, hi = self.entries[name]
+        if sys.byteorder != "little" and st_dtype.itemsize > 1:
+            raise CheckpointError("reading safetensors needs a little-endian machine")
+        t = torch.empty(shape, dtype=st_dtype)
+        if hi > lo:
+            buf = memoryview(t.reshape(-1).view(torch.uint8).numpy())
+            with open(f, "rb") as fh:
+                fh.seek(lo)
+                if fh.readinto(buf) != hi - lo:
+                    raise CheckpointError(f"{f}: ended while reading {name!r}")
         return t if dtype is None or t.dtype == dtype else t.to(dtype)
-
-    def close(self) -> None:
-        if self._open is not None:
-            h = self._open[1]
-            if hasattr(h, "__exit__"):
-                h.__exit__(None, None, None)
-            self._open = None
