@@ -13,6 +13,8 @@ import torch
 
 __all__ = ["pack_codes", "unpack_codes", "packed_nbytes"]
 
+CHUNK = 1 << 20  # codes per batch (a multiple of 8)
+
 
 def packed_nbytes(numel: int, bits: int) -> int:
     """Bytes that ``numel`` codes of ``bits`` bits take once packed."""
@@ -42,6 +44,17 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
         raise ValueError(f"codes must lie in [0, {1 << bits}) to pack them in {bits} bits")
     if bits == 8:
         return flat.to(torch.uint8).clone()
+    out = torch.empty(packed_nbytes(n, bits), dtype=torch.uint8)
+    # Chunks of CHUNK codes (a multiple of 8) fill exactly CHUNK*bits/8 bytes: the
+    # int64 temporaries stay bounded however many codes there are.
+    for i in range(0, n, CHUNK):
+        part = _pack_part(flat[i : i + CHUNK], bits)
+        out[i * bits // 8 : i * bits // 8 + part.numel()] = part
+    return out
+
+
+def _pack_part(flat: torch.Tensor, bits: int) -> torch.Tensor:
+    n = flat.numel()
     # Groups of 8 codes fill exactly `bits` bytes, for every width.
     pad = (-n) % 8
     c = torch.nn.functional.pad(flat.to(torch.int64), (0, pad)).view(-1, 8)  # (m, 8)
@@ -49,7 +62,7 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     word = (c << shifts).sum(dim=1)  # (m,) at most 56 bits used
     byte_shifts = torch.arange(bits, dtype=torch.int64) * 8
     out = ((word[:, None] >> byte_shifts) & 0xFF).to(torch.uint8).reshape(-1)  # (m*bits,)
-    return out[: packed_nbytes(n, bits)].clone()
+    return out[: packed_nbytes(n, bits)]
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
@@ -76,10 +89,21 @@ def unpack_codes(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
     if bits == 4:  # the hot path of compressed modules: two codes per byte
         out = torch.stack((packed & 0x0F, packed >> 4), dim=1).reshape(-1)
         return out[:numel]
-    groups = (numel + 7) // 8
+    out = torch.empty(numel, dtype=torch.uint8)
+    step = CHUNK * bits // 8  # bytes of CHUNK codes
+    for i in range(0, need, step):
+        codes = _unpack_part(packed[i : i + step], bits)
+        lo = i * 8 // bits
+        hi = min(numel, lo + codes.numel())
+        out[lo:hi] = codes[: hi - lo]
+    return out
+
+
+def _unpack_part(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    need = packed.numel()
+    groups = (need * 8 // bits + 7) // 8
     b = torch.nn.functional.pad(packed.to(torch.int64), (0, groups * bits - need)).view(-1, bits)
     byte_shifts = torch.arange(bits, dtype=torch.int64) * 8
     word = (b << byte_shifts).sum(dim=1)  # (groups,)
     shifts = torch.arange(8, dtype=torch.int64) * bits
-    codes = ((word[:, None] >> shifts) & ((1 << bits) - 1)).to(torch.uint8).reshape(-1)
-    return codes[:numel]
+    return ((word[:, None] >> shifts) & ((1 << bits) - 1)).to(torch.uint8).reshape(-1)
