@@ -13,6 +13,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 app = typer.Typer(
@@ -34,7 +35,8 @@ _USER_ERRORS: tuple[type[BaseException], ...] = (
 
 
 def _fail(msg: str) -> None:
-    console.print(f"[bold red]error:[/] {msg}", highlight=False, markup=True)
+    # escaped: messages hold brackets that are not markup, e.g. pip install 'wclust[ray]'
+    console.print(f"[bold red]error:[/] {escape(msg)}", highlight=False, markup=True)
     raise typer.Exit(2)
 
 
