@@ -9,11 +9,13 @@ from __future__ import annotations
 import json
 import os
 import sys
+from contextlib import closing
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 app = typer.Typer(
@@ -35,7 +37,8 @@ _USER_ERRORS: tuple[type[BaseException], ...] = (
 
 
 def _fail(msg: str) -> None:
-    console.print(f"[bold red]error:[/] {msg}", highlight=False, markup=True)
+    # escaped: messages hold brackets that are not markup, e.g. pip install 'wclust[ray]'
+    console.print(f"[bold red]error:[/] {escape(msg)}", highlight=False, markup=True)
     raise typer.Exit(2)
 
 
@@ -481,6 +484,24 @@ def compare(
         bool, typer.Option(help="reuse artifacts already in OUTPUT/artifacts")
     ] = False,
     plots: Annotated[bool, typer.Option(help="write pareto.png and histogram.png")] = True,
+    executor: Annotated[
+        str,
+        typer.Option(
+            help="where the cells run: local (one after another, the default) or ray (each "
+            "cell a Ray task asking for --threads CPUs, run at once where there is room; "
+            "pip install 'wclust\\[ray]'). On a multi-node Ray cluster OUTPUT must be on a "
+            "filesystem all nodes share (cells write artifacts there) and every node needs "
+            "wclust and the model"
+        ),
+    ] = "local",
+    address: Annotated[
+        str | None,
+        typer.Option(
+            help="Ray cluster address for --executor ray (default, as ray.init: "
+            "$RAY_ADDRESS, else a Ray started with `ray start` on this machine, else a new "
+            "local one for this run)"
+        ),
+    ] = None,
 ):
     """Compare clustering with quantization on one model: one table, measured right.
 
@@ -488,6 +509,7 @@ def compare(
     """
     import wclust.methods
     from wclust.measure.compare import run_compare
+    from wclust.measure.executors import get_executor
     from wclust.report.table import print_table
 
     names = (
@@ -501,15 +523,19 @@ def compare(
         _fail(f"--data {data}: no such file or folder")
     if every < 1 or (limit is not None and limit < 1) or threads < 1:
         _fail("--every, --limit and --threads must be positive")
+    runner = _run(get_executor, executor, address)
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    with Progress(
-        SpinnerColumn(),
-        TextColumn("{task.description}"),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
-    ) as prog:
+    with (
+        Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,
+        ) as prog,
+        closing(runner),
+    ):
         task = prog.add_task(f"{model}: starting", total=None)
 
         def event(method, stage):
@@ -528,6 +554,7 @@ def compare(
             plots=plots,
             on_event=event,
             command=" ".join(["wclust", *sys.argv[1:]]),
+            executor=runner,
         )
     print_table(rows, out)
     failed = [r for r in rows if r.get("error")]

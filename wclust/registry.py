@@ -1,4 +1,4 @@
-"""Name -> implementation registries (model sources, compare methods, tasks).
+"""Name -> implementation registries (model sources, compare methods, tasks, executors).
 
 Everything the CLI can name is registered here by the module that implements it;
 lookups of unknown names fail with the list of known ones.
@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
-__all__ = ["Registry", "MODELS", "METHODS", "TASKS"]
+__all__ = ["Registry", "MODELS", "METHODS", "TASKS", "EXECUTORS"]
 
 T = TypeVar("T")
 
@@ -52,3 +52,4 @@ class Registry(Generic[T]):
 MODELS: Registry[Callable] = Registry("model")
 METHODS: Registry = Registry("method")
 TASKS: Registry = Registry("task")
+EXECUTORS: Registry = Registry("executor")

@@ -3,20 +3,7 @@ tiny BERT (embed task: scored against the original's stored embeddings)."""
 
 import pytest
 
-from tests.conftest import tiny_bert
-from tests.tasks.conftest import write_char_vocab
 from wclust.measure import worker
-
-
-@pytest.fixture(scope="module")
-def bert_dir(tmp_path_factory):
-    from transformers import BertTokenizerFast
-
-    d = tmp_path_factory.mktemp("bert")
-    tiny_bert().save_pretrained(d)
-    write_char_vocab(d / "vocab.txt")
-    BertTokenizerFast(vocab_file=str(d / "vocab.txt")).save_pretrained(d)
-    return d
 
 
 def test_prepare_reference_measure(bert_dir, tmp_path):

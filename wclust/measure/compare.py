@@ -9,6 +9,9 @@ one ``reference`` process per run: it loads the source model, runs it on the eva
 data and writes the outputs to ``out_dir/reference/<model>.<task>.safetensors``; every
 measure cell (fp32 included) reads that file. With ``reuse`` the file is kept when its
 metadata (model, task, data, limit, every) matches.
+
+The cells run through an executor (``wclust.measure.executors``): locally one after
+another (the default), or as Ray tasks that run at once where the cluster has room.
 """
 
 from __future__ import annotations
@@ -17,46 +20,18 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .worker import MARK
+from .executors import LocalExecutor, run_cell
 
 __all__ = ["CompareError", "run_cell", "run_compare"]
 
 
 class CompareError(RuntimeError):
     """A cell of the grid failed; the message carries the worker's error."""
-
-
-def run_cell(spec: dict, timeout: float | None = None) -> dict:
-    """Run one worker process on ``spec`` and return its result dict."""
-    env = {
-        # torch's OpenMP threads spin-wait after each op; with numba's kernel threads
-        # between ops (and other processes on a 2-core machine) spinning costs several
-        # times the work. Every cell runs with passive waiting, the original included.
-        "OMP_WAIT_POLICY": "PASSIVE",
-        **os.environ,
-        "PYTHONUNBUFFERED": "1",
-        "TRANSFORMERS_VERBOSITY": "error",
-        "TOKENIZERS_PARALLELISM": "false",
-    }
-    proc = subprocess.run(
-        [sys.executable, "-m", "wclust.measure.worker"],
-        input=json.dumps(spec),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-    )
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith(MARK):
-            return json.loads(line[len(MARK) :])
-    tail = (proc.stderr or proc.stdout)[-1500:]
-    return {"ok": False, "error": f"worker exited with {proc.returncode}: {tail}"}
 
 
 def _safe_name(model: str) -> str:
@@ -109,9 +84,14 @@ def run_compare(
     plots: bool = True,
     on_event: Callable[[str, str], None] | None = None,
     command: str | None = None,
+    executor=None,
 ) -> tuple[list[dict], dict]:
     """Run the grid for one model and write ``table.md``, ``results.csv``,
     ``results.json`` and plots into ``out_dir``.
+
+    Three phases, each a batch of independent cells for the executor: prepare every
+    distinct artifact; the original's reference outputs (tasks scored against it);
+    measure every method.
 
     Args:
         model: model name/path (see ``wclust.models.load_model``).
@@ -119,11 +99,13 @@ def run_compare(
         out_dir: output folder; artifacts go to ``out_dir/artifacts``.
         data: task data folder (default: the task's built-in data).
         limit, every: take every n-th item, at most ``limit`` of them.
-        threads: torch threads in the measuring processes.
+        threads: torch threads in the measuring processes (and CPUs a cell reserves).
         reuse: keep an existing artifact instead of preparing it again.
         plots: write the Pareto and histogram plots (needs matplotlib).
         on_event: progress callback ``(method, stage)``.
         command: the command line, recorded in results.json.
+        executor: where cells run (``wclust.measure.executors``); default: local,
+            one after another.
 
     Returns:
         (rows, meta). Failed cells are rows with ``error`` set.
@@ -137,11 +119,8 @@ def run_compare(
     resolved = [get_method(m) for m in methods]  # unknown names fail before any work
     if "fp32" not in methods and any(m.runtime for m in resolved):
         resolved.insert(0, get_method("fp32"))
+    executor = executor if executor is not None else LocalExecutor()
     safe = _safe_name(model)
-    prepared: dict[str, dict] = {}
-    rows: list[dict] = []
-    task_name = None
-    reference_ok: bool | str = False  # True once the reference file exists; str: its error
     meta = {
         "model": model,
         "task": None,
@@ -149,131 +128,174 @@ def run_compare(
         "limit": limit,
         "every": every,
         "threads": threads,
+        "executor": getattr(executor, "name", type(executor).__name__),
         "methods": [m.name for m in resolved],
         "command": command,
         "machine": _machine(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
-    for i, m in enumerate(resolved):
-        if i:  # partial results survive an interrupted run
-            _write(rows, out, {**meta, "task": task_name, "partial": True}, False, model, resolved)
-        base = "fp32" if m.runtime else m.name
-        artifact = art_dir / f"{safe}.{base}.wclust"
-        if base not in prepared:
-            if on_event:
-                on_event(m.name, "compressing")
-            meta_path = artifact.with_suffix(".prepare.json")
-            if reuse and artifact.exists() and meta_path.exists():
-                prepared[base] = json.loads(meta_path.read_text())
-            else:
-                prepared[base] = run_cell(
-                    {"mode": "prepare", "model": model, "method": base, "artifact": str(artifact)}
-                )
-                if prepared[base].get("ok"):
-                    meta_path.write_text(json.dumps(prepared[base]))
-        prep = prepared[base]
-        row = {
-            "model": model,
-            "method": m.name,
-            "label": m.label,
-            "family": m.family,
-            "notes": m.notes,
-        }
-        if not prep.get("ok"):
-            rows.append({**row, "error": prep.get("error")})
-            continue
-        task_name = task_name or prep.get("task")
-        if task_name is None:
-            rows.append({**row, "error": f"no task known for model {model!r}"})
-            continue
-        task = get_task(task_name)
-        ref_path = None
-        if task.reference is not None:
-            ref_path = out / "reference" / f"{safe}.{task_name}.safetensors"
-            if not reference_ok:
-                if on_event:
-                    on_event(m.name, "computing the original's reference outputs")
-                reference_ok = _reference(
-                    model,
-                    task_name,
-                    data or task.default_data(),
-                    limit,
-                    every,
-                    threads,
-                    ref_path,
-                    reuse,
-                )
-            if reference_ok is not True:
-                rows.append({**row, "error": f"reference outputs failed: {reference_ok}"})
-                continue
-        if on_event:
-            on_event(m.name, "measuring")
-        meas = run_cell(
+
+    def announce(names: list[str], stage: str):
+        """An ``on_start`` hook: cell ``i`` of a batch is method ``names[i]`` at ``stage``."""
+        return (lambda i: on_event(names[i], stage)) if on_event else None
+
+    # 1. prepare: one cell per distinct artifact (runtime methods share fp32's)
+    def artifact(base: str) -> Path:
+        return art_dir / f"{safe}.{base}.wclust"
+
+    bases = list(dict.fromkeys("fp32" if m.runtime else m.name for m in resolved))
+    prepared: dict[str, dict] = {}
+    for base in bases:
+        meta_path = artifact(base).with_suffix(".prepare.json")
+        if reuse and artifact(base).exists() and meta_path.exists():
+            prepared[base] = json.loads(meta_path.read_text())
+    todo = [b for b in bases if b not in prepared]
+
+    def prepared_one(i: int, result: dict) -> None:
+        if result.get("ok"):  # kept at once: an interrupted run resumes with --reuse
+            artifact(todo[i]).with_suffix(".prepare.json").write_text(json.dumps(result))
+
+    results = executor.map(
+        [
             {
-                "mode": "measure",
-                "artifact": str(artifact),
-                "source": model,
-                "task": task_name,
-                "data": data or task.default_data(),
-                "limit": limit,
-                "every": every,
+                "mode": "prepare",
+                "model": model,
+                "method": b,
+                "artifact": str(artifact(b)),
                 "threads": threads,
-                "runtime": m.runtime,
-                "reference": str(ref_path) if ref_path else None,
             }
-        )
-        if not meas.get("ok"):
-            rows.append({**row, "error": meas.get("error")})
-            continue
-        lat_ms = [1000 * x for x in meas["latency_s"]]
-        row.update(
-            {
-                "bits_per_weight": prep["bits_per_weight"],
-                "ratio": prep["ratio"],
-                "compress_s": prep["compress_s"] if not m.runtime else None,
-                "file_mb": prep["file_mb"] if not m.runtime else None,
-                "gzip_mb": prep["gzip_mb"] if not m.runtime else None,
-                "load_s": meas["load_s"],
-                "latency_ms_mean": statistics.fmean(lat_ms),
-                "latency_ms_median": statistics.median(lat_ms),
-                "latency_ms_p10": _pct(lat_ms, 0.1),
-                "latency_ms_p90": _pct(lat_ms, 0.9),
-                "n_clips": meas["n_items"],
-                "gpu_latency_ms_mean": (
-                    statistics.fmean(meas["gpu_latency_s"]) * 1000
-                    if meas.get("gpu_latency_s")
-                    else None
-                ),
-                "vram_mb": meas.get("vram_mb"),
-                "model_tensor_mb": meas["model_tensor_mb"],
-                "rss_model_mb": meas["rss_model_mb"],
-                "peak_rss_mb": meas["peak_rss_mb"],
-                "quality": meas["quality"],
-                "hypotheses": meas.get("details", {}).get("hypotheses"),
-            }
-        )
-        if m.runtime:
-            fp32_bytes = prep["bytes_before"]
-            row["bits_per_weight"] = 8 * meas["model_tensor_mb"] * 1e6 / prep["numel"]
-            row["ratio"] = fp32_bytes / (meas["model_tensor_mb"] * 1e6)
-        rows.append(row)
+            for b in todo
+        ],
+        on_start=announce(todo, "compressing"),
+        on_done=prepared_one,
+    )
+    prepared.update(zip(todo, results, strict=True))
+
+    rows: dict[int, dict] = {}
+    preps = [prepared["fp32" if m.runtime else m.name] for m in resolved]
+    for i, (m, prep) in enumerate(zip(resolved, preps, strict=True)):
+        if not prep.get("ok"):
+            rows[i] = {**_row_head(model, m), "error": prep.get("error")}
+    task_name = next((p["task"] for p in preps if p.get("ok") and p.get("task")), None)
+    task = get_task(task_name) if task_name else None
+
+    # 2. the original's outputs, once per run, for tasks scored against them
+    ref_path = None
+    ref_error = None
+    pending = [i for i in range(len(resolved)) if i not in rows]
+    if task is not None and task.reference is not None and pending:
+        ref_path = out / "reference" / f"{safe}.{task_name}.safetensors"
+        want = {"model": model, "task": task_name, "data": data or task.default_data()}
+        want.update({"limit": limit, "every": every})
+        if not (reuse and _reference_matches(ref_path, want)):
+            spec = {"mode": "reference", "path": str(ref_path), "threads": threads, **want}
+            stage = "computing the original's reference outputs"
+            r = executor.map([spec], on_start=announce([resolved[pending[0]].name], stage))[0]
+            ref_error = None if r.get("ok") else str(r.get("error"))
+
+    # 3. measure: one cell per method, each loading only its artifact
+    specs, cells = [], []
+    for i in pending:
+        m = resolved[i]
+        if task is None:
+            rows[i] = {**_row_head(model, m), "error": f"no task known for model {model!r}"}
+        elif ref_error is not None:
+            rows[i] = {**_row_head(model, m), "error": f"reference outputs failed: {ref_error}"}
+        else:
+            cells.append(i)
+            specs.append(
+                {
+                    "mode": "measure",
+                    "artifact": str(artifact("fp32" if m.runtime else m.name)),
+                    "source": model,
+                    "task": task_name,
+                    "data": data or task.default_data(),
+                    "limit": limit,
+                    "every": every,
+                    "threads": threads,
+                    "runtime": m.runtime,
+                    "reference": str(ref_path) if ref_path else None,
+                }
+            )
+
+    def ordered() -> list[dict]:
+        return [rows[i] for i in sorted(rows)]
+
+    def measured(k: int, meas: dict) -> None:
+        i = cells[k]
+        rows[i] = _row(model, resolved[i], preps[i], meas)
+        # partial results survive an interrupted run
+        partial = {**meta, "task": task_name, "partial": True}
+        _write(ordered(), out, partial, False, model, resolved)
+
+    executor.map(
+        specs,
+        on_start=announce([resolved[i].name for i in cells], "measuring"),
+        on_done=measured,
+    )
     meta["task"] = task_name
-    _write(rows, out, meta, plots, model, resolved)
-    return rows, meta
+    _write(ordered(), out, meta, plots, model, resolved)
+    return ordered(), meta
 
 
-def _reference(model, task_name, data, limit, every, threads, path: Path, reuse: bool):
-    """Write the original model's outputs for reference-scored tasks; True or an error."""
-    want = {"model": model, "task": task_name, "data": data, "limit": limit, "every": every}
-    if reuse and path.exists():
-        from safetensors import safe_open
+def _row_head(model: str, m) -> dict:
+    return {
+        "model": model,
+        "method": m.name,
+        "label": m.label,
+        "family": m.family,
+        "notes": m.notes,
+    }
 
-        with safe_open(str(path), "pt") as f:
-            have = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
-        if have == want:
-            return True
-    r = run_cell({"mode": "reference", "path": str(path), "threads": threads, **want})
-    return True if r.get("ok") else str(r.get("error"))
+
+def _row(model: str, m, prep: dict, meas: dict) -> dict:
+    """A table row from a method's prepare and measure results."""
+    row = _row_head(model, m)
+    if not meas.get("ok"):
+        return {**row, "error": meas.get("error")}
+    lat_ms = [1000 * x for x in meas["latency_s"]]
+    row.update(
+        {
+            "bits_per_weight": prep["bits_per_weight"],
+            "ratio": prep["ratio"],
+            "compress_s": prep["compress_s"] if not m.runtime else None,
+            "file_mb": prep["file_mb"] if not m.runtime else None,
+            "gzip_mb": prep["gzip_mb"] if not m.runtime else None,
+            "load_s": meas["load_s"],
+            "latency_ms_mean": statistics.fmean(lat_ms),
+            "latency_ms_median": statistics.median(lat_ms),
+            "latency_ms_p10": _pct(lat_ms, 0.1),
+            "latency_ms_p90": _pct(lat_ms, 0.9),
+            "n_clips": meas["n_items"],
+            "gpu_latency_ms_mean": (
+                statistics.fmean(meas["gpu_latency_s"]) * 1000
+                if meas.get("gpu_latency_s")
+                else None
+            ),
+            "vram_mb": meas.get("vram_mb"),
+            "model_tensor_mb": meas["model_tensor_mb"],
+            "rss_model_mb": meas["rss_model_mb"],
+            "peak_rss_mb": meas["peak_rss_mb"],
+            "quality": meas["quality"],
+            "hypotheses": meas.get("details", {}).get("hypotheses"),
+        }
+    )
+    if m.runtime:
+        fp32_bytes = prep["bytes_before"]
+        row["bits_per_weight"] = 8 * meas["model_tensor_mb"] * 1e6 / prep["numel"]
+        row["ratio"] = fp32_bytes / (meas["model_tensor_mb"] * 1e6)
+    return row
+
+
+def _reference_matches(path: Path, want: dict) -> bool:
+    """Whether the reference file at ``path`` was written for ``want``'s settings."""
+    if not path.exists():
+        return False
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        have = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+    return have == want
 
 
 def _write(rows, out: Path, meta: dict, plots: bool, model: str, resolved) -> None:

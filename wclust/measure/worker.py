@@ -76,6 +76,21 @@ def runtime_nbytes(model) -> int:
     return total
 
 
+def cell_resources(spec: dict) -> dict:
+    """What a cell uses, for executors that reserve it.
+
+    Args:
+        spec: a worker cell.
+
+    Returns:
+        ``{"cpus": int, "gpu": bool}``: ``threads`` CPUs (1 when absent); ``gpu`` for
+        ``measure`` cells without a runtime transform, which also time the model on the
+        GPU when one is visible.
+    """
+    gpu = spec.get("mode") == "measure" and not spec.get("runtime")
+    return {"cpus": max(1, int(spec.get("threads") or 1)), "gpu": gpu}
+
+
 def _apply_runtime(model, runtime: str):
     import torch
 
