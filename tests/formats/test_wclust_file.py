@@ -1,3 +1,4 @@
+import os
 import pickletools
 import subprocess
 import sys
@@ -141,3 +142,12 @@ def test_wrong_architecture_is_a_format_error(tmp_path):
     p = wclust.save(m, tmp_path / "cnn.wclust")
     with pytest.raises(wclust.FormatError):
         wclust.load(p, lambda: torch.nn.Sequential(torch.nn.Linear(3, 3)))
+
+
+def test_saved_file_gets_the_usual_mode(tmp_path):
+    old = os.umask(0o022)
+    try:
+        p = wclust.save(small_cnn(), tmp_path / "c.wclust")
+    finally:
+        os.umask(old)
+    assert p.stat().st_mode & 0o777 == 0o644

@@ -282,6 +282,10 @@ class FileWriter:
         os.close(fd)
         try:
             self._write_file(tmp, meta)
+            # mkstemp creates 0600; give the file the mode any new file would get.
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)
             os.replace(tmp, self.path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
