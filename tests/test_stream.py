@@ -7,11 +7,11 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_gpt2, tiny_whisper
 from safetensors.torch import load_file
 
 import wclust
 import wclust.formats.wclust_file as wf
+from tests.conftest import tiny_gpt2, tiny_whisper
 from wclust.formats.checkpoint import CheckpointError, SafetensorsCheckpoint
 from wclust.stream import compress_checkpoint
 

@@ -8,13 +8,16 @@ from .api import compress_, model_nbytes, strip
 from .config import ClusterConfig, ConfigError
 from .core import ClusteredTensor, cluster_tensor
 from .formats import FormatError, load, read_header, save
+from .formats.checkpoint import CheckpointError
 from .prune import prune_, remove_masks_
 from .report.layers import CompressionReport, LayerReport
+from .stream import compress_checkpoint
 from .train import finetune, freeze_codebooks_, trainable_codebooks_
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckpointError",
     "ClusterConfig",
     "ClusteredTensor",
     "CompressionReport",
@@ -23,6 +26,7 @@ __all__ = [
     "LayerReport",
     "__version__",
     "cluster_tensor",
+    "compress_checkpoint",
     "compress_",
     "finetune",
     "freeze_codebooks_",
