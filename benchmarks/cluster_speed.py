@@ -334,6 +334,8 @@ def main(argv: list[str] | None = None) -> None:
         default="synthetic,bert,whisper",
         help="comma-separated subset of: synthetic, bert, whisper",
     )
+    ap.add_argument("--granularity", default=None, help="only this one of: tensor, channel, group")
+    ap.add_argument("--k", type=int, default=None, help="only this number of clusters")
     ap.add_argument("--out", help="also write the markdown table to this file (kept current)")
     args = ap.parse_args(argv)
 
@@ -343,7 +345,7 @@ def main(argv: list[str] | None = None) -> None:
 
         numba.set_num_threads(args.threads)
     budget = args.budget if args.budget is not None else (3.0 if args.quick else 20.0)
-    ks = (16,) if args.quick else (16, 256)
+    ks = (args.k,) if args.k else (16,) if args.quick else (16, 256)
     sizes = (2_000_000,) if args.quick else (2_000_000, 20_000_000)
     layers = args.layers or (1 if args.quick else 2)
     rng = np.random.default_rng(0)
@@ -363,6 +365,8 @@ def main(argv: list[str] | None = None) -> None:
             stacks.append((f"Whisper base ({'1 layer each' if args.quick else 'all'})", wh))
     for sname, mats in stacks:
         for gran, group in GRANULARITIES:
+            if args.granularity and gran != args.granularity:
+                continue
             cases.append((sname, mats, gran, group))
 
     # Warm-up: numba compiles (or loads from its cache) before anything is timed.

@@ -301,24 +301,20 @@ def _cluster_rows(x_rows, sw_rows, k, method, init, keep_zeros, codebook_dtype, 
     """
     n_cb = x_rows.shape[0]
     rows = x_rows.to("cpu", torch.float64)  # (n, per)
-    w = sw_rows if sw_rows is not None else torch.ones_like(rows)
-    w = torch.where(w.sum(1, keepdim=True) > 0, w, torch.ones_like(w))
-
+    w = None  # None: uniform weights (no array of ones is made)
+    if sw_rows is not None:
+        w = torch.where(sw_rows.sum(1, keepdim=True) > 0, sw_rows, torch.ones_like(sw_rows))
+    w_fit, k_fit = w, k
     if keep_zeros:
-        live = rows != 0
-        w_fit = torch.where(live, w, torch.zeros_like(w))
+        w_fit = torch.where(rows != 0, 1.0 if w is None else w, 0.0).to(torch.float64)
         k_fit = k - 1
-    else:
-        live = None
-        w_fit = w
-        k_fit = k
 
     if method == "exact":
         cents = _exact(rows, w_fit, k_fit)
     else:
         order = rows.argsort(dim=1, stable=True)
         xs = rows.gather(1, order)
-        ws = w_fit.gather(1, order)
+        ws = torch.ones_like(xs) if w_fit is None else w_fit.gather(1, order)
         del order
         cents = init_centroids(xs, ws, k_fit, init, gen) if k_fit > 0 else xs[:, :0]
         cents = lloyd_sorted(xs, ws, cents, max_iter)
@@ -334,35 +330,86 @@ def _cluster_rows(x_rows, sw_rows, k, method, init, keep_zeros, codebook_dtype, 
     elif codebook_dtype != "float32":
         cents = cents.to(getattr(torch, codebook_dtype)).double()
     cents = cents.float().double().sort(1).values  # what is stored is float32
-
-    codes = _assign(rows, cents)
+    stored = cents
     if keep_zeros:
-        codes = torch.where(live, codes + 1, torch.zeros_like(codes))
-        cents = torch.cat([torch.zeros(n_cb, 1, dtype=cents.dtype), cents], 1)
-
-    codebook = cents.float()
-    codes = codes.to(torch.uint8)
-    deq = codebook.gather(1, codes.long()).to(x_rows.dtype).double()
-    err = float(((deq - rows) ** 2 * w).sum())
-    return codebook, codes, scale, err, float(w.sum())
-
-
-def _assign(rows: torch.Tensor, cents: torch.Tensor) -> torch.Tensor:
-    """Index of the nearest centroid (ascending rows of ``cents``) for each element."""
-    if cents.shape[1] == 0:
-        return torch.zeros_like(rows, dtype=torch.long)
-    mids = (0.5 * (cents[:, 1:] + cents[:, :-1])).contiguous()
-    return torch.searchsorted(mids, rows.contiguous())
+        stored = torch.cat([torch.zeros(n_cb, 1, dtype=cents.dtype), cents], 1)
+    codebook = stored.float()
+    # What dequantize() gives back, in float64, for the error.
+    table = codebook.to(x_rows.dtype).double()
+    codes, err = _assign_err(rows, cents, table, w, keep_zeros)
+    wsum = float(rows.numel()) if w is None else float(w.sum())
+    return codebook, codes, scale, err, wsum
 
 
-def _exact(rows: torch.Tensor, w: torch.Tensor, k: int) -> torch.Tensor:
-    """Optimal centroids per row; rows reduced for size are polished by Lloyd."""
+_ASSIGN = None
+
+
+def _assign_kernel():
+    global _ASSIGN
+    if _ASSIGN is None:
+        import numba as nb
+
+        @nb.njit(parallel=True, cache=True)
+        def assign(rows, cents, table, w, zero_code, codes, err):
+            n, per = rows.shape
+            k = cents.shape[1]
+            for r in nb.prange(n):
+                c = cents[r]
+                acc = 0.0
+                for t in range(per):
+                    v = rows[r, t]
+                    if zero_code and v == 0.0:
+                        code = 0
+                    else:
+                        # number of midpoints < v, as torch.searchsorted(mids, v)
+                        lo, hi = 0, max(k - 1, 0)
+                        while lo < hi:
+                            m = (lo + hi) >> 1
+                            if 0.5 * (c[m + 1] + c[m]) < v:
+                                lo = m + 1
+                            else:
+                                hi = m
+                        code = lo + 1 if zero_code else lo
+                    codes[r, t] = code
+                    d = table[r, code] - v
+                    acc += d * d * (w[r, t] if w.shape[0] else 1.0)
+                err[r] = acc
+
+        _ASSIGN = assign
+    return _ASSIGN
+
+
+def _assign_err(rows, cents, table, w, zero_code: bool):
+    """Nearest centroid of ``cents`` (ascending rows) for every element, as uint8
+    codes (shifted by one, zeros to code 0, with ``zero_code``), and the weighted
+    squared error sum of ``table[codes]`` against ``rows``: one fused pass."""
+    codes = torch.empty(rows.shape, dtype=torch.uint8)
+    err = torch.empty(rows.shape[0], dtype=torch.float64)
+    wn = np.empty((0, 0)) if w is None else w.to(torch.float64).contiguous().numpy()
+    _assign_kernel()(
+        rows.contiguous().numpy(),
+        cents.contiguous().numpy(),
+        table.contiguous().numpy(),
+        wn,
+        zero_code,
+        codes.numpy(),
+        err.numpy(),
+    )
+    return codes, float(err.sum())
+
+
+def _exact(rows: torch.Tensor, w: torch.Tensor | None, k: int) -> torch.Tensor:
+    """Optimal centroids per row (``w`` None: uniform); rows reduced for size are
+    polished by Lloyd."""
     if k == 0:
         return rows[:, :0]
-    cents, reduced = optimal_kmeans_1d(rows.numpy(), w.numpy(), k, EXACT_MAX_POINTS)
+    cents, reduced = optimal_kmeans_1d(
+        rows.numpy(), None if w is None else w.numpy(), k, EXACT_MAX_POINTS
+    )
     cents = torch.from_numpy(cents)
     if reduced.any():
         idx = torch.from_numpy(np.flatnonzero(reduced))
         xs, order = rows[idx].sort(1)
-        cents[idx] = lloyd_sorted(xs, w[idx].gather(1, order), cents[idx])
+        ws = torch.ones_like(xs) if w is None else w[idx].gather(1, order)
+        cents[idx] = lloyd_sorted(xs, ws, cents[idx])
     return cents

@@ -714,7 +714,8 @@ def _build_kernel():
             arg_b = np.empty((max(k - h, 1), cap), dtype=np.int32)
             ws = np.empty((10, cap + 1))
             for r in range((c * b) // n_chunks, ((c + 1) * b) // n_chunks):
-                n = _prepare(rows[r], w[r], ux, uw, kt, kt2, hist)
+                # one weight row for all: uniform weights, no (B, m) array of ones
+                n = _prepare(rows[r], w[r if w.shape[0] > 1 else 0], ux, uw, kt, kt2, hist)
                 if n == 0:
                     out[r, :] = 0.0
                     continue
@@ -727,7 +728,7 @@ def _build_kernel():
 
 
 def optimal_kmeans_1d(
-    rows: np.ndarray, weights: np.ndarray, k: int, max_points: int = 1 << 16
+    rows: np.ndarray, weights: np.ndarray | None, k: int, max_points: int = 1 << 16
 ) -> tuple[np.ndarray, np.ndarray]:
     """Optimal weighted 1-D k-means centroids for a batch of codebooks.
 
@@ -736,7 +737,7 @@ def optimal_kmeans_1d(
 
     Args:
         rows: (B, m) float64 values, one codebook per row, any order.
-        weights: (B, m) float64 non-negative weights.
+        weights: (B, m) float64 non-negative weights, or None for all ones.
         k: clusters per codebook.
         max_points: a row with more distinct points is first reduced to this many
             runs of consecutive points, each its weighted mean (half the runs
@@ -759,6 +760,8 @@ def optimal_kmeans_1d(
     reduced = np.zeros(b, dtype=np.bool_)
     if b == 0:
         return out, reduced
+    if weights is None:
+        weights = np.ones((1, rows.shape[1]))
     _KERNEL(
         np.ascontiguousarray(rows, dtype=np.float64),
         np.ascontiguousarray(weights, dtype=np.float64),
