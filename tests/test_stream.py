@@ -11,28 +11,11 @@ from safetensors.torch import load_file
 
 import wclust
 import wclust.formats.wclust_file as wf
-from tests.conftest import tiny_gpt2, tiny_whisper
+from tests.conftest import tiny_gpt2, tiny_llama, tiny_whisper
 from wclust.formats.checkpoint import CheckpointError, SafetensorsCheckpoint
 from wclust.stream import compress_checkpoint
 
 pytest.importorskip("accelerate")
-
-
-def tiny_llama(seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
-    return LlamaForCausalLM(cfg).eval()
 
 
 def in_memory(folder, out, cfg):

@@ -175,20 +175,10 @@ def compress(
         return
     with console.status(f"loading {model} ..."):
         loaded = _run(load_model, model)
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     sample_weights = None
     if kind != "none":
         sample_weights = _calibrate(loaded, kind, calib_data, calib_items)
-    with Progress(
-        TextColumn("{task.fields[stage]}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("{task.description}"),
-        console=console,
-        transient=True,
-    ) as prog:
+    with _layer_progress() as prog:
         task = prog.add_task("", total=None, stage="clustering")
 
         def tick(name, i, n):
@@ -223,6 +213,21 @@ def compress(
     _print_report(report.to_dict(), max_rows=12)
     console.print(
         f"wrote {output} ({output.stat().st_size / 1e6:.2f} MB) in {report.seconds:.1f} s of clustering"
+    )
+
+
+def _layer_progress():
+    """The progress bar of commands that go layer by layer."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn("{task.fields[stage]}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.description}"),
+        console=console,
+        transient=True,
     )
 
 
@@ -264,20 +269,10 @@ def _should_stream(model: str, stream: bool | None, kind: str, target_bits) -> b
 
 
 def _compress_streaming(model: str, output: Path, cfg, entropy: str | None) -> None:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from wclust.stream import compress_checkpoint
 
-    with Progress(
-        TextColumn("streaming"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("{task.description}"),
-        console=console,
-        transient=True,
-    ) as prog:
-        task = prog.add_task("", total=None)
+    with _layer_progress() as prog:
+        task = prog.add_task("", total=None, stage="streaming")
         report = _run(
             compress_checkpoint,
             model,

@@ -63,21 +63,35 @@ _DTYPES = {
 MAX_HEADER = 100 << 20  # safetensors' own limit
 
 
+def read_header_bytes(path: Path, max_bytes: int, error: type[Exception], what: str) -> bytes:
+    """The JSON header bytes of a safetensors-layout file (8-byte little-endian length,
+    then the header), its length checked against the file size and ``max_bytes``.
+
+    Raises:
+        error: the file is too short or declares an impossible header length.
+        OSError: the file cannot be read.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise error(f"{path}: too short to be {what} ({size} bytes)")
+        (n,) = struct.unpack("<Q", head)
+        if n > min(size - 8, max_bytes):
+            raise error(f"{path}: header length {n} is impossible for a {size}-byte file")
+        return fh.read(n)
+
+
 def _read_index(f: Path) -> dict[str, tuple[torch.dtype, list[int], int, int]]:
     """``{name: (dtype, shape, start, end)}`` of one safetensors file, offsets absolute
     in the file, every entry checked against the file's size."""
     size = f.stat().st_size
-    with open(f, "rb") as fh:
-        head = fh.read(8)
-        if len(head) < 8:
-            raise CheckpointError(f"{f}: too short to be a safetensors file")
-        (n,) = struct.unpack("<Q", head)
-        if n > min(size - 8, MAX_HEADER):
-            raise CheckpointError(f"{f}: header length {n} is impossible for a {size}-byte file")
-        try:
-            entries = json.loads(fh.read(n))
-        except ValueError:
-            raise CheckpointError(f"{f}: the safetensors header is not JSON") from None
+    raw = read_header_bytes(f, MAX_HEADER, CheckpointError, "a safetensors file")
+    n = len(raw)
+    try:
+        entries = json.loads(raw)
+    except ValueError:
+        raise CheckpointError(f"{f}: the safetensors header is not JSON") from None
     if not isinstance(entries, dict):
         raise CheckpointError(f"{f}: the safetensors header is not an object")
     out = {}

@@ -382,16 +382,10 @@ def _tensor_view(t: torch.Tensor) -> memoryview:
 
 
 def _read_raw_header(path: Path) -> dict:
+    from .checkpoint import read_header_bytes
+
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise FormatError(f"{path}: too short to be a .wclust file ({size} bytes)")
-            (n,) = struct.unpack("<Q", head)
-            if n > min(size - 8, MAX_HEADER_BYTES):
-                raise FormatError(f"{path}: header length {n} is impossible for a {size}-byte file")
-            raw = f.read(n)
+        raw = read_header_bytes(path, MAX_HEADER_BYTES, FormatError, "a .wclust file")
     except OSError as e:
         raise FormatError(f"{path}: cannot read: {e.strerror or e}") from None
     try:
