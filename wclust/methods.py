@@ -28,6 +28,7 @@ class CompareMethod:
     calibrate: str | None = None  # "fisher" | "activation": importance-weighted clustering
     calib_items: int = 16  # calibration items, from the task's built-in data
     target_bits: float | None = None  # per-layer bits chosen under this average
+    gptq: bool = False  # re-choose codes with GPTQ error feedback (input Hessians)
     notes: str = ""
     extra: dict = field(default_factory=dict)
 
@@ -273,6 +274,30 @@ for b in (4, 3):
             notes=_CAL,
         )
     )
+# GPTQ error feedback on the learned per-tensor codebooks: the codebook and scales as
+# clustering chose them, codes re-chosen column by column against the layer's inputs.
+for b in (4, 3):
+    _add(
+        CompareMethod(
+            f"lloyd-{b}b-g64-fisher-gptq",
+            _LLOYD.format(b=b) + ", Fisher-weighted, codes by GPTQ",
+            "clustering",
+            _C(bits=b, group_size=64, method="scaled-lloyd"),
+            calibrate="fisher",
+            gptq=True,
+            notes=_CAL + "; GPTQ Hessians from the same data",
+        )
+    )
+_add(
+    CompareMethod(
+        "nf4-g64-gptq",
+        "NF4, absmax scale per 64, codes by GPTQ",
+        "quantization",
+        _C(bits=4, group_size=64, method="nf4"),
+        gptq=True,
+        notes=_CAL,
+    )
+)
 # Issue 7: outliers without calibration (tasks with no loss: embed, vision), and
 # clustering restricted to attention or MLP layers (config.LAYER_PRESETS).
 from .config import layer_preset as _preset  # noqa: E402
@@ -345,8 +370,8 @@ def apply_method(method: CompareMethod, loaded, sample_weights=None):
         from .prune import prune_
 
         prune_(loaded.model, method.prune)
-    if method.calibrate and sample_weights is None:
-        from .calibrate import calibrate
+    batches = None
+    if (method.calibrate and sample_weights is None) or method.gptq:
         from .tasks import get_task
 
         task = get_task(loaded.task)
@@ -356,14 +381,34 @@ def apply_method(method: CompareMethod, loaded, sample_weights=None):
                 "to calibrate with; pick an uncalibrated method"
             )
         calib = task.load_data(None, method.calib_items)  # the task's built-in data
-        batches = task.calibration_batches(loaded.model, loaded.processor, calib)
+        batches = list(task.calibration_batches(loaded.model, loaded.processor, calib))
+    if method.calibrate and sample_weights is None:
+        from .calibrate import calibrate
+
         sample_weights = calibrate(loaded.model, batches, kind=method.calibrate)
     if not method.calibrate:
         sample_weights = None
+    hessians = originals = None
+    if method.gptq:
+        from .api import _weight_owners
+        from .gptq import collect_hessians
+
+        hessians = collect_hessians(loaded.model, batches)
+        originals = {owners[0][0]: w.detach() for w, owners in _weight_owners(loaded.model)}
     cfg = method.config or ClusterConfig(include=())
     if method.target_bits:
         from .allocate import allocate_bits
 
         cfg, _ = allocate_bits(loaded.model, method.target_bits, cfg, sample_weights=sample_weights)
     report = api.compress_(loaded.model, cfg, sample_weights=sample_weights)
+    if method.gptq:
+        from .gptq import gptq_refine_
+
+        changed = gptq_refine_(loaded.model, hessians, originals)
+        for entry in report.layers:  # the report shows the weight error of the new codes
+            if entry.name in changed:
+                ms = float(originals[entry.name].double().square().mean())
+                entry.mse = changed[entry.name][1]  # unweighted, like rel_error below
+                entry.rel_error = entry.mse / ms if ms else 0.0
+                entry.method = f"{entry.method}+gptq"
     return cfg, report

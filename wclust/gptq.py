@@ -1,0 +1,160 @@
+"""GPTQ-style error feedback for codebook-quantized weights (Frantar et al. 2022).
+
+Clustering picks each weight's code independently. GPTQ instead quantizes the input
+columns of a layer one at a time and spreads each column's rounding error over the
+columns not yet quantized, weighted by the inverse of the layer's input Hessian
+``H = X^T X`` (from calibration inputs), so the *layer output* error is minimized.
+Here the grid is the layer's own learned codebook times its per-group scales (a
+non-uniform grid, as in GPTQ's "any grid" form): codebook and scales stay as
+clustering chose them; only the codes change.
+
+Use: ``hessians = collect_hessians(model, batches)`` on the original model; keep the
+original weights; ``compress_`` with a per-tensor codebook method (scaled-lloyd,
+scaled-exact, nf4); then ``gptq_refine_(model, hessians, originals)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from .api import _weight_owners, clustered_weights, layer_type
+from .core.packing import pack_codes
+
+__all__ = ["collect_hessians", "gptq_codes", "gptq_refine_"]
+
+
+def collect_hessians(model: nn.Module, batches: Iterable) -> dict[str, torch.Tensor]:
+    """``{first owner name: H = mean of x x^T over input rows}`` for every weight used
+    by a Linear (or transformers Conv1D) layer; each batch is passed as
+    ``model(**batch)``."""
+    sums: dict[int, torch.Tensor] = {}
+    counts: dict[int, int] = {}
+    key_of: dict[int, str] = {}
+    hooks = []
+    for _w, owners in _weight_owners(model):
+        for _name, mod in owners:
+            if layer_type(mod) not in ("Linear", "Conv1D"):
+                continue
+            key_of[id(mod)] = owners[0][0]
+
+            def hook(m, inp, out, key=id(mod)):
+                x = inp[0].detach().double().reshape(-1, inp[0].shape[-1])
+                sums[key] = sums.get(key, 0) + x.T @ x
+                counts[key] = counts.get(key, 0) + x.shape[0]
+
+            hooks.append(mod.register_forward_hook(hook))
+            break  # one Linear owner per weight is enough
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                model(**batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {key_of[k]: (s / max(counts[k], 1)).float() for k, s in sums.items()}
+
+
+def gptq_codes(
+    w: torch.Tensor,
+    h: torch.Tensor,
+    table: torch.Tensor,
+    scale: torch.Tensor,
+    group_size: int,
+    *,
+    damp: float = 0.01,
+    block: int = 128,
+) -> torch.Tensor:
+    """Codes of ``w`` on the grid ``table * scale`` chosen column by column with
+    GPTQ error feedback.
+
+    Args:
+        w: (out, in) weight.
+        h: (in, in) input Hessian (``X^T X`` / rows).
+        table: (k,) ascending codebook of normalized values.
+        scale: (out * in // group_size,) per-group scale, groups consecutive along in.
+        group_size: must divide ``in``.
+        damp: added to the diagonal, times its mean (GPTQ's percdamp).
+        block: columns per lazy-update block.
+
+    Returns:
+        (out, in) uint8 codes into ``table``.
+    """
+    out_f, in_f = w.shape
+    if in_f % group_size:
+        raise ValueError(f"group size {group_size} does not divide {in_f} input columns")
+    W = w.detach().double().clone()
+    H = h.detach().double().clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    H += damp * torch.diag(H).mean() * torch.eye(in_f, dtype=H.dtype)
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    s = scale.double().reshape(out_f, in_f // group_size)  # (out, groups)
+    t = table.double()
+    mids = 0.5 * (t[1:] + t[:-1])
+    codes = torch.empty(out_f, in_f, dtype=torch.uint8)
+    for i1 in range(0, in_f, block):
+        i2 = min(i1 + block, in_f)
+        w1 = W[:, i1:i2].clone()  # (out, b)
+        err1 = torch.zeros_like(w1)
+        h1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = w1[:, i]
+            sc = s[:, (i1 + i) // group_size]
+            c = torch.searchsorted(mids, (col / sc).contiguous())
+            codes[:, i1 + i] = c.to(torch.uint8)
+            e = (col - t[c] * sc) / h1[i, i]
+            w1[:, i:] -= e[:, None] * h1[i, i:][None, :]
+            err1[:, i] = e
+        W[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    return codes
+
+
+def gptq_refine_(
+    model: nn.Module,
+    hessians: dict[str, torch.Tensor],
+    originals: dict[str, torch.Tensor],
+    **kw,
+) -> dict[str, tuple[float, float]]:
+    """Re-choose the codes of every clustered weight that has a Hessian, a shared
+    codebook and per-group scales (scaled-lloyd, scaled-exact, nf4), in place.
+
+    Args:
+        model: compressed by ``compress_``.
+        hessians: from :func:`collect_hessians` on the original model.
+        originals: ``{first owner name: original weight}`` (as stored by the module).
+        kw: passed to :func:`gptq_codes`.
+
+    Returns:
+        ``{name: (weight MSE before, after)}`` for every refined weight (the weight
+        error grows: GPTQ trades it for a smaller output error).
+    """
+    done = {}
+    for cw, owners in clustered_weights(model).values():
+        name = owners[0][0]
+        if name not in hessians or name not in originals:
+            continue
+        if cw.n_codebooks != 1 or cw.group_scale is None or cw.group_offset is not None:
+            continue
+        if cw.outlier_idx is not None or len(cw.shape) != 2:
+            continue
+        w = originals[name].detach().float()
+        w = w.t() if cw.transpose else w  # (out, in) as clustered
+        gs = w.numel() // cw.group_scale.numel()
+        if w.shape[1] % gs:
+            continue
+        old = cw.codebook[0][cw.codes().long()] * cw.group_scale.float().repeat_interleave(gs).view(
+            w.shape
+        )
+        before = float(((old - w) ** 2).mean())
+        codes = gptq_codes(w, hessians[name], cw.codebook[0].float(), cw.group_scale, gs, **kw)
+        cw.packed = pack_codes(codes, cw.bits)
+        cw._dense = None  # a cached dense weight would be stale
+        new = cw.codebook[0][codes.long()] * cw.group_scale.float().repeat_interleave(gs).view(
+            w.shape
+        )
+        done[name] = (before, float(((new - w) ** 2).mean()))
+    return done
