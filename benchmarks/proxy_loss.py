@@ -70,6 +70,12 @@ def main() -> None:
         help="JSON merged into every method's ClusterConfig, e.g. "
         '\'{"overrides": {"model.decoder.embed_tokens": {"method": "nf4"}}}\'',
     )
+    ap.add_argument(
+        "--set-method",
+        default=None,
+        help="JSON of CompareMethod fields to replace in every method, e.g. "
+        '\'{"extra": {"gptq": {"damp": 0.1, "exclude": ["model.decoder.*"]}}}\'',
+    )
     ap.add_argument("--json", default=None, help="write results here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -90,6 +96,8 @@ def main() -> None:
             method = dataclasses.replace(
                 method, config=method.config.replace(**json.loads(args.set))
             )
+        if args.set_method:
+            method = dataclasses.replace(method, **json.loads(args.set_method))
         loaded = copy.deepcopy(base)
         sw = None
         if method.calibrate:

@@ -9,6 +9,7 @@ torchao), which has no safe file format.
 
 from __future__ import annotations
 
+import fnmatch
 from dataclasses import dataclass, field
 
 from .config import ClusterConfig
@@ -29,6 +30,7 @@ class CompareMethod:
     calib_items: int = 16  # calibration items, from the task's built-in data
     target_bits: float | None = None  # per-layer bits chosen under this average
     gptq: bool = False  # re-choose codes with GPTQ error feedback (input Hessians)
+    # extra["gptq"]: options for gptq_refine_ ({"damp": float, "exclude": [globs]})
     notes: str = ""
     extra: dict = field(default_factory=dict)
 
@@ -404,7 +406,12 @@ def apply_method(method: CompareMethod, loaded, sample_weights=None):
     if method.gptq:
         from .gptq import gptq_refine_
 
-        changed = gptq_refine_(loaded.model, hessians, originals)
+        opts = dict(method.extra.get("gptq", {}))
+        skip = opts.pop("exclude", ())
+        hessians = {
+            n: h for n, h in hessians.items() if not any(fnmatch.fnmatch(n, g) for g in skip)
+        }
+        changed = gptq_refine_(loaded.model, hessians, originals, **opts)
         for entry in report.layers:  # the report shows the weight error of the new codes
             if entry.name in changed:
                 ms = float(originals[entry.name].double().square().mean())
