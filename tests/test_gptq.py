@@ -54,3 +54,33 @@ def test_gptq_refine_on_a_model_only_changes_codes():
     assert after < before
     assert torch.equal(model[0].clustered.codebook, cb)
     assert done["0"][1] >= done["0"][0] * 0.99  # weight error is traded for output error
+
+
+def test_gptq_on_gpt2_conv1d_and_tied_head():
+    from tests.conftest import tiny_gpt2
+
+    model = tiny_gpt2()
+    g = torch.Generator().manual_seed(0)
+    batches = [{"input_ids": torch.randint(0, 200, (1, 24), generator=g)} for _ in range(4)]
+    h = collect_hessians(model, batches)
+    assert "transformer.wte" in h and "lm_head" not in h  # tied: keyed by the first owner
+    originals = {
+        n: m.weight.detach().clone()
+        for n, m in model.named_modules()
+        if n in h  # the stored weights, Conv1D as (in, out)
+    }
+    wclust.compress_(model, wclust.ClusterConfig(bits=3, group_size=16, method="scaled-lloyd"))
+    name = "transformer.h.0.mlp.c_fc"
+    cw = model.get_submodule(name).clustered
+    w = originals[name].t()  # (out, in)
+
+    def out_err():  # trace(E H E^T): the layer's mean squared output error
+        e = cw.dense().t() - w
+        return float(torch.einsum("oi,ij,oj->", e.double(), h[name].double(), e.double()))
+
+    before = out_err()
+    done = gptq_refine_(model, h, originals)
+    assert name in done and "transformer.wte" in done
+    assert out_err() < before
+    with torch.no_grad():
+        assert torch.isfinite(model(**batches[0]).logits).all()
