@@ -292,6 +292,17 @@ for b in (4, 3):
     )
 _add(
     CompareMethod(
+        "nf4-g64-gptq-enc",
+        "NF4, absmax scale per 64, codes by GPTQ in the encoder only",
+        "quantization",
+        _C(bits=4, group_size=64, method="nf4"),
+        gptq=True,
+        notes=_CAL + "; decoder layers (model.decoder.*, Whisper naming) keep nearest codes",
+        extra={"gptq": {"exclude": ["model.decoder.*"]}},
+    )
+)
+_add(
+    CompareMethod(
         "nf4-g64-gptq",
         "NF4, absmax scale per 64, codes by GPTQ",
         "quantization",
