@@ -154,13 +154,10 @@ def main() -> None:
         )
     on_disk = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
     shards = len(list(ckpt.glob("*.safetensors")))
+    from wclust.formats.checkpoint import SafetensorsCheckpoint
+
     biggest = max(
-        (
-            int(torch.tensor(v["shape"]).prod()) * 4
-            for f in ckpt.glob("*.safetensors")
-            for k, v in _header(f).items()
-            if k != "__metadata__"
-        ),
+        (hi - lo for _f, _dt, _shape, lo, hi in SafetensorsCheckpoint(ckpt).entries.values()),
         default=0,
     )
     out = a.out or ckpt.with_suffix(".wclust")
@@ -189,12 +186,6 @@ def main() -> None:
     print(json.dumps(result, indent=1))
     if not a.keep:
         shutil.rmtree(ckpt, ignore_errors=True)
-
-
-def _header(f: Path) -> dict:
-    with open(f, "rb") as fh:
-        n = int.from_bytes(fh.read(8), "little")
-        return json.loads(fh.read(n))
 
 
 if __name__ == "__main__":

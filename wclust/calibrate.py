@@ -20,7 +20,7 @@ from torch import nn
 
 from .api import _weight_owners, layer_type
 
-__all__ = ["calibrate"]
+__all__ = ["calibrate", "input_sums"]
 
 
 def calibrate(
@@ -84,22 +84,28 @@ def _fisher(model, batches, loss_fn, groups):
     return {owners[0][0]: a / n for a, (_, owners) in zip(acc, groups, strict=True)}
 
 
-def _activation(model, batches, groups):
-    sums: dict[int, torch.Tensor] = {}
-    counts: dict[int, int] = {}
+def input_sums(
+    model: nn.Module,
+    batches: Iterable,
+    modules: dict[str, nn.Module],
+    stat: Callable[[torch.Tensor], torch.Tensor],
+) -> dict[str, tuple[torch.Tensor, int]]:
+    """Run ``model(**batch)`` on every batch (no gradients) and sum ``stat(x)`` over the
+    inputs ``x`` (detached, reshaped to rows x features) of each named module.
+
+    Returns:
+        ``{name: (sum of stat, number of input rows)}`` for the modules that ran.
+    """
+    sums: dict[str, tuple[torch.Tensor, int]] = {}
     hooks = []
-    for _, owners in groups:
-        for _name, mod in owners:
-            t = layer_type(mod)
-            if t not in ("Linear", "Conv1D"):
-                continue
+    for name, mod in modules.items():
 
-            def hook(m, inp, out, key=id(mod)):
-                x = inp[0].detach().float().reshape(-1, inp[0].shape[-1])
-                sums[key] = sums.get(key, 0) + (x**2).sum(0)
-                counts[key] = counts.get(key, 0) + x.shape[0]
+        def hook(m, inp, out, key=name):
+            x = inp[0].detach().reshape(-1, inp[0].shape[-1])
+            total, rows = sums.get(key, (0, 0))
+            sums[key] = (total + stat(x), rows + x.shape[0])
 
-            hooks.append(mod.register_forward_hook(hook))
+        hooks.append(mod.register_forward_hook(hook))
     try:
         with torch.no_grad():
             for batch in batches:
@@ -107,14 +113,25 @@ def _activation(model, batches, groups):
     finally:
         for h in hooks:
             h.remove()
+    return sums
+
+
+def _activation(model, batches, groups):
+    # Column statistics of the first owner of each weight, where it is a Linear/Conv1D.
+    mods = {
+        owners[0][0]: owners[0][1]
+        for _, owners in groups
+        if layer_type(owners[0][1]) in ("Linear", "Conv1D")
+    }
+    sums = input_sums(model, batches, mods, lambda x: (x.float() ** 2).sum(0))
     out = {}
     for w, owners in groups:
         name, mod = owners[0]
-        key = id(mod)
-        if key not in sums:  # embeddings, convs: no column statistics, uniform
+        if name not in sums:  # embeddings, convs: no column statistics, uniform
             out[name] = torch.ones_like(w, dtype=torch.float32)
             continue
-        col = sums[key] / max(counts[key], 1)  # (in,)
+        total, rows = sums[name]
+        col = total / max(rows, 1)  # (in,)
         imp = (
             col[None, :].expand(w.shape[0], -1)
             if layer_type(mod) == "Linear"

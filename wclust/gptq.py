@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .api import _weight_owners, clustered_weights, layer_type
+from .calibrate import input_sums
 from .core.packing import pack_codes
 
 __all__ = ["collect_hessians", "gptq_codes", "gptq_refine_"]
@@ -30,31 +31,13 @@ def collect_hessians(model: nn.Module, batches: Iterable) -> dict[str, torch.Ten
     """``{first owner name: H = mean of x x^T over input rows}`` for every weight used
     by a Linear (or transformers Conv1D) layer; each batch is passed as
     ``model(**batch)``."""
-    sums: dict[int, torch.Tensor] = {}
-    counts: dict[int, int] = {}
-    key_of: dict[int, str] = {}
-    hooks = []
+    mods = {}
     for _w, owners in _weight_owners(model):
-        for _name, mod in owners:
-            if layer_type(mod) not in ("Linear", "Conv1D"):
-                continue
-            key_of[id(mod)] = owners[0][0]
-
-            def hook(m, inp, out, key=id(mod)):
-                x = inp[0].detach().double().reshape(-1, inp[0].shape[-1])
-                sums[key] = sums.get(key, 0) + x.T @ x
-                counts[key] = counts.get(key, 0) + x.shape[0]
-
-            hooks.append(mod.register_forward_hook(hook))
-            break  # one Linear owner per weight is enough
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                model(**batch)
-    finally:
-        for h in hooks:
-            h.remove()
-    return {key_of[k]: (s / max(counts[k], 1)).float() for k, s in sums.items()}
+        linear = [m for _, m in owners if layer_type(m) in ("Linear", "Conv1D")]
+        if linear:  # one Linear owner per weight is enough
+            mods[owners[0][0]] = linear[0]
+    sums = input_sums(model, batches, mods, lambda x: x.double().T @ x.double())
+    return {name: (total / max(rows, 1)).float() for name, (total, rows) in sums.items()}
 
 
 def gptq_codes(
@@ -146,15 +129,16 @@ def gptq_refine_(
         gs = w.numel() // cw.group_scale.numel()
         if w.shape[1] % gs:
             continue
-        old = cw.codebook[0][cw.codes().long()] * cw.group_scale.float().repeat_interleave(gs).view(
-            w.shape
-        )
-        before = float(((old - w) ** 2).mean())
-        codes = gptq_codes(w, hessians[name], cw.codebook[0].float(), cw.group_scale, gs, **kw)
+        table = cw.codebook[0].float()
+        scale = cw.group_scale.float().repeat_interleave(gs).view(w.shape)
+        before = _grid_mse(cw.codes(), table, scale, w)
+        codes = gptq_codes(w, hessians[name], table, cw.group_scale, gs, **kw)
         cw.packed = pack_codes(codes, cw.bits)
         cw._dense = None  # a cached dense weight would be stale
-        new = cw.codebook[0][codes.long()] * cw.group_scale.float().repeat_interleave(gs).view(
-            w.shape
-        )
-        done[name] = (before, float(((new - w) ** 2).mean()))
+        done[name] = (before, _grid_mse(codes, table, scale, w))
     return done
+
+
+def _grid_mse(codes, table, scale, w) -> float:
+    """Mean squared error of ``table[codes] * scale`` against ``w``."""
+    return float(((table[codes.long()] * scale - w) ** 2).mean())
