@@ -161,3 +161,18 @@ def test_large_fp32_tensor_uses_reduction_then_polish():
     ex = cluster_tensor(x, 16, method="exact")
     km = cluster_tensor(x, 16, method="kmeans", init="density")
     assert ex.mse <= km.mse * (1 + 1e-6)
+
+
+@pytest.mark.parametrize("method", ["exact", "kmeans"])
+def test_row_batches_give_the_same_result(method, monkeypatch):
+    """Codebooks are solved in batches of rows; the batching must not change them."""
+    import wclust.core.codebook as codebook
+
+    x = torch.randn(37, 40, generator=torch.Generator().manual_seed(0))
+    sw = torch.rand(37, 40, generator=torch.Generator().manual_seed(1))
+    kw = dict(bits=3, granularity="channel", method=method, init="linear", sample_weight=sw)
+    one = cluster_tensor(x, **kw)
+    monkeypatch.setattr(codebook, "CHUNK_ELEMENTS", 100)  # 2 rows per batch
+    many = cluster_tensor(x, **kw)
+    assert torch.equal(one.codebook, many.codebook) and torch.equal(one.codes, many.codes)
+    assert many.mse == pytest.approx(one.mse, rel=1e-12)

@@ -31,3 +31,17 @@ def test_out_of_range_codes_and_bad_widths_are_rejected():
             pack_codes(torch.tensor([0]), bits)
     with pytest.raises(ValueError, match="packed bytes"):
         unpack_codes(torch.zeros(3, dtype=torch.uint8), 4, 10)
+
+
+@pytest.mark.parametrize("bits", range(1, 8))
+def test_round_trip_across_batches(bits, monkeypatch):
+    """Packing works in batches of CHUNK codes: lengths around batch edges round-trip."""
+    import wclust.core.packing as packing
+
+    whole = {n: pack_codes(torch.arange(n, dtype=torch.uint8) % (1 << bits), bits) for n in (1, 50)}
+    monkeypatch.setattr(packing, "CHUNK", 16)
+    for n in (15, 16, 17, 32, 33, 50):
+        codes = torch.arange(n, dtype=torch.uint8) % (1 << bits)
+        packed = pack_codes(codes, bits)
+        assert torch.equal(unpack_codes(packed, bits, n), codes)
+    assert torch.equal(packed, whole[50])  # same bytes as one batch
