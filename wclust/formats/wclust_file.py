@@ -66,13 +66,27 @@ def _dtype_name(dt: torch.dtype) -> str:
     return str(dt).removeprefix("torch.")
 
 
-def _digest(header_text: str, tensors: dict[str, torch.Tensor]) -> str:
+def _digest_parts(header_text: str, parts) -> str:
+    """The file checksum: SHA-256 over the header text, then per tensor in name order
+    its name, dtype, shape and bytes. ``parts`` yields ``(name, dtype, shape, chunks)``
+    in name order, ``chunks`` an iterable of byte buffers."""
     h = hashlib.sha256(header_text.encode())
-    for name in sorted(tensors):
-        t = tensors[name].contiguous()
-        h.update(f"\0{name}\0{_dtype_name(t.dtype)}\0{list(t.shape)}\0".encode())
-        h.update(_tensor_view(t))
+    for name, dtype, shape, chunks in parts:
+        h.update(f"\0{name}\0{_dtype_name(dtype)}\0{list(shape)}\0".encode())
+        for chunk in chunks:
+            h.update(chunk)
     return h.hexdigest()
+
+
+def _digest(header_text: str, tensors: dict[str, torch.Tensor]) -> str:
+    """The checksum of tensors held in memory (what ``load`` verifies)."""
+    return _digest_parts(
+        header_text,
+        (
+            (n, tensors[n].dtype, tensors[n].shape, [_tensor_view(tensors[n].contiguous())])
+            for n in sorted(tensors)
+        ),
+    )
 
 
 def _arch(model: nn.Module) -> dict:
@@ -264,13 +278,11 @@ class FileWriter:
                 yield buf
 
     def digest(self, header_text: str) -> str:
-        h = hashlib.sha256(header_text.encode())
-        for name in sorted(self._items):
-            dtype, shape, _ = self._items[name]
-            h.update(f"\0{name}\0{_dtype_name(dtype)}\0{shape}\0".encode())
-            for chunk in self._chunks(name):
-                h.update(chunk)
-        return h.hexdigest()
+        """The checksum of what was added (see ``_digest_parts``)."""
+        return _digest_parts(
+            header_text,
+            ((n, *self._items[n][:2], self._chunks(n)) for n in sorted(self._items)),
+        )
 
     def finish(self, header: dict) -> Path:
         """Write the file (checksummed header, then every tensor) and rename it into place."""
