@@ -243,9 +243,9 @@ def _available_memory() -> int:
 def _should_stream(model: str, stream: bool | None, kind: str, target_bits) -> bool:
     from wclust.formats.checkpoint import find_safetensors
 
-    files = _run(find_safetensors, model) if Path(model).exists() else None
     if stream is False:
         return False
+    files = _run(find_safetensors, model) if Path(model).exists() else None
     if stream is None:
         if files is None or kind != "none" or target_bits is not None:
             return False
