@@ -425,7 +425,7 @@ def apply_method(method: CompareMethod, loaded, sample_weights=None):
         changed = gptq_refine_(loaded.model, hessians, originals, **opts)
         for entry in report.layers:  # the report shows the weight error of the new codes
             if entry.name in changed:
-                ms = float(originals[entry.name].double().square().mean())
+                ms = api._mean_square(originals[entry.name])
                 entry.mse = changed[entry.name][1]  # unweighted, like rel_error below
                 entry.rel_error = entry.mse / ms if ms else 0.0
                 entry.method = f"{entry.method}+gptq"
