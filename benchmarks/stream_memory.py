@@ -136,6 +136,44 @@ def run_limited(cmd: list[str], limit: int) -> dict:
     return out
 
 
+LAYER_METHODS = {
+    "exact, per channel (default)": dict(bits=4, granularity="channel", method="exact"),
+    "exact, groups of 128": dict(bits=4, granularity="group", group_size=128, method="exact"),
+    "NF4, groups of 64": dict(bits=4, granularity="group", group_size=64, method="nf4"),
+    "scaled-lloyd, groups of 64": dict(
+        bits=4, granularity="group", group_size=64, method="scaled-lloyd"
+    ),
+    "exact, one codebook per tensor": dict(bits=4, granularity="tensor", method="exact"),
+}
+_LAYER_CHILD = """
+import json, resource, sys, time, torch
+from wclust.api import TENSOR_METHODS
+from wclust.config import ClusterConfig
+x = torch.randn(4096, 11008) * 0.02
+s = ClusterConfig(**json.loads(sys.argv[1])).for_layer("x")
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+t = time.perf_counter()
+TENSOR_METHODS.get(s["method"])(x, s, None, 0)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"extra": (peak - base) / (x.numel() * 4), "seconds": time.perf_counter() - t}))
+"""
+
+
+def layer_memory() -> None:
+    """Extra peak RSS of clustering one 4096x11008 float32 tensor, per method, each in
+    a fresh process (in units of the tensor's 180 MB)."""
+    print("| method | extra peak / tensor size | time (s) |\n|---|---:|---:|")
+    for label, cfg in LAYER_METHODS.items():
+        out = subprocess.run(
+            [sys.executable, "-c", _LAYER_CHILD, json.dumps(cfg)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.splitlines()[-1]
+        r = json.loads(out)
+        print(f"| {label} | {r['extra']:.1f}x | {r['seconds']:.1f} |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dir", type=Path, default=Path("/tmp/wclust-synthetic-ckpt"))
@@ -144,7 +182,15 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the checkpoint afterwards")
     ap.add_argument("--out", type=Path, default=None, help="output .wclust (default: DIR.wclust)")
     ap.add_argument("args", nargs="*", help="extra arguments for wclust compress")
+    ap.add_argument(
+        "--layer-memory",
+        action="store_true",
+        help="only measure each method's working memory on one 4096x11008 tensor",
+    )
     a = ap.parse_args()
+    if a.layer_memory:
+        layer_memory()
+        return
     ckpt = a.dir
     if not (ckpt / "model.safetensors.index.json").is_file():
         t0 = time.perf_counter()
