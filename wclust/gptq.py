@@ -133,7 +133,7 @@ def gptq_refine_(
         scale = cw.group_scale.float().repeat_interleave(gs).view(w.shape)
         before = _grid_mse(cw.codes(), table, scale, w)
         codes = gptq_codes(w, hessians[name], table, cw.group_scale, gs, **kw)
-        cw.packed = pack_codes(codes, cw.bits)
+        cw.set_packed(pack_codes(codes, cw.bits))
         cw._dense = None  # a cached dense weight would be stale
         done[name] = (before, _grid_mse(codes, table, scale, w))
     return done

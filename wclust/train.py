@@ -161,7 +161,7 @@ class _Reassigner:
             if _keeps_zero(cw):
                 new = torch.where(old == 0, old, new)  # pruned weights stay pruned
             changed += int((new != old).sum())
-            cw.packed.copy_(pack_codes(new, cw.bits))
+            cw.set_packed(pack_codes(new, cw.bits))
         return changed
 
 

@@ -4,7 +4,7 @@ import torch
 
 import wclust
 from wclust.core.packing import pack_codes
-from wclust.kernels.lut import decode, lut_gemv
+from wclust.kernels.lut import decode, decode_tiles, lut_gemv, lut_gemv_tiles, tile4, untile4
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -72,3 +72,61 @@ def test_module_fast_paths_agree_with_dense(cfg):
         assert torch.equal(m[1](ids), m[1].weight[ids])
     # with gradients on (training), the dense differentiable path runs
     assert torch.allclose(m[0](x), ref, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "out_f,in_f,gs,offset",
+    [(37, 64, 0, False), (16, 128, 64, True), (50, 256, 128, False), (3, 192, 64, True)],
+)
+def test_tiled_gemv_matches_dense_reference(out_f, in_f, gs, offset):
+    g = torch.Generator().manual_seed(out_f)
+    codes = torch.randint(0, 16, (out_f, in_f), generator=g).to(torch.uint8)
+    cb = torch.randn(16, generator=g)
+    x = torch.randn(in_f, generator=g)
+    w = cb[codes.long()]
+    sc = off = None
+    if gs:
+        sc = torch.rand(out_f * in_f // gs, generator=g)
+        w = w.view(-1, gs) * sc[:, None]
+        if offset:
+            off = torch.randn(out_f * in_f // gs, generator=g)
+            w = w + off[:, None]
+        w = w.view(out_f, in_f)
+    packed = pack_codes(codes, 4).numpy()
+    tiled = tile4(packed, out_f, in_f)
+    assert np.array_equal(untile4(tiled, out_f, in_f), packed)
+    assert np.array_equal(decode_tiles(tiled, cb.numpy(), out_f), cb[codes.long()].numpy())
+    y = lut_gemv_tiles(
+        tiled,
+        x.numpy(),
+        cb.numpy(),
+        out_f,
+        None if sc is None else sc.numpy(),
+        None if off is None else off.numpy(),
+        gs,
+    )
+    np.testing.assert_allclose(y, (w @ x).numpy(), rtol=1e-4, atol=1e-4)
+    dense = decode_tiles(
+        tiled,
+        cb.numpy(),
+        out_f,
+        None if sc is None else sc.numpy(),
+        None if off is None else off.numpy(),
+    )
+    np.testing.assert_allclose(dense, w.numpy(), rtol=1e-6, atol=1e-6)
+
+
+def test_tiled_layout_rejects_shapes_it_cannot_hold():
+    with pytest.raises(ValueError, match="divisible by 64"):
+        tile4(np.zeros(8 * 48 // 2, np.uint8), 8, 48)
+    tiled = tile4(np.zeros(4 * 128 // 2, np.uint8), 4, 128)
+    with pytest.raises(ValueError, match="multiple of 64"):
+        lut_gemv_tiles(
+            tiled,
+            np.ones(128, np.float32),
+            np.ones(16, np.float32),
+            4,
+            np.ones(16, np.float32),
+            None,
+            32,
+        )

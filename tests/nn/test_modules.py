@@ -45,3 +45,33 @@ def test_embedding_subclass_with_own_forward_and_kwargs():
     with torch.no_grad():
         out = pos(ids, past_key_values_length=3)
     torch.testing.assert_close(out, pos.clustered.dense()[3:8], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", ["nf4", "rtn", "kmeans"])
+def test_tiled_layout_keeps_every_view_of_the_weight(method, tmp_path):
+    # A tied head/embedding with one codebook per tensor: the first batch-1 call
+    # moves its codes to the tiled kernel layout; dense(), rows(), codes() and the
+    # saved file must not change.
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Embedding(40, 128), nn.Linear(128, 40, bias=False))
+    m[1].weight = m[0].weight
+    cfg = dict(bits=4, method=method)
+    if method == "kmeans":
+        cfg["granularity"] = "tensor"
+    wclust.compress_(m, wclust.ClusterConfig(**cfg))
+    cw = m[1].clustered
+    assert cw is m[0].clustered and cw.tiles_ok() and cw.layout == "rows"
+    dense, codes = cw.dense().clone(), cw.codes().clone()
+    wclust.save(m, tmp_path / "a.wclust")
+    x = torch.randn(1, 128)
+    ids = torch.tensor([0, 17, 39, 16, 15])
+    with torch.no_grad():
+        y = m[1](x)
+        assert cw.layout == "tiles"
+        assert torch.allclose(y, x @ dense.T, atol=1e-5)
+        assert torch.equal(m[0](ids), dense[ids])
+    assert torch.equal(cw.dense(), dense) and torch.equal(cw.codes(), codes)
+    wclust.save(m, tmp_path / "b.wclust")
+    assert (tmp_path / "a.wclust").read_bytes() == (tmp_path / "b.wclust").read_bytes()
+    cw.set_packed(cw.packed_rows().clone())
+    assert cw.layout == "rows" and torch.equal(cw.dense(), dense)

@@ -156,7 +156,7 @@ def add_clustered(writer: FileWriter, key: str, cw: ClusteredWeight, owners, ent
     """Add one clustered weight's tensors to ``writer``; returns its header entry."""
     info = None
     if entropy is None:
-        writer.add(f"{key}.codes", cw.packed)
+        writer.add(f"{key}.codes", cw.packed_rows())
     else:
         blob, info = _entropy_encode(cw, entropy)
         writer.add(f"{key}.entropy", blob)

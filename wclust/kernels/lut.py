@@ -9,6 +9,18 @@ with the codebook. Rows run in parallel.
 
 ``decode``: the dense weight rebuilt from packed codes in one fused parallel pass.
 
+``lut_gemv_tiles``: the fast path for 4-bit codes with ONE codebook shared by the
+whole tensor (NF4, int4, the learned per-tensor codebook over scaled groups), with
+optional per-group scales and offsets. Activation-side lookup tables (T-MAC, arXiv
+2407.00088): for each pair of inputs ``(x[2j], x[2j+1])`` a 256-entry table holds
+``cb[lo] * x[2j] + cb[hi] * x[2j+1]`` for every byte ``hi << 4 | lo``, so one table
+read serves two weights and no multiply is left per weight. The codes are stored
+in a tiled layout (``tile4``): tiles of 32 input pairs (64 inputs; the table of a
+tile is 32 KB and stays in L1) x blocks of 16 output rows, the 16 rows' bytes of one
+pair adjacent, so one block reads 16 independent entries of one table row. Each
+thread takes its own range of tiles (it builds only those tables) and keeps a
+partial output; the partials are summed at the end.
+
 Compiled on first use and cached on disk (numba ``cache=True``).
 """
 
@@ -17,10 +29,12 @@ from __future__ import annotations
 import numba as nb
 import numpy as np
 
-__all__ = ["decode", "lut_gemv"]
+__all__ = ["decode", "decode_tiles", "lut_gemv", "lut_gemv_tiles", "tile4", "untile4"]
 
 
 _BLOCK = 64  # output rows per parallel work item (8-bit kernel)
+TILE_PAIRS = 32  # input pairs per tile of the tiled 4-bit layout (64 inputs)
+TILE_ROWS = 16  # output rows per block of the tiled 4-bit layout
 
 
 @nb.njit(parallel=True, cache=True, fastmath=True)
@@ -88,7 +102,185 @@ def _decode8(packed, cb, per_cb, out):
         out[i] = cb[i // per_cb, packed[i]]
 
 
+@nb.njit(parallel=True, cache=True, fastmath=True)
+def _gemv4_tiles(P, x, cb, scale, offset, tiles_per_group, out_f, ypart):
+    # P: (n_tiles, n_blocks, TILE_PAIRS, TILE_ROWS) uint8, byte = hi << 4 | lo of a
+    # row's inputs (2j, 2j+1). scale/offset: (out_f, n_groups) or empty.
+    # ypart: (n_threads, n_blocks * TILE_ROWS) zeros; thread t adds its tiles' sums.
+    n_tiles, n_blocks = P.shape[0], P.shape[1]
+    n_thr = ypart.shape[0]
+    has_scale = scale.shape[0] > 0
+    has_off = offset.shape[0] > 0
+    for t in nb.prange(n_thr):
+        T = np.empty((TILE_PAIRS, 256), dtype=np.float32)
+        acc = np.empty(TILE_ROWS, dtype=np.float32)
+        yp = ypart[t]
+        for jt in range(t * n_tiles // n_thr, (t + 1) * n_tiles // n_thr):
+            xs = np.float32(0.0)
+            for jj in range(TILE_PAIRS):
+                xa = x[2 * (jt * TILE_PAIRS + jj)]
+                xb = x[2 * (jt * TILE_PAIRS + jj) + 1]
+                xs += xa + xb
+                for hi in range(16):
+                    h = cb[hi] * xb
+                    for lo in range(16):
+                        T[jj, hi * 16 + lo] = cb[lo] * xa + h
+            g = jt // tiles_per_group
+            for rb in range(n_blocks):
+                a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = np.float32(0.0)
+                a8 = a9 = a10 = a11 = a12 = a13 = a14 = a15 = np.float32(0.0)
+                for jj in range(TILE_PAIRS):
+                    Tj = T[jj]
+                    p = P[jt, rb, jj]
+                    a0 += Tj[p[0]]
+                    a1 += Tj[p[1]]
+                    a2 += Tj[p[2]]
+                    a3 += Tj[p[3]]
+                    a4 += Tj[p[4]]
+                    a5 += Tj[p[5]]
+                    a6 += Tj[p[6]]
+                    a7 += Tj[p[7]]
+                    a8 += Tj[p[8]]
+                    a9 += Tj[p[9]]
+                    a10 += Tj[p[10]]
+                    a11 += Tj[p[11]]
+                    a12 += Tj[p[12]]
+                    a13 += Tj[p[13]]
+                    a14 += Tj[p[14]]
+                    a15 += Tj[p[15]]
+                acc[0], acc[1], acc[2], acc[3] = a0, a1, a2, a3
+                acc[4], acc[5], acc[6], acc[7] = a4, a5, a6, a7
+                acc[8], acc[9], acc[10], acc[11] = a8, a9, a10, a11
+                acc[12], acc[13], acc[14], acc[15] = a12, a13, a14, a15
+                o = rb * TILE_ROWS
+                n = min(TILE_ROWS, out_f - o)
+                if has_scale:
+                    for r in range(n):
+                        acc[r] *= scale[o + r, g]
+                        if has_off:
+                            acc[r] += offset[o + r, g] * xs
+                for r in range(n):
+                    yp[o + r] += acc[r]
+
+
+@nb.njit(parallel=True, cache=True)
+def _decode4_tiles(P, cb, scale, offset, out):
+    # out: (out_f, in_f) float32 in the canonical row order; scale/offset: (out_f,
+    # n_groups) or empty: out = cb[code] * scale + offset, fused.
+    n_tiles, n_blocks = P.shape[0], P.shape[1]
+    out_f, in_f = out.shape
+    has_scale = scale.shape[0] > 0
+    has_off = offset.shape[0] > 0
+    gsize = in_f // scale.shape[1] if has_scale else in_f
+    for rb in nb.prange(n_blocks):
+        for r in range(min(TILE_ROWS, out_f - rb * TILE_ROWS)):
+            o = rb * TILE_ROWS + r
+            row = out[o]
+            for jt in range(n_tiles):
+                for jj in range(TILE_PAIRS):
+                    col = 2 * (jt * TILE_PAIRS + jj)
+                    b = P[jt, rb, jj, r]
+                    row[col] = cb[b & 15]
+                    row[col + 1] = cb[b >> 4]
+            if has_scale:
+                for col in range(in_f):
+                    g = col // gsize
+                    v = row[col] * scale[o, g]
+                    row[col] = v + offset[o, g] if has_off else v
+
+
+def tiles_ok(out_features: int, in_features: int) -> bool:
+    """Whether a weight of this shape can use the tiled 4-bit layout."""
+    return out_features > 0 and in_features > 0 and in_features % (2 * TILE_PAIRS) == 0
+
+
+def tile4(packed: np.ndarray, out_features: int, in_features: int) -> np.ndarray:
+    """Row-major packed 4-bit codes (``core.packing``) -> the tiled layout
+    ``(n_tiles, n_blocks, TILE_PAIRS, TILE_ROWS)``; rows padded to a multiple of 16
+    with code 0 (ignored by the kernel)."""
+    if not tiles_ok(out_features, in_features):
+        raise ValueError(
+            f"the tiled 4-bit layout needs in_features divisible by {2 * TILE_PAIRS}, "
+            f"got {in_features}"
+        )
+    n_pairs = in_features // 2
+    n_blocks = -(-out_features // TILE_ROWS)
+    rows = np.zeros((n_blocks * TILE_ROWS, n_pairs), dtype=np.uint8)
+    rows[:out_features] = packed[: out_features * n_pairs].reshape(out_features, n_pairs)
+    t = rows.reshape(n_blocks, TILE_ROWS, n_pairs // TILE_PAIRS, TILE_PAIRS)
+    return np.ascontiguousarray(t.transpose(2, 0, 3, 1))
+
+
+def untile4(tiled: np.ndarray, out_features: int, in_features: int) -> np.ndarray:
+    """Inverse of ``tile4``: flat row-major packed codes."""
+    n_tiles, n_blocks = tiled.shape[:2]
+    rows = tiled.transpose(1, 3, 0, 2).reshape(n_blocks * TILE_ROWS, n_tiles * TILE_PAIRS)
+    return np.ascontiguousarray(rows[:out_features]).reshape(-1)
+
+
+def lut_gemv_tiles(
+    tiled: np.ndarray,
+    x: np.ndarray,
+    codebook: np.ndarray,
+    out_features: int,
+    scale: np.ndarray | None = None,
+    offset: np.ndarray | None = None,
+    group_size: int = 0,
+) -> np.ndarray:
+    """``W @ x`` for 4-bit codes in the tiled layout with one shared 16-entry
+    codebook, optionally times ``scale`` (+ ``offset``) per group of ``group_size``
+    consecutive inputs of a row (``group_size`` a multiple of 64).
+
+    Args:
+        tiled: uint8 codes from ``tile4``.
+        x: (in,) float32.
+        codebook: (16,) or (1, 16) float32.
+        scale, offset: (out * in / group_size,) float32, row-major by (row, group).
+
+    Returns:
+        (out,) float32.
+    """
+    in_f = tiled.shape[0] * TILE_PAIRS * 2
+    tiles_per_group = 1
+    sc = off = _EMPTY2
+    if scale is not None:
+        if group_size % (2 * TILE_PAIRS) or in_f % group_size:
+            raise ValueError(
+                f"group size {group_size} must be a multiple of {2 * TILE_PAIRS} "
+                f"dividing in_features {in_f}"
+            )
+        tiles_per_group = group_size // (2 * TILE_PAIRS)
+        sc = scale.reshape(out_features, in_f // group_size)
+        if offset is not None:
+            off = offset.reshape(out_features, in_f // group_size)
+    n_thr = max(1, min(nb.get_num_threads(), tiled.shape[0]))
+    ypart = np.zeros((n_thr, tiled.shape[1] * TILE_ROWS), dtype=np.float32)
+    _gemv4_tiles(tiled, x, codebook.reshape(-1), sc, off, tiles_per_group, out_features, ypart)
+    return ypart[:, :out_features].sum(0) if n_thr > 1 else ypart[0, :out_features].copy()
+
+
+def decode_tiles(
+    tiled: np.ndarray,
+    codebook: np.ndarray,
+    out_features: int,
+    scale: np.ndarray | None = None,
+    offset: np.ndarray | None = None,
+) -> np.ndarray:
+    """Dense (out, in) float32 ``codebook[code] (* scale + offset)`` from the tiled
+    layout; ``scale``/``offset`` per group of consecutive inputs of a row, row-major."""
+    in_f = tiled.shape[0] * TILE_PAIRS * 2
+    out = np.empty((out_features, in_f), dtype=np.float32)
+    sc = off = _EMPTY2
+    if scale is not None:
+        sc = scale.reshape(out_features, -1)
+        if offset is not None:
+            off = offset.reshape(out_features, -1)
+    _decode4_tiles(tiled, codebook.reshape(-1), sc, off, out)
+    return out
+
+
 _EMPTY = np.zeros(0, dtype=np.float32)
+_EMPTY2 = np.zeros((0, 0), dtype=np.float32)
 
 
 def lut_gemv(

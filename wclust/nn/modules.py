@@ -93,6 +93,10 @@ class ClusteredWeight(nn.Module):
         self.register_buffer("outlier_idx", outlier_idx)
         self.register_buffer("outlier_val", outlier_val)
         self.cache = False
+        # "rows": ``packed`` holds the codes in the ``core.packing`` order; "tiles":
+        # in the layout of ``kernels.lut.tile4`` (set by ``matvec`` when the tiled
+        # LUT kernel applies). ``packed_rows()`` always gives the ``core.packing`` order.
+        self.layout = "rows"
         self._dense: torch.Tensor | None = None
 
     @classmethod
@@ -132,9 +136,26 @@ class ClusteredWeight(nn.Module):
             cb = cb * self.codebook_scale[:, None]
         return cb
 
+    def packed_rows(self) -> torch.Tensor:
+        """The packed codes in the ``core.packing`` order (what files store)."""
+        if self.layout == "rows":
+            return self.packed
+        from ..kernels.lut import untile4
+
+        out_f = self.shape[0]
+        return torch.from_numpy(untile4(self.packed.numpy(), out_f, self.numel // out_f))
+
+    def set_packed(self, packed: torch.Tensor) -> None:
+        """Replace the codes (``core.packing`` order), e.g. after re-assignment."""
+        if packed.numel() != packed_nbytes(self.numel, self.bits):
+            raise ValueError("packed codes do not match shape and bits")
+        self.packed = packed
+        self.layout = "rows"
+        self.__dict__.pop("_delta", None)
+
     def codes(self) -> torch.Tensor:
         """Unpacked uint8 codes, shape ``self.shape``."""
-        return unpack_codes(self.packed, self.bits, self.numel).view(self.shape)
+        return unpack_codes(self.packed_rows(), self.bits, self.numel).view(self.shape)
 
     def dense(self) -> torch.Tensor:
         """The dense weight as the owning module expects it."""
@@ -142,14 +163,32 @@ class ClusteredWeight(nn.Module):
             return self._dense
         cb = self.codebook_float()
         n_cb, k = cb.shape
-        if self.bits in (4, 8) and not cb.requires_grad:
+        scaled = False
+        trainable = any(
+            t is not None and t.requires_grad for t in (cb, self.group_scale, self.group_offset)
+        )
+        if self.layout == "tiles" and not trainable:  # scales fused in the pass
+            from ..kernels.lut import decode_tiles
+
+            sc, off = self.group_scale, self.group_offset
+            dense = decode_tiles(
+                self.packed.numpy(),
+                cb.numpy(),
+                self.shape[0],
+                None if sc is None else sc.float().numpy(),
+                None if off is None else off.float().numpy(),
+            )
+            w, scaled = torch.from_numpy(dense.reshape(-1)), True
+        elif self.layout == "tiles":  # trainable codebook or scales: differentiable path
+            w = self._decode_torch(cb)
+        elif self.bits in (4, 8) and not cb.requires_grad:
             from ..kernels.lut import decode  # fused unpack + lookup, parallel
 
             flat = decode(self.packed.numpy(), self.bits, cb.contiguous().numpy(), self.numel)
             w = torch.from_numpy(flat)
         else:  # differentiable path (trainable codebooks), and other widths
             w = self._decode_torch(cb)
-        if self.group_scale is not None:
+        if self.group_scale is not None and not scaled:
             w = w.view(self.group_scale.numel(), -1) * self.group_scale.float()[:, None]
             if self.group_offset is not None:
                 w = w + self.group_offset.float()[:, None]
@@ -164,7 +203,7 @@ class ClusteredWeight(nn.Module):
 
     def _decode_torch(self, cb: torch.Tensor) -> torch.Tensor:
         n_cb, k = cb.shape
-        codes = unpack_codes(self.packed, self.bits, self.numel).view(n_cb, -1)
+        codes = unpack_codes(self.packed_rows(), self.bits, self.numel).view(n_cb, -1)
         # Flat index into the (n_cb * k) codebook: int32 keeps the temporary small.
         idx = codes.to(torch.int32)
         if n_cb > 1:
@@ -183,7 +222,12 @@ class ClusteredWeight(nn.Module):
         ):  # codes, codebooks or scale groups straddle rows: decode everything
             return self.dense()[idx]
         per_row = d * self.bits // 8
-        sel = self.packed.view(n_rows, per_row).index_select(0, idx).reshape(-1)
+        if self.layout == "tiles":  # each row's bytes: P[:, row // 16, :, row % 16]
+            from ..kernels.lut import TILE_ROWS
+
+            sel = self.packed[:, idx // TILE_ROWS, :, idx % TILE_ROWS].reshape(-1)
+        else:
+            sel = self.packed.view(n_rows, per_row).index_select(0, idx).reshape(-1)
         codes = unpack_codes(sel, self.bits, idx.numel() * d).view(idx.numel(), d).long()
         cb = self.codebook_float()
         if n_cb == 1:
@@ -224,10 +268,40 @@ class ClusteredWeight(nn.Module):
         gs = self.numel // self.group_scale.numel()
         return n_cb == 1 and gs % 2 == 0 and in_f % gs == 0
 
+    def tiles_ok(self) -> bool:
+        """Whether the tiled 4-bit kernel applies: one codebook for the tensor,
+        rows of a multiple of 64 weights, scale groups a multiple of 64 in a row."""
+        from ..kernels.lut import TILE_PAIRS, tiles_ok
+
+        out_f, in_f = self.shape[0], self.numel // self.shape[0]
+        if self.bits != 4 or self.n_codebooks != 1 or not tiles_ok(out_f, in_f):
+            return False
+        if self.group_scale is None:
+            return True
+        gs = self.numel // self.group_scale.numel()
+        return gs % (2 * TILE_PAIRS) == 0 and in_f % gs == 0
+
+    def to_tiles(self) -> None:
+        """Store the codes in the tiled layout of the fast 4-bit kernel (same bytes,
+        reordered; rows padded to a multiple of 16)."""
+        from ..kernels.lut import tile4
+
+        if self.layout == "tiles":
+            return
+        if not self.tiles_ok():
+            raise ValueError(
+                "the tiled layout needs 4-bit codes, one codebook per tensor, rows of a "
+                "multiple of 64 weights and scale groups of a multiple of 64 within a row"
+            )
+        out_f = self.shape[0]
+        self.packed = torch.from_numpy(tile4(self.packed.numpy(), out_f, self.numel // out_f))
+        self.layout = "tiles"
+
     def matvec(self, x: torch.Tensor) -> torch.Tensor:
         """``W @ x`` for one vector x of the (out, in) clustered view, read from the
-        packed codes (no dense weight is built)."""
-        from ..kernels.lut import lut_gemv
+        packed codes (no dense weight is built). Shared 4-bit codebooks switch the
+        codes to the tiled layout on first use (``to_tiles``)."""
+        from ..kernels.lut import lut_gemv, lut_gemv_tiles
 
         out_f, in_f = self.shape[0], self.numel // self.shape[0]
         cb = self.codebook_float().detach().contiguous().numpy()
@@ -235,7 +309,12 @@ class ClusteredWeight(nn.Module):
         sc = self.group_scale.float().numpy() if self.group_scale is not None else None
         off = self.group_offset.float().numpy() if self.group_offset is not None else None
         xv = x.detach().reshape(-1).float().contiguous().numpy()
-        y = lut_gemv(self.packed.numpy(), self.bits, xv, cb, out_f, in_f, sc, off, gs)
+        if self.layout == "rows" and self.tiles_ok():
+            self.to_tiles()
+        if self.layout == "tiles":
+            y = lut_gemv_tiles(self.packed.numpy(), xv, cb, out_f, sc, off, gs)
+        else:
+            y = lut_gemv(self.packed.numpy(), self.bits, xv, cb, out_f, in_f, sc, off, gs)
         y = torch.from_numpy(y)
         if self.outlier_idx is not None and self.outlier_idx.numel():
             # the kernel used the codebook value at outlier positions: add the difference
@@ -251,7 +330,7 @@ class ClusteredWeight(nn.Module):
         cached = self.__dict__.get("_delta")
         if cached is not None and cached[0] == key:
             return cached[1]
-        codes = unpack_codes(self.packed, self.bits, self.numel).index_select(0, idx).long()
+        codes = unpack_codes(self.packed_rows(), self.bits, self.numel).index_select(0, idx).long()
         cb = self.codebook_float()
         base = cb[idx // (self.numel // cb.shape[0]), codes]
         delta = self.outlier_val.float() - base
