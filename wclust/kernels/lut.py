@@ -166,27 +166,29 @@ def _gemv4_tiles(P, x, cb, scale, offset, tiles_per_group, out_f, ypart):
 @nb.njit(parallel=True, cache=True)
 def _decode4_tiles(P, cb, scale, offset, out):
     # out: (out_f, in_f) float32 in the canonical row order; scale/offset: (out_f,
-    # n_groups) or empty: out = cb[code] * scale + offset, fused.
+    # n_groups) or empty: out = cb[code] * scale + offset, fused (a tile of 64
+    # inputs lies in one group). Each (tile, row) writes 64 consecutive floats.
     n_tiles, n_blocks = P.shape[0], P.shape[1]
     out_f, in_f = out.shape
     has_scale = scale.shape[0] > 0
     has_off = offset.shape[0] > 0
     gsize = in_f // scale.shape[1] if has_scale else in_f
     for rb in nb.prange(n_blocks):
-        for r in range(min(TILE_ROWS, out_f - rb * TILE_ROWS)):
-            o = rb * TILE_ROWS + r
-            row = out[o]
-            for jt in range(n_tiles):
+        t = np.empty(16, dtype=np.float32)
+        for jt in range(n_tiles):
+            g = (jt * 2 * TILE_PAIRS) // gsize
+            c0 = jt * 2 * TILE_PAIRS
+            for r in range(min(TILE_ROWS, out_f - rb * TILE_ROWS)):
+                o = rb * TILE_ROWS + r
+                s = scale[o, g] if has_scale else np.float32(1.0)
+                b0 = offset[o, g] if has_off else np.float32(0.0)
+                for c in range(16):
+                    t[c] = cb[c] * s + b0
+                row = out[o]
                 for jj in range(TILE_PAIRS):
-                    col = 2 * (jt * TILE_PAIRS + jj)
                     b = P[jt, rb, jj, r]
-                    row[col] = cb[b & 15]
-                    row[col + 1] = cb[b >> 4]
-            if has_scale:
-                for col in range(in_f):
-                    g = col // gsize
-                    v = row[col] * scale[o, g]
-                    row[col] = v + offset[o, g] if has_off else v
+                    row[c0 + 2 * jj] = t[b & 15]
+                    row[c0 + 2 * jj + 1] = t[b >> 4]
 
 
 def tiles_ok(out_features: int, in_features: int) -> bool:

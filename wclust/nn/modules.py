@@ -167,6 +167,8 @@ class ClusteredWeight(nn.Module):
         trainable = any(
             t is not None and t.requires_grad for t in (cb, self.group_scale, self.group_offset)
         )
+        if self.layout == "rows" and not trainable and self.tiles_ok():
+            self.to_tiles()  # one layout for both paths; its decode fuses the scales
         if self.layout == "tiles" and not trainable:  # scales fused in the pass
             from ..kernels.lut import decode_tiles
 
@@ -303,18 +305,15 @@ class ClusteredWeight(nn.Module):
         codes to the tiled layout on first use (``to_tiles``)."""
         from ..kernels.lut import lut_gemv, lut_gemv_tiles
 
-        out_f, in_f = self.shape[0], self.numel // self.shape[0]
-        cb = self.codebook_float().detach().contiguous().numpy()
-        gs = self.numel // self.group_scale.numel() if self.group_scale is not None else 0
-        sc = self.group_scale.float().numpy() if self.group_scale is not None else None
-        off = self.group_offset.float().numpy() if self.group_offset is not None else None
-        xv = x.detach().reshape(-1).float().contiguous().numpy()
         if self.layout == "rows" and self.tiles_ok():
             self.to_tiles()
+        packed, cb, sc, off, gs = self._kernel_args()
+        out_f, in_f = self.shape[0], self.numel // self.shape[0]
+        xv = x.detach().reshape(-1).float().contiguous().numpy()
         if self.layout == "tiles":
-            y = lut_gemv_tiles(self.packed.numpy(), xv, cb, out_f, sc, off, gs)
+            y = lut_gemv_tiles(packed, xv, cb, out_f, sc, off, gs)
         else:
-            y = lut_gemv(self.packed.numpy(), self.bits, xv, cb, out_f, in_f, sc, off, gs)
+            y = lut_gemv(packed, self.bits, xv, cb, out_f, in_f, sc, off, gs)
         y = torch.from_numpy(y)
         if self.outlier_idx is not None and self.outlier_idx.numel():
             # the kernel used the codebook value at outlier positions: add the difference
@@ -323,10 +322,30 @@ class ClusteredWeight(nn.Module):
             y.index_add_(0, idx // in_f, self._outlier_delta(idx) * xs[idx % in_f])
         return y.to(x.dtype)
 
+    def _kernel_args(self) -> tuple:
+        """numpy views of what the kernels read (cached per token-by-token decoding
+        step; the key changes whenever codes, codebook or scales are replaced or
+        modified in place)."""
+        ts = (self.packed, self.codebook, self.codebook_scale, self.group_scale, self.group_offset)
+        key = tuple(_version_key(t) for t in ts)
+        cached = self.__dict__.get("_kargs")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        sc, off = self.group_scale, self.group_offset
+        args = (
+            self.packed.numpy(),
+            self.codebook_float().detach().contiguous().numpy(),
+            None if sc is None else sc.detach().float().contiguous().numpy(),
+            None if off is None else off.detach().float().contiguous().numpy(),
+            self.numel // sc.numel() if sc is not None else 0,
+        )
+        self.__dict__["_kargs"] = (key, args)
+        return args
+
     def _outlier_delta(self, idx: torch.Tensor) -> torch.Tensor:
         """Outlier value minus the codebook value stored at its position (cached: it
         needs a full unpack; the key changes whenever the codebook is modified)."""
-        key = (self.codebook.data_ptr(), self.codebook._version, idx.numel())
+        key = (_version_key(self.codebook), idx.numel())
         cached = self.__dict__.get("_delta")
         if cached is not None and cached[0] == key:
             return cached[1]
@@ -360,6 +379,14 @@ class ClusteredWeight(nn.Module):
 
     def extra_repr(self) -> str:
         return f"shape={self.shape}, bits={self.bits}, codebooks={self.n_codebooks}"
+
+
+def _version_key(t: torch.Tensor | None):
+    """Identity of a tensor's current contents (tensors made under
+    ``torch.inference_mode`` have no version counter)."""
+    if t is None:
+        return None
+    return (t.data_ptr(), t._version if not t.is_inference() else -1)
 
 
 class _ClusteredMixin:
