@@ -83,3 +83,24 @@ def test_tiled_layout_keeps_every_view_of_the_weight(method, tmp_path):
     assert (tmp_path / "a.wclust").read_bytes() == (tmp_path / "b.wclust").read_bytes()
     cw.set_packed(cw.packed_rows().clone())
     assert cw.layout == "rows" and torch.equal(cw.codes(), codes)
+
+
+def test_few_rows_on_a_large_weight_use_the_lut_kernel_per_row(monkeypatch):
+    from wclust.nn import modules
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(128, 48))
+    wclust.compress_(m, wclust.ClusterConfig(bits=4, method="nf4"))
+    x = torch.randn(1, 3, 128)
+    with torch.no_grad():
+        ref = torch.nn.functional.linear(x, m[0].weight, m[0].bias)
+        monkeypatch.setattr(modules, "FEW_ROWS_MIN_NUMEL", 0)  # 48x128 counts as large
+
+        def no_dense(self):
+            raise AssertionError("the dense weight was built")
+
+        monkeypatch.setattr(modules.ClusteredWeight, "dense", no_dense)
+        y = m[0](x)
+        assert y.shape == ref.shape and torch.allclose(y, ref, atol=1e-5)
+        with pytest.raises(AssertionError, match="dense weight was built"):
+            m[0](torch.randn(9, 128))  # more than FEW_ROWS rows: the dense path

@@ -397,24 +397,46 @@ class _ClusteredMixin:
         return self.clustered.dense()
 
 
-def _single_vector(x: torch.Tensor, cw: ClusteredWeight) -> bool:
-    """Batch-1 inference on CPU (token-by-token decoding): the LUT kernel pays."""
-    return (
-        x.numel() == x.shape[-1]
-        and x.device.type == "cpu"
-        and cw._dense is None
-        and not (torch.is_grad_enabled() and (x.requires_grad or cw.codebook.requires_grad))
-        and cw.lut_ok()
-    )
+# A few input rows (a prompt's first decoding step) on a weight this large: one
+# tiled matvec per row beats decoding the dense weight (and keeps it from being a
+# temporary the size of the fp32 weight: 106 MB for Whisper's output projection).
+FEW_ROWS = 8
+FEW_ROWS_MIN_NUMEL = 1 << 22
+
+
+def _lut_rows(x: torch.Tensor, cw: ClusteredWeight) -> int:
+    """How many rows the LUT kernel should take one by one (0: use the dense path).
+
+    Batch-1 inference on CPU (token-by-token decoding) always; up to ``FEW_ROWS``
+    rows for large weights in the tiled layout."""
+    n = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if (
+        n == 0
+        or x.device.type != "cpu"
+        or cw._dense is not None
+        or (torch.is_grad_enabled() and (x.requires_grad or cw.codebook.requires_grad))
+        or not cw.lut_ok()
+    ):
+        return 0
+    if n == 1:
+        return 1
+    if n <= FEW_ROWS and cw.numel >= FEW_ROWS_MIN_NUMEL and cw.tiles_ok():
+        return n
+    return 0
 
 
 class _ClusteredLinearMixin(_ClusteredMixin):
     def forward(self, x):
         cw = self.clustered
-        if _single_vector(x, cw):
+        n = _lut_rows(x, cw)
+        if n == 1:
             y = cw.matvec(x).view(*x.shape[:-1], -1)
-            return y + self.bias if self.bias is not None else y
-        return super().forward(x)
+        elif n:
+            rows = x.reshape(n, x.shape[-1])
+            y = torch.stack([cw.matvec(r) for r in rows]).view(*x.shape[:-1], -1)
+        else:
+            return super().forward(x)
+        return y + self.bias if self.bias is not None else y
 
 
 class _ClusteredEmbeddingMixin(_ClusteredMixin):
