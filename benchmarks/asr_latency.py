@@ -1,7 +1,10 @@
 """Seconds per clip of Whisper transcription for one or more .wclust files, in one
 process each time it is invoked (quick latency check, first clip as warm-up).
 
-    OMP_WAIT_POLICY=PASSIVE python benchmarks/asr_latency.py FILE.wclust [--source whisper-tiny.en] [--clips 3]
+    python benchmarks/asr_latency.py FILE.wclust [--source whisper-tiny.en] [--clips 3] [--data DIR]
+
+Set ``GOMP_SPINCOUNT`` / ``OMP_WAIT_POLICY`` in the environment to compare OpenMP
+wait settings (the ``wclust`` command defaults to ``GOMP_SPINCOUNT=10000``).
 """
 
 from __future__ import annotations
@@ -22,17 +25,19 @@ def main() -> None:
     ap.add_argument("--source", default="whisper-tiny.en", help="model the file came from")
     ap.add_argument("--clips", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--data", help="folder of clips (default: the built-in clips)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model = wclust.load(args.file)
     proc = load_processor(args.source, model)
-    clips = load_audio_dir(builtin_clips_dir(), limit=args.clips)
+    clips = load_audio_dir(args.data or builtin_clips_dir(), limit=args.clips + 1)
     with torch.inference_mode():
-        transcribe(model, proc, clips[0].audio)
+        transcribe(model, proc, clips[0].audio)  # warm-up, not timed
         t = time.perf_counter()
-        for c in clips:
+        for c in clips[1:]:
             transcribe(model, proc, c.audio)
-    print(f"{args.file}: {(time.perf_counter() - t) / len(clips):.2f} s per clip")
+    n = len(clips) - 1
+    print(f"{args.file}: {(time.perf_counter() - t) / max(n, 1):.2f} s per clip ({n} clips)")
 
 
 if __name__ == "__main__":
