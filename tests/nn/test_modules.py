@@ -104,3 +104,31 @@ def test_few_rows_on_a_large_weight_use_the_lut_kernel_per_row(monkeypatch):
         assert y.shape == ref.shape and torch.allclose(y, ref, atol=1e-5)
         with pytest.raises(AssertionError, match="dense weight was built"):
             m[0](torch.randn(9, 128))  # more than FEW_ROWS rows: the dense path
+
+
+def test_threads_sharing_a_model_switch_the_layout_once():
+    import threading
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(256, 96, bias=False))
+    wclust.compress_(m, wclust.ClusterConfig(bits=4, method="nf4"))
+    ref_codes = m[0].clustered.codes().clone()
+    x = torch.randn(1, 256)
+    outs, errors = [], []
+
+    def run():
+        try:
+            with torch.no_grad():
+                outs.append(m[0](x))
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(outs) == 8
+    assert m[0].clustered.layout == "tiles"
+    assert torch.equal(m[0].clustered.codes(), ref_codes)
+    assert all(torch.allclose(o, outs[0], atol=1e-6) for o in outs)

@@ -11,6 +11,7 @@ modules that shared a weight (tied embeddings) share one ``ClusteredWeight``.
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 from torch import nn
@@ -19,6 +20,13 @@ from ..core.codebook import ClusteredTensor
 from ..core.packing import pack_codes, packed_nbytes, unpack_codes
 
 __all__ = ["ClusteredWeight", "base_class", "is_clustered", "swap_weight", "unswap_weight"]
+
+
+_LAYOUT_LOCK = threading.Lock()
+
+
+def _layout_of(packed: torch.Tensor) -> str:
+    return "tiles" if packed.dim() == 4 else "rows"
 
 
 class ClusteredWeight(nn.Module):
@@ -93,10 +101,6 @@ class ClusteredWeight(nn.Module):
         self.register_buffer("outlier_idx", outlier_idx)
         self.register_buffer("outlier_val", outlier_val)
         self.cache = False
-        # "rows": ``packed`` holds the codes in the ``core.packing`` order; "tiles":
-        # in the layout of ``kernels.lut.tile4`` (set by ``matvec`` when the tiled
-        # LUT kernel applies). ``packed_rows()`` always gives the ``core.packing`` order.
-        self.layout = "rows"
         self._dense: torch.Tensor | None = None
 
     @classmethod
@@ -136,21 +140,29 @@ class ClusteredWeight(nn.Module):
             cb = cb * self.codebook_scale[:, None]
         return cb
 
+    @property
+    def layout(self) -> str:
+        """ "rows": ``packed`` holds the codes 1-D in the ``core.packing`` order;
+        "tiles": 4-D in the layout of ``kernels.lut.tile4`` (set on first use when the
+        tiled kernel applies). Derived from ``packed`` alone, so a thread reading
+        ``packed`` once always sees codes and layout that go together."""
+        return _layout_of(self.packed)
+
     def packed_rows(self) -> torch.Tensor:
         """The packed codes in the ``core.packing`` order (what files store)."""
-        if self.layout == "rows":
-            return self.packed
+        p = self.packed
+        if _layout_of(p) == "rows":
+            return p
         from ..kernels.lut import untile4
 
         out_f = self.shape[0]
-        return torch.from_numpy(untile4(self.packed.numpy(), out_f, self.numel // out_f))
+        return torch.from_numpy(untile4(p.numpy(), out_f, self.numel // out_f))
 
     def set_packed(self, packed: torch.Tensor) -> None:
         """Replace the codes (``core.packing`` order), e.g. after re-assignment."""
         if packed.numel() != packed_nbytes(self.numel, self.bits):
             raise ValueError("packed codes do not match shape and bits")
-        self.packed = packed
-        self.layout = "rows"
+        self.packed = packed.reshape(-1)
         self.__dict__.pop("_delta", None)
 
     def codes(self) -> torch.Tensor:
@@ -169,24 +181,25 @@ class ClusteredWeight(nn.Module):
         )
         if self.layout == "rows" and not trainable and self.tiles_ok():
             self.to_tiles()  # one layout for both paths; its decode fuses the scales
-        if self.layout == "tiles" and not trainable:  # scales fused in the pass
+        packed = self.packed
+        if _layout_of(packed) == "tiles" and not trainable:  # scales fused in the pass
             from ..kernels.lut import decode_tiles
 
             sc, off = self.group_scale, self.group_offset
             dense = decode_tiles(
-                self.packed.numpy(),
+                packed.numpy(),
                 cb.numpy(),
                 self.shape[0],
                 None if sc is None else sc.float().numpy(),
                 None if off is None else off.float().numpy(),
             )
             w, scaled = torch.from_numpy(dense.reshape(-1)), True
-        elif self.layout == "tiles":  # trainable codebook or scales: differentiable path
+        elif _layout_of(packed) == "tiles":  # trainable codebook/scales: differentiable
             w = self._decode_torch(cb)
         elif self.bits in (4, 8) and not cb.requires_grad:
             from ..kernels.lut import decode  # fused unpack + lookup, parallel
 
-            flat = decode(self.packed.numpy(), self.bits, cb.contiguous().numpy(), self.numel)
+            flat = decode(packed.numpy(), self.bits, cb.contiguous().numpy(), self.numel)
             w = torch.from_numpy(flat)
         else:  # differentiable path (trainable codebooks), and other widths
             w = self._decode_torch(cb)
@@ -224,12 +237,13 @@ class ClusteredWeight(nn.Module):
         ):  # codes, codebooks or scale groups straddle rows: decode everything
             return self.dense()[idx]
         per_row = d * self.bits // 8
-        if self.layout == "tiles":  # each row's bytes: P[:, row // 16, :, row % 16]
+        packed = self.packed
+        if _layout_of(packed) == "tiles":  # each row's bytes: P[:, row // 16, :, row % 16]
             from ..kernels.lut import TILE_ROWS
 
-            sel = self.packed[:, idx // TILE_ROWS, :, idx % TILE_ROWS].reshape(-1)
+            sel = packed[:, idx // TILE_ROWS, :, idx % TILE_ROWS].reshape(-1)
         else:
-            sel = self.packed.view(n_rows, per_row).index_select(0, idx).reshape(-1)
+            sel = packed.view(n_rows, per_row).index_select(0, idx).reshape(-1)
         codes = unpack_codes(sel, self.bits, idx.numel() * d).view(idx.numel(), d).long()
         cb = self.codebook_float()
         if n_cb == 1:
@@ -288,16 +302,17 @@ class ClusteredWeight(nn.Module):
         reordered; rows padded to a multiple of 16)."""
         from ..kernels.lut import tile4
 
-        if self.layout == "tiles":
-            return
         if not self.tiles_ok():
             raise ValueError(
                 "the tiled layout needs 4-bit codes, one codebook per tensor, rows of a "
                 "multiple of 64 weights and scale groups of a multiple of 64 within a row"
             )
-        out_f = self.shape[0]
-        self.packed = torch.from_numpy(tile4(self.packed.numpy(), out_f, self.numel // out_f))
-        self.layout = "tiles"
+        with _LAYOUT_LOCK:  # two threads running the model must not tile twice
+            if self.layout == "tiles":
+                return
+            out_f = self.shape[0]
+            tiled = tile4(self.packed.numpy(), out_f, self.numel // out_f)
+            self.packed = torch.from_numpy(tiled)  # one assignment: codes and layout
 
     def matvec(self, x: torch.Tensor) -> torch.Tensor:
         """``W @ x`` for one vector x of the (out, in) clustered view, read from the
@@ -310,7 +325,7 @@ class ClusteredWeight(nn.Module):
         packed, cb, sc, off, gs = self._kernel_args()
         out_f, in_f = self.shape[0], self.numel // self.shape[0]
         xv = x.detach().reshape(-1).float().contiguous().numpy()
-        if self.layout == "tiles":
+        if packed.ndim == 4:
             y = lut_gemv_tiles(packed, xv, cb, out_f, sc, off, gs)
         else:
             y = lut_gemv(packed, self.bits, xv, cb, out_f, in_f, sc, off, gs)
@@ -326,14 +341,15 @@ class ClusteredWeight(nn.Module):
         """numpy views of what the kernels read (cached per token-by-token decoding
         step; the key changes whenever codes, codebook or scales are replaced or
         modified in place)."""
-        ts = (self.packed, self.codebook, self.codebook_scale, self.group_scale, self.group_offset)
+        packed = self.packed
+        ts = (packed, self.codebook, self.codebook_scale, self.group_scale, self.group_offset)
         key = tuple(_version_key(t) for t in ts)
         cached = self.__dict__.get("_kargs")
         if cached is not None and cached[0] == key:
             return cached[1]
         sc, off = self.group_scale, self.group_offset
         args = (
-            self.packed.numpy(),
+            packed.numpy(),
             self.codebook_float().detach().contiguous().numpy(),
             None if sc is None else sc.detach().float().contiguous().numpy(),
             None if off is None else off.detach().float().contiguous().numpy(),
