@@ -106,9 +106,20 @@ def test_few_rows_on_a_large_weight_use_the_lut_kernel_per_row(monkeypatch):
             m[0](torch.randn(9, 128))  # more than FEW_ROWS rows: the dense path
 
 
-def test_threads_sharing_a_model_switch_the_layout_once():
+def test_threads_sharing_a_model_switch_the_layout_once(monkeypatch):
     import threading
+    import time
 
+    from wclust.kernels import lut
+
+    tile4, calls = lut.tile4, []
+
+    def slow_tile4(*args):  # widen the window in which a second thread could tile again
+        calls.append(1)
+        time.sleep(0.05)
+        return tile4(*args)
+
+    monkeypatch.setattr(lut, "tile4", slow_tile4)
     torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(256, 96, bias=False))
     wclust.compress_(m, wclust.ClusterConfig(bits=4, method="nf4"))
@@ -129,6 +140,6 @@ def test_threads_sharing_a_model_switch_the_layout_once():
     for t in threads:
         t.join()
     assert not errors and len(outs) == 8
-    assert m[0].clustered.layout == "tiles"
+    assert m[0].clustered.layout == "tiles" and len(calls) == 1
     assert torch.equal(m[0].clustered.codes(), ref_codes)
     assert all(torch.allclose(o, outs[0], atol=1e-6) for o in outs)

@@ -182,7 +182,8 @@ class ClusteredWeight(nn.Module):
         if self.layout == "rows" and not trainable and self.tiles_ok():
             self.to_tiles()  # one layout for both paths; its decode fuses the scales
         packed = self.packed
-        if _layout_of(packed) == "tiles" and not trainable:  # scales fused in the pass
+        tiled = _layout_of(packed) == "tiles"
+        if tiled and not trainable:  # scales fused in the pass
             from ..kernels.lut import decode_tiles
 
             sc, off = self.group_scale, self.group_offset
@@ -194,14 +195,12 @@ class ClusteredWeight(nn.Module):
                 None if off is None else off.float().numpy(),
             )
             w, scaled = torch.from_numpy(dense.reshape(-1)), True
-        elif _layout_of(packed) == "tiles":  # trainable codebook/scales: differentiable
-            w = self._decode_torch(cb)
-        elif self.bits in (4, 8) and not cb.requires_grad:
+        elif not tiled and self.bits in (4, 8) and not cb.requires_grad:
             from ..kernels.lut import decode  # fused unpack + lookup, parallel
 
             flat = decode(packed.numpy(), self.bits, cb.contiguous().numpy(), self.numel)
             w = torch.from_numpy(flat)
-        else:  # differentiable path (trainable codebooks), and other widths
+        else:  # differentiable path (trainable codebook or scales), and other widths
             w = self._decode_torch(cb)
         if self.group_scale is not None and not scaled:
             w = w.view(self.group_scale.numel(), -1) * self.group_scale.float()[:, None]
