@@ -165,6 +165,18 @@ def _scaled_lloyd(data, s, sw, seed):
     )
 
 
+@TENSOR_METHODS.register(
+    "scaled-fit",
+    "scaled-lloyd, then each group's scale fitted to its weighted error (not the absmax), "
+    "codebook learned again; twice",
+)
+def _scaled_fit(data, s, sw, seed):
+    return _scaled_stats(
+        scaled_kmeans(data, _bits(s), s["group_size"] or 64, sw, method="lloyd", fit_scale=True),
+        data,
+    )
+
+
 def _bits(s) -> int:
     return s["bits"] if s["bits"] is not None else max(1, (s["n_clusters"] - 1).bit_length())
 

@@ -30,7 +30,16 @@ DEFAULT_EXCLUDE = ("*embed_positions*", "*position_embeddings*", "*.wpe")
 
 # Per-tensor methods (implemented in api.TENSOR_METHODS): clustering, and the
 # quantizers it is compared with, which share its storage.
-METHODS = ("exact", "kmeans", "nf4", "rtn", "rtn-sym", "scaled-exact", "scaled-lloyd")
+METHODS = (
+    "exact",
+    "kmeans",
+    "nf4",
+    "rtn",
+    "rtn-sym",
+    "scaled-exact",
+    "scaled-lloyd",
+    "scaled-fit",
+)
 _CLUSTER_METHODS = ("exact", "kmeans")
 
 # Fields a per-layer override may change.

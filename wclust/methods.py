@@ -276,6 +276,21 @@ for b in (4, 3):
             notes=_CAL,
         )
     )
+# The same codebooks with each group's scale fitted to its importance-weighted error
+# instead of the absmax (searched over 0.70-1.10 x absmax, then a least-squares
+# step), and the codebook learned again on the new normalization (method scaled-fit).
+_FIT = "k-means {b}-bit codebook per tensor, scale per 64 fitted to the weighted error"
+for b in (4, 3):
+    _add(
+        CompareMethod(
+            f"fit-{b}b-g64-fisher",
+            _FIT.format(b=b) + ", Fisher-weighted",
+            "clustering",
+            _C(bits=b, group_size=64, method="scaled-fit"),
+            calibrate="fisher",
+            notes=_CAL,
+        )
+    )
 # GPTQ error feedback on the learned per-tensor codebooks: the codebook and scales as
 # clustering chose them, codes re-chosen column by column against the layer's inputs.
 for b in (4, 3):

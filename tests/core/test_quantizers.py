@@ -44,3 +44,43 @@ def test_scaled_lloyd_without_anchors_and_bad_method():
     assert sk.codebook.numel() == 8 and sk.codes.max() < 8
     with pytest.raises(ValueError, match="method"):
         scaled_kmeans(x, 3, 64, method="magic")
+
+
+def test_fit_scales_never_worse_than_absmax_and_follows_importance():
+    from wclust.core.quantizers import fit_scales
+
+    torch.manual_seed(1)
+    rows = torch.distributions.StudentT(4.0).sample((256, 64)) * 0.02
+    imp = torch.rand(256, 64) ** 4
+    for w in (None, imp):
+        ww = torch.ones_like(rows) if w is None else w
+        amax = rows.abs().amax(1).half().float()
+
+        def err(s):
+            q = NF4_TABLE[torch.bucketize(rows / s[:, None], (NF4_TABLE[1:] + NF4_TABLE[:-1]) / 2)]
+            return ((q * s[:, None] - rows) ** 2 * ww).sum(1)
+
+        s = fit_scales(rows, NF4_TABLE, w)
+        assert s.dtype == torch.float16 and s.shape == (256,)
+        e_fit, e_abs = err(s.float()), err(amax)
+        assert torch.all(e_fit <= e_abs * (1 + 1e-6))  # per group: absmax is a candidate
+        assert e_fit.sum() < 0.95 * e_abs.sum()  # and the search does find better scales
+    # a group whose only important value is small gets a scale that fits that value
+    row = torch.tensor([[1.0] + [0.3] + [0.0] * 62])
+    imp1 = torch.tensor([[1e-6] + [1.0] + [1e-6] * 62])
+    s = fit_scales(row, NF4_TABLE, imp1).float()
+    q = NF4_TABLE[(0.3 / s - NF4_TABLE).abs().argmin()] * s
+    assert abs(float(q) - 0.3) < abs(0.3 - 0.33791524171829224) * 1e-2 + 1e-3
+
+
+def test_scaled_kmeans_fit_scale_lowers_weighted_error():
+    torch.manual_seed(2)
+    x = torch.distributions.StudentT(4.0).sample((32, 512)) * 0.02
+    imp = torch.rand(32, 512) ** 4
+    for bits in (3, 4):
+        plain = scaled_kmeans(x, bits, 64, sample_weight=imp, method="lloyd")
+        fit = scaled_kmeans(x, bits, 64, sample_weight=imp, method="lloyd", fit_scale=True)
+        assert fit.mse < 0.95 * plain.mse
+        assert fit.codebook.numel() == 2**bits and {-1.0, 0.0, 1.0} <= set(fit.codebook[0].tolist())
+        err = float(((fit.dequantize() - x) ** 2 * imp).sum() / imp.sum())
+        assert err == pytest.approx(fit.mse, rel=1e-4)  # the reported error is the real one

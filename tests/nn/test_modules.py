@@ -47,7 +47,7 @@ def test_embedding_subclass_with_own_forward_and_kwargs():
     torch.testing.assert_close(out, pos.clustered.dense()[3:8], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("method", ["nf4", "rtn", "kmeans"])
+@pytest.mark.parametrize("method", ["nf4", "rtn", "kmeans", "scaled-fit"])
 def test_tiled_layout_keeps_every_view_of_the_weight(method, tmp_path):
     # A tied head/embedding with one codebook per tensor: the first batch-1 call
     # moves its codes to the tiled kernel layout; dense(), rows(), codes() and the
