@@ -76,3 +76,21 @@ def test_outliers_are_kept_exactly_and_counted():
 def test_outlier_config_errors(bad):
     with pytest.raises(wclust.ConfigError, match="outliers"):
         wclust.ClusterConfig(**bad)
+
+
+def test_encoder_first_method_plans_groups_and_positional_bits():
+    # fit-4b-enc64-g128-fisher: groups of 64 in Whisper's encoder, 128 elsewhere,
+    # positional tables clustered at 6 bits (not left fp32); nothing silently skipped.
+    from tests.conftest import tiny_whisper
+    from wclust.methods import get_method
+
+    m = tiny_whisper()
+    report = wclust.compress_(m, get_method("fit-4b-enc64-g128-fisher").config)
+    layers = {e.name: e for e in report.layers}
+    assert layers["model.encoder.layers.0.fc1"].group_size == 64
+    assert layers["model.encoder.conv2"].group_size == 64
+    assert layers["model.decoder.layers.1.encoder_attn.q_proj"].group_size == 128
+    assert layers["model.encoder.embed_positions"].bits == 6
+    assert layers["model.decoder.embed_positions"].bits == 6
+    assert all(e.method == "scaled-fit" for e in report.clustered)
+    assert not [e for e in report.layers if e.status != "clustered"]

@@ -291,6 +291,31 @@ for b in (4, 3):
             notes=_CAL,
         )
     )
+# Under 4.25 bits/weight everything counted: finer scale groups (64) where Whisper's
+# word errors come from (the encoder: section 1e of BENCHMARKS.md), groups of 128
+# elsewhere, positional tables at 6 bits instead of fp32 (Whisper naming; on other
+# models the encoder globs match nothing and every layer gets groups of 128).
+_add(
+    CompareMethod(
+        "fit-4b-enc64-g128-fisher",
+        "k-means 4-bit codebook per tensor, fitted scales per 64 in the encoder and per 128 "
+        "elsewhere, positional tables 6-bit, Fisher-weighted",
+        "clustering",
+        _C(
+            bits=4,
+            group_size=128,
+            method="scaled-fit",
+            exclude=(),
+            overrides={
+                "model.encoder.layers.*": {"group_size": 64},
+                "model.encoder.conv*": {"group_size": 64},
+                "*embed_positions*": {"bits": 6, "group_size": 64},
+            },
+        ),
+        calibrate="fisher",
+        notes=_CAL,
+    )
+)
 # GPTQ error feedback on the learned per-tensor codebooks: the codebook and scales as
 # clustering chose them, codes re-chosen column by column against the layer's inputs.
 for b in (4, 3):
