@@ -56,7 +56,7 @@ def test_fit_scales_never_worse_than_absmax_and_follows_importance():
         ww = torch.ones_like(rows) if w is None else w
         amax = rows.abs().amax(1).half().float()
 
-        def err(s):
+        def err(s, ww=ww):
             q = NF4_TABLE[torch.bucketize(rows / s[:, None], (NF4_TABLE[1:] + NF4_TABLE[:-1]) / 2)]
             return ((q * s[:, None] - rows) ** 2 * ww).sum(1)
 
