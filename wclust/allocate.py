@@ -1,12 +1,14 @@
-"""Bits where they matter: per-layer bit widths under an average-bits budget.
+"""Bits where they matter: per-layer bit widths (and scale groups) under an
+average-bits budget.
 
-Each selected layer is clustered at every candidate width; its predicted loss
-increase at width b is the importance-weighted squared error
-``sum_i F_i (w_i - q_b(w_i))^2`` (a second-order Taylor estimate when F is the
-Fisher diagonal; plain squared error without calibration). Starting from the
-smallest width everywhere, the upgrade with the largest predicted-loss reduction
-per extra byte is taken until the budget, counted over *every* tensor of the
-model (codes, codebooks, outliers, layers left dense, biases, norms), is spent.
+Each selected layer is clustered with every candidate setting (a width, or a
+width and a scale-group size); its predicted loss increase is the
+importance-weighted squared error ``sum_i F_i (w_i - q(w_i))^2`` (a second-order
+Taylor estimate when F is the Fisher diagonal; plain squared error without
+calibration). Starting from the cheapest setting everywhere, the change with the
+largest predicted-loss reduction per extra byte is taken until the budget, counted
+over *every* tensor of the model (codes, codebooks, scales, outliers, layers left
+dense, biases, norms), is spent.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ def allocate_bits(
     config: ClusterConfig | None = None,
     *,
     sample_weights: dict[str, torch.Tensor] | None = None,
-    candidates: tuple[int, ...] = (2, 3, 4, 5, 6, 8),
+    candidates: tuple[int | tuple[int, int], ...] = (2, 3, 4, 5, 6, 8),
     progress: Callable[[str, int, int], None] | None = None,
 ) -> tuple[ClusterConfig, dict]:
     """Choose bits per layer so the whole model averages at most ``target_bits``.
@@ -38,12 +40,15 @@ def allocate_bits(
         target_bits: average bits per weight over all parameters, everything counted.
         config: base settings (granularity, method, outliers, selection, ...).
         sample_weights: importance per weight (from ``calibrate``); uniform if None.
-        candidates: widths to choose from.
+        candidates: settings to choose from: widths, or ``(bits, group_size)`` pairs
+            (for methods with per-group scales: fewer, larger groups cost less).
         progress: callback ``(layer name, index, total)``.
 
     Returns:
-        (config with one ``bits`` override per selected layer, summary dict with the
-        chosen widths, predicted loss and the bits per weight it will cost).
+        (config with one ``bits`` (and ``group_size``) override per selected layer,
+        summary dict with the chosen widths (``bits``), group sizes (``group_size``,
+        when candidates give them), predicted loss and the bits per weight it will
+        cost).
 
     Raises:
         ValueError: the budget is below what the smallest width already costs.
@@ -57,7 +62,8 @@ def allocate_bits(
     for t in {id(t): t for t in list(model.parameters()) + list(model.buffers())}.values():
         if id(t) not in layer_ids:
             fixed += t.numel() * t.element_size()
-    options: dict[str, list[tuple[int, int, float]]] = {}
+    cands = [c if isinstance(c, tuple) else (c, None) for c in candidates]
+    options: dict[str, list[tuple[tuple[int, int | None], int, float]]] = {}
     for i, (w, owners) in enumerate(groups):
         name = owners[0][0]
         settings = cfg.for_layer(name)
@@ -74,44 +80,51 @@ def allocate_bits(
         if sw is not None and layer_type(owners[0][1]) == "Conv1D":
             sw = sw.t()
         opts = []
-        for b in candidates:
+        for b, gs in cands:
             s = {**settings, "bits": b, "n_clusters": None}
+            if gs is not None:
+                s["group_size"] = gs
             try:
                 cw, st = TENSOR_METHODS.get(s["method"])(data, s, sw, cfg.seed)
             except ValueError:
                 continue
             total_w = float(sw.double().sum()) if sw is not None else float(data.numel())
-            opts.append((b, cw.nbytes, st["mse"] * total_w))
+            opts.append(((b, gs), cw.nbytes, st["mse"] * total_w))
         if not opts:
             fixed += w.numel() * w.element_size()
             continue
-        options[name] = opts
+        options[name] = sorted(opts, key=lambda o: (o[1], o[2]))
     budget = target_bits * total_numel / 8 - fixed
     choice = {n: 0 for n in options}
     used = sum(o[0][1] for o in options.values())
     if used > budget:
+        b, gs = cands[0]
+        cheapest = f"{b}-bit" + (f" in groups of {gs}" if gs else "")
         raise ValueError(
-            f"target {target_bits} bits/weight is below what {candidates[0]}-bit everywhere "
+            f"target {target_bits} bits/weight is below what {cheapest} everywhere "
             f"costs ({8 * (used + fixed) / total_numel:.3f} bits/weight)"
         )
-    while True:
+    while True:  # the move with the largest predicted-loss drop per extra byte
         best, best_gain = None, 0.0
         for n, opts in options.items():
             j = choice[n]
-            if j + 1 >= len(opts):
-                continue
-            extra = opts[j + 1][1] - opts[j][1]
-            if used + extra > budget:
-                continue
-            gain = (opts[j][2] - opts[j + 1][2]) / max(extra, 1)
-            if gain > best_gain:
-                best, best_gain = n, gain
+            for jj in range(j + 1, len(opts)):
+                extra = opts[jj][1] - opts[j][1]
+                if used + extra > budget:
+                    break  # sorted by bytes: the rest cost more
+                gain = (opts[j][2] - opts[jj][2]) / max(extra, 1)
+                if gain > best_gain:
+                    best, best_gain = (n, jj), gain
         if best is None:
             break
-        used += options[best][choice[best] + 1][1] - options[best][choice[best]][1]
-        choice[best] += 1
-    bits = {n: options[n][j][0] for n, j in choice.items()}
-    overrides = {**cfg.overrides, **{n: {"bits": b} for n, b in bits.items()}}
+        n, jj = best
+        used += options[n][jj][1] - options[n][choice[n]][1]
+        choice[n] = jj
+    chosen = {n: options[n][j][0] for n, j in choice.items()}
+    bits = {n: b for n, (b, _) in chosen.items()}
+    overrides = dict(cfg.overrides)
+    for n, (b, gs) in chosen.items():
+        overrides[n] = {"bits": b} if gs is None else {"bits": b, "group_size": gs}
     new_cfg = cfg.replace(overrides=overrides)
     summary = {
         "bits": bits,
@@ -119,4 +132,6 @@ def allocate_bits(
         "bits_per_weight": 8 * (used + fixed) / total_numel,
         "target_bits": target_bits,
     }
+    if any(gs is not None for _, gs in cands):
+        summary["group_size"] = {n: gs for n, (_, gs) in chosen.items()}
     return new_cfg, summary

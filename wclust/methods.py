@@ -30,7 +30,8 @@ class CompareMethod:
     calib_items: int = 16  # calibration items, from the task's built-in data
     target_bits: float | None = None  # per-layer bits chosen under this average
     gptq: bool = False  # re-choose codes with GPTQ error feedback (input Hessians)
-    # extra["gptq"]: options for gptq_refine_ ({"damp": float, "exclude": [globs]})
+    # extra["gptq"]: options for gptq_refine_ ({"damp": float, "exclude": [globs]});
+    # extra["candidates"]: allocate_bits candidates ((bits, group_size) pairs)
     notes: str = ""
     extra: dict = field(default_factory=dict)
 
@@ -316,6 +317,23 @@ _add(
         notes=_CAL,
     )
 )
+# The same under a budget, chosen automatically: bits and scale-group size per layer
+# from the Fisher estimate, positional tables included.
+FIT_CANDIDATES = ((3, 128), (4, 128), (4, 64), (5, 64), (8, 64))
+for t in (4.25, 3.25):
+    _add(
+        CompareMethod(
+            f"mixed-fit-{t}b-fisher",
+            f"k-means codebook per tensor, fitted scales, bits and group size (64/128) per "
+            f"layer for <= {t} bits/weight, positional tables included, Fisher",
+            "clustering",
+            _C(group_size=64, method="scaled-fit", exclude=()),
+            calibrate="fisher",
+            target_bits=t,
+            notes=_CAL,
+            extra={"candidates": FIT_CANDIDATES},
+        )
+    )
 # GPTQ error feedback on the learned per-tensor codebooks: the codebook and scales as
 # clustering chose them, codes re-chosen column by column against the layer's inputs.
 for b in (4, 3):
@@ -452,7 +470,14 @@ def apply_method(method: CompareMethod, loaded, sample_weights=None):
     if method.target_bits:
         from .allocate import allocate_bits
 
-        cfg, _ = allocate_bits(loaded.model, method.target_bits, cfg, sample_weights=sample_weights)
+        cands = method.extra.get("candidates")
+        cfg, _ = allocate_bits(
+            loaded.model,
+            method.target_bits,
+            cfg,
+            sample_weights=sample_weights,
+            **({"candidates": tuple(tuple(c) for c in cands)} if cands else {}),
+        )
     report = api.compress_(loaded.model, cfg, sample_weights=sample_weights)
     if method.gptq:
         from .gptq import gptq_refine_

@@ -169,6 +169,13 @@ class ClusteredWeight(nn.Module):
         """Unpacked uint8 codes, shape ``self.shape``."""
         return unpack_codes(self.packed_rows(), self.bits, self.numel).view(self.shape)
 
+    def trainable(self) -> bool:
+        """Whether the codebook, scales or offsets take gradients (fine-tuning)."""
+        return any(
+            t is not None and t.requires_grad
+            for t in (self.codebook, self.group_scale, self.group_offset)
+        )
+
     def dense(self) -> torch.Tensor:
         """The dense weight as the owning module expects it."""
         if self._dense is not None:
@@ -176,9 +183,7 @@ class ClusteredWeight(nn.Module):
         cb = self.codebook_float()
         n_cb, k = cb.shape
         scaled = False
-        trainable = any(
-            t is not None and t.requires_grad for t in (cb, self.group_scale, self.group_offset)
-        )
+        trainable = self.trainable() or cb.requires_grad
         if self.layout == "rows" and not trainable and self.tiles_ok():
             self.to_tiles()  # one layout for both paths; its decode fuses the scales
         packed = self.packed
@@ -429,7 +434,7 @@ def _lut_rows(x: torch.Tensor, cw: ClusteredWeight) -> int:
         n == 0
         or x.device.type != "cpu"
         or cw._dense is not None
-        or (torch.is_grad_enabled() and (x.requires_grad or cw.codebook.requires_grad))
+        or (torch.is_grad_enabled() and (x.requires_grad or cw.trainable()))
         or not cw.lut_ok()
     ):
         return 0
