@@ -1,6 +1,7 @@
 """Where clustering hurts: cluster one group of layers at a time, measure the task.
 
-For reference-scored tasks (embed, vision) and lm. In one process (quality only; no
+For every task (asr: WER/CER of greedy decoding; embed, vision: agreement with the
+original; lm: perplexity). In one process (quality only; no
 latency or memory is measured here, use ``wclust compare`` for those). Each row
 clusters only the layers matched by its globs, starting from a fresh copy of the
 original, and reports the task's metrics and the share of the model's weights clustered.
@@ -10,6 +11,10 @@ Example:
         --group stem=_conv_stem --group expand='*_expand_conv' \\
         --group depthwise='*_depthwise_conv' --group project='*_project_conv' \\
         --group head=_conv_head --group fc=_fc --group all='*'
+    python benchmarks/layer_sensitivity.py --model whisper-base \
+        --data ../shared/data/speech/librispeech-test-other-100 --method nf4 --group-size 64 \
+        --group enc.attn='model.encoder.layers.*.self_attn.*' \
+        --group embed='model.decoder.embed_tokens,proj_out'
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ def main() -> None:
     ap.add_argument("--every", type=int, default=1)
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--granularity", default="channel")
+    ap.add_argument("--method", default="exact", help="per-tensor method, e.g. exact, nf4")
+    ap.add_argument("--group-size", type=int, default=None)
     ap.add_argument(
         "--group", action="append", required=True, help="NAME=GLOB[,GLOB...] (repeatable)"
     )
@@ -50,7 +57,8 @@ def main() -> None:
             kwargs["reference"] = task.reference(loaded.model, loaded.processor, data)
     total = sum(p.numel() for p in loaded.model.parameters())
     print(
-        f"{args.model}, task {loaded.task}, {args.bits}-bit per {args.granularity}, "
+        f"{args.model}, task {loaded.task}, {args.method} {args.bits}-bit per "
+        f"{args.group_size or args.granularity}, "
         f"{total / 1e6:.2f}M parameters"
     )
     print("| layers | globs | weights clustered | bits/weight (model) | quality | time (s) |")
@@ -61,6 +69,8 @@ def main() -> None:
         cfg = wclust.ClusterConfig(
             bits=args.bits,
             granularity=args.granularity,
+            method=args.method,
+            group_size=args.group_size,
             include=tuple(globs.split(",")),
             exclude=DEFAULT_EXCLUDE,
         )
