@@ -63,6 +63,12 @@ def main() -> None:
     ap.add_argument("--every", type=int, default=5)
     ap.add_argument("--methods", required=True, help="comma-separated compare methods")
     ap.add_argument("--wer-clips", type=int, default=0, help="also decode this many clips")
+    ap.add_argument(
+        "--wer-every",
+        type=int,
+        default=None,
+        help="decode every n-th clip of --data (all with 1) instead of the screened ones",
+    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument(
         "--set",
@@ -118,9 +124,12 @@ def main() -> None:
             "kl": kl,
             "compress_s": secs,
         }
-        if args.wer_clips:
+        if args.wer_clips or args.wer_every:
+            clips = (
+                data if args.wer_every is None else task.load_data(args.data, None, args.wer_every)
+            )
             with torch.inference_mode():
-                r = task.evaluate(loaded.model, loaded.processor, data[: args.wer_clips])
+                r = task.evaluate(loaded.model, loaded.processor, clips[: args.wer_clips or None])
             row["quality"] = r["quality"]
         rows.append(row)
         extra = f"  {row['quality']}" if "quality" in row else ""
