@@ -140,8 +140,10 @@ def test_compress_with_target_bits_meets_the_budget(model_dir, tmp_path):
     r = wclust("compress", model_dir, "-o", out, "--target-bits", "6", "--calibrate", "none")
     assert r.returncode == 0, r.stderr[-2000:]
     d = json.loads(wclust("inspect", out, "--json").stdout)
-    assert d["bits_per_weight"] <= 6  # the default recipe with a budget: scaled-lloyd
-    assert {x["method"] for x in d["layers"] if x["status"] == "clustered"} == {"scaled-lloyd"}
+    assert d["bits_per_weight"] <= 6  # the default recipe with a budget: scaled-fit
+    clustered = [x for x in d["layers"] if x["status"] == "clustered"]
+    assert {x["method"] for x in clustered} == {"scaled-fit"}
+    assert {x["group_size"] for x in clustered} <= {64, 128}  # chosen per layer
     r = wclust("compress", model_dir, "-o", out, "--target-bits", "10")  # Fisher needs a task
     assert r.returncode == 2 and "cannot be calibrated" in r.stderr.replace("\n", " ")
 

@@ -21,7 +21,11 @@ from torch import nn
 from .api import TENSOR_METHODS, _skip_reason, _weight_owners, layer_type
 from .config import ClusterConfig
 
-__all__ = ["allocate_bits"]
+__all__ = ["GROUP_CANDIDATES", "allocate_bits"]
+
+# (bits, group size) settings for methods with per-group scales: the default of
+# ``wclust compress --target-bits`` (BENCHMARKS.md section 1e).
+GROUP_CANDIDATES = ((3, 128), (4, 128), (4, 64), (5, 64), (8, 64))
 
 
 def allocate_bits(

@@ -69,8 +69,10 @@ def compress(
         str | None,
         typer.Option(
             help="exact (optimal 1-D k-means) | kmeans (Lloyd) | scaled-lloyd (one codebook "
-            "per tensor over absmax-scaled groups of --group-size, NormalFloat start) | nf4 | "
-            "rtn | rtn-sym | scaled-exact; default: exact, or scaled-lloyd with --target-bits"
+            "per tensor over absmax-scaled groups of --group-size, NormalFloat start) | "
+            "scaled-fit (the same with each group's scale fitted to its error) | nf4 | rtn | "
+            "rtn-sym | scaled-exact; default: exact, or scaled-fit with --target-bits (bits "
+            "and group size 64/128 chosen per layer unless --group-size is given)"
         ),
     ] = None,
     init: Annotated[
@@ -139,12 +141,17 @@ def compress(
             "--layers sets the include/exclude globs; give either --layers or --include/--exclude"
         )
     preset = _run(layer_preset, layers) if layers is not None else {}
+    candidates = None
     if method is None:
-        # With a budget, the best measured recipe (BENCHMARKS.md section 1): per-tensor
-        # NormalFloat-started codebooks over groups of 64, Fisher-weighted, bits chosen
-        # per layer, positional tables included in the budget.
-        method = "scaled-lloyd" if target_bits is not None else "exact"
+        # With a budget, the best measured recipe (BENCHMARKS.md section 1e): per-tensor
+        # codebooks with fitted per-group scales, Fisher-weighted, bits and scale-group
+        # size chosen per layer, positional tables included in the budget.
+        method = "scaled-fit" if target_bits is not None else "exact"
         if target_bits is not None:
+            if group_size is None:
+                from wclust.allocate import GROUP_CANDIDATES
+
+                candidates = GROUP_CANDIDATES
             group_size = group_size or 64
             if exclude is None and layers is None:
                 exclude = []
@@ -195,6 +202,7 @@ def compress(
                 cfg,
                 sample_weights=sample_weights,
                 progress=tick,
+                **({"candidates": candidates} if candidates else {}),
             )
             prog.update(task, stage="clustering")
         report = _run(

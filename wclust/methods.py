@@ -12,6 +12,7 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass, field
 
+from .allocate import GROUP_CANDIDATES
 from .config import ClusterConfig
 from .registry import METHODS
 
@@ -319,7 +320,6 @@ _add(
 )
 # The same under a budget, chosen automatically: bits and scale-group size per layer
 # from the Fisher estimate, positional tables included.
-FIT_CANDIDATES = ((3, 128), (4, 128), (4, 64), (5, 64), (8, 64))
 for t in (4.25, 3.25):
     _add(
         CompareMethod(
@@ -331,7 +331,7 @@ for t in (4.25, 3.25):
             calibrate="fisher",
             target_bits=t,
             notes=_CAL,
-            extra={"candidates": FIT_CANDIDATES},
+            extra={"candidates": GROUP_CANDIDATES},
         )
     )
 # GPTQ error feedback on the learned per-tensor codebooks: the codebook and scales as
