@@ -21,7 +21,9 @@ from torch import nn
 from .api import TENSOR_METHODS, _skip_reason, _weight_owners, layer_type
 from .config import ClusterConfig
 
-__all__ = ["GROUP_CANDIDATES", "allocate_bits"]
+__all__ = ["GROUP_CANDIDATES", "WIDTHS", "allocate_bits"]
+
+WIDTHS = (2, 3, 4, 5, 6, 8)  # default candidates: bits only
 
 # (bits, group size) settings for methods with per-group scales: the default of
 # ``wclust compress --target-bits`` (BENCHMARKS.md section 1e).
@@ -34,7 +36,7 @@ def allocate_bits(
     config: ClusterConfig | None = None,
     *,
     sample_weights: dict[str, torch.Tensor] | None = None,
-    candidates: tuple[int | tuple[int, int], ...] = (2, 3, 4, 5, 6, 8),
+    candidates: tuple[int | tuple[int, int], ...] | None = None,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> tuple[ClusterConfig, dict]:
     """Choose bits per layer so the whole model averages at most ``target_bits``.
@@ -45,7 +47,8 @@ def allocate_bits(
         config: base settings (granularity, method, outliers, selection, ...).
         sample_weights: importance per weight (from ``calibrate``); uniform if None.
         candidates: settings to choose from: widths, or ``(bits, group_size)`` pairs
-            (for methods with per-group scales: fewer, larger groups cost less).
+            (for methods with per-group scales: fewer, larger groups cost less);
+            default ``WIDTHS``.
         progress: callback ``(layer name, index, total)``.
 
     Returns:
@@ -66,7 +69,7 @@ def allocate_bits(
     for t in {id(t): t for t in list(model.parameters()) + list(model.buffers())}.values():
         if id(t) not in layer_ids:
             fixed += t.numel() * t.element_size()
-    cands = [c if isinstance(c, tuple) else (c, None) for c in candidates]
+    cands = [c if isinstance(c, tuple) else (c, None) for c in candidates or WIDTHS]
     options: dict[str, list[tuple[tuple[int, int | None], int, float]]] = {}
     for i, (w, owners) in enumerate(groups):
         name = owners[0][0]

@@ -202,7 +202,7 @@ def compress(
                 cfg,
                 sample_weights=sample_weights,
                 progress=tick,
-                **({"candidates": candidates} if candidates else {}),
+                candidates=candidates,
             )
             prog.update(task, stage="clustering")
         report = _run(

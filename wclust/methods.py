@@ -175,6 +175,22 @@ _CAL = (
     "calibrated on the task's built-in data (ASR: the synthetic clips; LM: the Book of Ruth), "
     "not the evaluation set unless --data is omitted"
 )
+
+
+def _add_g64_fisher(name: str, label: str, bits: int, method: str) -> None:
+    """A Fisher-weighted codebook per tensor with scales per group of 64."""
+    _add(
+        CompareMethod(
+            name,
+            label,
+            "clustering",
+            _C(bits=bits, group_size=64, method=method),
+            calibrate="fisher",
+            notes=_CAL,
+        )
+    )
+
+
 for b in (4, 3):
     _add(
         CompareMethod(
@@ -196,15 +212,11 @@ for b in (4, 3):
             notes=_CAL,
         )
     )
-    _add(
-        CompareMethod(
-            f"scaled-{b}b-g64-fisher",
-            f"k-means {b}-bit codebook per tensor, scale per 64, Fisher-weighted",
-            "clustering",
-            _C(bits=b, group_size=64, method="scaled-exact"),
-            calibrate="fisher",
-            notes=_CAL,
-        )
+    _add_g64_fisher(
+        f"scaled-{b}b-g64-fisher",
+        f"k-means {b}-bit codebook per tensor, scale per 64, Fisher-weighted",
+        b,
+        "scaled-exact",
     )
 _add(
     CompareMethod(
@@ -254,6 +266,20 @@ for t in (4.25, 3.25):
             notes=_CAL,
         )
     )
+    # fitted scales (method scaled-fit, below), bits and scale-group size chosen per layer
+    _add(
+        CompareMethod(
+            f"mixed-fit-{t}b-fisher",
+            f"k-means codebook per tensor, fitted scales, bits and group size (64/128) per "
+            f"layer for <= {t} bits/weight, positional tables included, Fisher",
+            "clustering",
+            _C(group_size=64, method="scaled-fit", exclude=()),
+            calibrate="fisher",
+            target_bits=t,
+            notes=_CAL,
+            extra={"candidates": GROUP_CANDIDATES},
+        )
+    )
 
 # Learned codebook per tensor over absmax-normalized groups of 64, started from the
 # NormalFloat table with -1/0/+1 kept (so it can only improve on NF4's weighted
@@ -268,31 +294,15 @@ for b in (4, 3):
             _C(bits=b, group_size=64, method="scaled-lloyd"),
         )
     )
-    _add(
-        CompareMethod(
-            f"lloyd-{b}b-g64-fisher",
-            _LLOYD.format(b=b) + ", Fisher-weighted",
-            "clustering",
-            _C(bits=b, group_size=64, method="scaled-lloyd"),
-            calibrate="fisher",
-            notes=_CAL,
-        )
+    _add_g64_fisher(
+        f"lloyd-{b}b-g64-fisher", _LLOYD.format(b=b) + ", Fisher-weighted", b, "scaled-lloyd"
     )
 # The same codebooks with each group's scale fitted to its importance-weighted error
 # instead of the absmax (searched over 0.70-1.10 x absmax, then a least-squares
 # step), and the codebook learned again on the new normalization (method scaled-fit).
 _FIT = "k-means {b}-bit codebook per tensor, scale per 64 fitted to the weighted error"
 for b in (4, 3):
-    _add(
-        CompareMethod(
-            f"fit-{b}b-g64-fisher",
-            _FIT.format(b=b) + ", Fisher-weighted",
-            "clustering",
-            _C(bits=b, group_size=64, method="scaled-fit"),
-            calibrate="fisher",
-            notes=_CAL,
-        )
-    )
+    _add_g64_fisher(f"fit-{b}b-g64-fisher", _FIT.format(b=b) + ", Fisher-weighted", b, "scaled-fit")
 # Under 4.25 bits/weight everything counted: finer scale groups (64) where Whisper's
 # word errors come from (the encoder: section 1e of BENCHMARKS.md), groups of 128
 # elsewhere, positional tables at 6 bits instead of fp32 (Whisper naming; on other
@@ -318,22 +328,6 @@ _add(
         notes=_CAL,
     )
 )
-# The same under a budget, chosen automatically: bits and scale-group size per layer
-# from the Fisher estimate, positional tables included.
-for t in (4.25, 3.25):
-    _add(
-        CompareMethod(
-            f"mixed-fit-{t}b-fisher",
-            f"k-means codebook per tensor, fitted scales, bits and group size (64/128) per "
-            f"layer for <= {t} bits/weight, positional tables included, Fisher",
-            "clustering",
-            _C(group_size=64, method="scaled-fit", exclude=()),
-            calibrate="fisher",
-            target_bits=t,
-            notes=_CAL,
-            extra={"candidates": GROUP_CANDIDATES},
-        )
-    )
 # GPTQ error feedback on the learned per-tensor codebooks: the codebook and scales as
 # clustering chose them, codes re-chosen column by column against the layer's inputs.
 for b in (4, 3):
@@ -470,13 +464,12 @@ def apply_method(method: CompareMethod, loaded, sample_weights=None):
     if method.target_bits:
         from .allocate import allocate_bits
 
-        cands = method.extra.get("candidates")
         cfg, _ = allocate_bits(
             loaded.model,
             method.target_bits,
             cfg,
             sample_weights=sample_weights,
-            **({"candidates": tuple(tuple(c) for c in cands)} if cands else {}),
+            candidates=method.extra.get("candidates"),
         )
     report = api.compress_(loaded.model, cfg, sample_weights=sample_weights)
     if method.gptq:

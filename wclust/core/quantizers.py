@@ -248,6 +248,11 @@ def scaled_kmeans(
     sw = None if sample_weight is None else sample_weight.detach().float().reshape(rows.shape)
     scale = rows.abs().amax(1).clamp_min(1e-12).half()
     table = None
+    if method == "lloyd":
+        nf = normal_float_table(bits)  # the start, and the centroids the anchors keep
+        fixed = (nf == -1) | (nf == 0) | (nf == 1)
+        if not anchors:
+            fixed = torch.zeros_like(fixed)
     for r in range(rounds + 1 if fit_scale else 1):
         if r:
             scale = fit_scales(rows, table, sw)
@@ -259,11 +264,7 @@ def scaled_kmeans(
         if method == "exact":
             table = cluster_tensor(normed, bits=bits, method="exact", sample_weight=w).codebook[0]
         else:
-            init = normal_float_table(bits) if table is None else table
-            fixed = torch.zeros_like(init, dtype=torch.bool)
-            if anchors:
-                nf = normal_float_table(bits)
-                fixed = (nf == -1) | (nf == 0) | (nf == 1)
+            init = nf if table is None else table  # later rounds start where it ended
             order = normed.reshape(-1).argsort()
             xs = normed.reshape(-1)[order].double()[None]
             ws = w.reshape(-1)[order].double()[None]

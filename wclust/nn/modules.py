@@ -183,7 +183,7 @@ class ClusteredWeight(nn.Module):
         cb = self.codebook_float()
         n_cb, k = cb.shape
         scaled = False
-        trainable = self.trainable() or cb.requires_grad
+        trainable = self.trainable()
         if self.layout == "rows" and not trainable and self.tiles_ok():
             self.to_tiles()  # one layout for both paths; its decode fuses the scales
         packed = self.packed
