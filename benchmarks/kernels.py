@@ -6,7 +6,8 @@ codes, then ``F.linear``), the compressed Linear's own batch-1 path on: 4-bit an
 ONE codebook per tensor that take the tiled activation-table kernel
 (``lut_gemv_tiles``): 4-bit k-means per tensor, NF4 with a scale per 64, and the
 learned codebook over scaled groups of 64 (``scaled-lloyd``, the method that beats
-NF4 on Whisper); then torch dynamic int8.
+NF4 on Whisper), and the other widths of mixed-bit models (3-bit codes as 4-bit
+pairs, 5- and 8-bit codes as bytes); then torch dynamic int8.
 
 Cold by default: each method cycles through enough copies of its layer that the
 copies together exceed 96 MB (3x this machine's 32 MB L3), as in a real model where
@@ -57,6 +58,12 @@ METHODS = [
     ("k-means 4-bit per tensor", dict(bits=4, method="kmeans", granularity="tensor")),
     ("NF4 g64", dict(bits=4, method="nf4")),
     ("scaled-lloyd 4-bit g64", dict(bits=4, method="scaled-lloyd", group_size=64)),
+    # the other widths the automatic bit allocation picks (--target-bits): 3-bit codes
+    # take the 4-bit tiled kernel (stored as 4-bit pairs), 5- to 8-bit codes the
+    # byte-tiled kernel (one byte per code)
+    ("scaled-fit 3-bit g128", dict(bits=3, method="scaled-fit", group_size=128)),
+    ("scaled-fit 5-bit g64", dict(bits=5, method="scaled-fit", group_size=64)),
+    ("k-means 8-bit per tensor", dict(bits=8, method="kmeans", granularity="tensor")),
 ]
 
 
@@ -125,12 +132,17 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer shapes and repetitions")
     ap.add_argument("--warm", action="store_true", help="reuse one copy of each layer")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--shapes", help="comma-separated OUTxIN shapes (default: 4096x4096 and whisper-base's)"
+    )
     ap.add_argument("--out", help="also write the table to this file")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     numba.set_num_threads(args.threads)  # the LUT kernels' threads
     reps = 15 if args.quick else 40
     shapes = [(4096, 4096)] + ([] if args.quick else WHISPER_BASE_SHAPES)
+    if args.shapes:
+        shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     bw = bandwidth_gbs()
     lines = [
         f"measured read bandwidth: {bw:.1f} GB/s; torch threads: {args.threads}; "

@@ -4,7 +4,16 @@ import torch
 
 import wclust
 from wclust.core.packing import pack_codes
-from wclust.kernels.lut import decode, decode_tiles, lut_gemv, lut_gemv_tiles, tile4, untile4
+from wclust.kernels.lut import (
+    decode,
+    decode_tiles,
+    lut_gemv,
+    lut_gemv_tiles,
+    tile4,
+    tile8,
+    untile4,
+    untile8,
+)
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -74,14 +83,25 @@ def test_module_fast_paths_agree_with_dense(cfg):
     assert torch.allclose(m[0](x), ref, atol=1e-5)
 
 
+@pytest.mark.parametrize("bits", [3, 4, 5, 8])
 @pytest.mark.parametrize(
     "out_f,in_f,gs,offset",
-    [(37, 64, 0, False), (16, 128, 64, True), (50, 256, 128, False), (3, 192, 64, True)],
+    [
+        (37, 64, 0, False),
+        (16, 128, 64, True),
+        (50, 256, 128, False),
+        (3, 192, 64, True),
+        (21, 96, 32, True),
+    ],
 )
-def test_tiled_gemv_matches_dense_reference(out_f, in_f, gs, offset):
-    g = torch.Generator().manual_seed(out_f)
-    codes = torch.randint(0, 16, (out_f, in_f), generator=g).to(torch.uint8)
-    cb = torch.randn(16, generator=g)
+def test_tiled_gemv_matches_dense_reference(bits, out_f, in_f, gs, offset):
+    # codes of up to 4 bits: 4-bit pairs (tile4, pair tables; a 3-bit codebook has
+    # 8 entries); 5 to 8 bits: one byte per code (tile8, one table per input)
+    if in_f % (64 if bits <= 4 else 32) or gs % (64 if bits <= 4 else 32):
+        pytest.skip("shape not held by this layout")
+    g = torch.Generator().manual_seed(out_f * bits)
+    codes = torch.randint(0, 1 << bits, (out_f, in_f), generator=g).to(torch.uint8)
+    cb = torch.randn(1 << bits, generator=g)
     x = torch.randn(in_f, generator=g)
     w = cb[codes.long()]
     sc = off = None
@@ -92,9 +112,13 @@ def test_tiled_gemv_matches_dense_reference(out_f, in_f, gs, offset):
             off = torch.randn(out_f * in_f // gs, generator=g)
             w = w + off[:, None]
         w = w.view(out_f, in_f)
-    packed = pack_codes(codes, 4).numpy()
-    tiled = tile4(packed, out_f, in_f)
-    assert np.array_equal(untile4(tiled, out_f, in_f), packed)
+    if bits <= 4:
+        packed = pack_codes(codes, 4).numpy()
+        tiled = tile4(packed, out_f, in_f)
+        assert tiled.ndim == 4 and np.array_equal(untile4(tiled, out_f, in_f), packed)
+    else:
+        tiled = tile8(codes.numpy())
+        assert tiled.ndim == 3 and np.array_equal(untile8(tiled, out_f), codes.numpy())
     assert np.array_equal(decode_tiles(tiled, cb.numpy(), out_f), cb[codes.long()].numpy())
     y = lut_gemv_tiles(
         tiled,
@@ -119,6 +143,15 @@ def test_tiled_gemv_matches_dense_reference(out_f, in_f, gs, offset):
 def test_tiled_layout_rejects_shapes_it_cannot_hold():
     with pytest.raises(ValueError, match="divisible by 64"):
         tile4(np.zeros(8 * 48 // 2, np.uint8), 8, 48)
+    with pytest.raises(ValueError, match="divisible by 32"):
+        tile8(np.zeros((8, 48), np.uint8))
+    with pytest.raises(ValueError, match="at most 16 codebook entries"):
+        lut_gemv_tiles(
+            tile4(np.zeros(64, np.uint8), 2, 64),
+            np.ones(64, np.float32),
+            np.ones(32, np.float32),
+            2,
+        )
     tiled = tile4(np.zeros(4 * 128 // 2, np.uint8), 4, 128)
     with pytest.raises(ValueError, match="multiple of 64"):
         lut_gemv_tiles(

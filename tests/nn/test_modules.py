@@ -47,15 +47,28 @@ def test_embedding_subclass_with_own_forward_and_kwargs():
     torch.testing.assert_close(out, pos.clustered.dense()[3:8], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("method", ["nf4", "rtn", "kmeans", "scaled-fit"])
-def test_tiled_layout_keeps_every_view_of_the_weight(method, tmp_path):
+@pytest.mark.parametrize(
+    "method,bits",
+    [
+        ("nf4", 4),
+        ("rtn", 4),
+        ("kmeans", 4),
+        ("scaled-fit", 4),
+        ("kmeans", 3),
+        ("scaled-fit", 3),
+        ("rtn", 5),
+        ("scaled-fit", 6),
+        ("kmeans", 8),
+    ],
+)
+def test_tiled_layout_keeps_every_view_of_the_weight(method, bits, tmp_path):
     # A tied head/embedding with one codebook per tensor: the first batch-1 call
-    # moves its codes to the tiled kernel layout; dense(), rows(), codes() and the
-    # saved file must not change.
+    # moves its codes to the tiled kernel layout (4-bit pairs up to 4 bits, bytes
+    # above); dense(), rows(), codes() and the saved file must not change.
     torch.manual_seed(0)
     m = nn.Sequential(nn.Embedding(40, 128), nn.Linear(128, 40, bias=False))
     m[1].weight = m[0].weight
-    cfg = dict(bits=4, method=method)
+    cfg = dict(bits=bits, method=method)
     if method == "kmeans":
         cfg["granularity"] = "tensor"
     wclust.compress_(m, wclust.ClusterConfig(**cfg))
@@ -74,7 +87,7 @@ def test_tiled_layout_keeps_every_view_of_the_weight(method, tmp_path):
     ids = torch.tensor([0, 17, 39, 16, 15])
     with torch.no_grad():
         y = m[1](x)
-        assert cw.layout == "tiles"
+        assert cw.layout == ("tiles" if bits <= 4 else "tiles8")
         assert torch.allclose(y, x @ dense.T, atol=1e-5)
         assert torch.allclose(m[0](ids), dense[ids], rtol=1e-6, atol=1e-7)
     assert torch.allclose(cw.dense(), dense, rtol=1e-6, atol=1e-7)

@@ -9,7 +9,7 @@ with the codebook. Rows run in parallel.
 
 ``decode``: the dense weight rebuilt from packed codes in one fused parallel pass.
 
-``lut_gemv_tiles``: the fast path for 4-bit codes with ONE codebook shared by the
+``lut_gemv_tiles``: the fast path for codes with ONE codebook shared by the
 whole tensor (NF4, int4, the learned per-tensor codebook over scaled groups), with
 optional per-group scales and offsets. Activation-side lookup tables (T-MAC, arXiv
 2407.00088): for each pair of inputs ``(x[2j], x[2j+1])`` a 256-entry table holds
@@ -19,7 +19,11 @@ in a tiled layout (``tile4``): tiles of 32 input pairs (64 inputs; the table of 
 tile is 32 KB and stays in L1) x blocks of 16 output rows, the 16 rows' bytes of one
 pair adjacent, so one block reads 16 independent entries of one table row. Each
 thread takes its own range of tiles (it builds only those tables) and keeps a
-partial output; the partials are summed at the end.
+partial output; the partials are summed at the end. Codes of fewer bits (2, 3) use
+the same layout and kernel (the codebook padded to 16 entries). Codes of 5 to 8
+bits use a byte layout (``tile8``: tiles of 32 inputs x 16 rows, one code per
+byte) and one table of ``cb * x[j]`` per input (at most 32 x 256 floats = 32 KB):
+one table read and add per weight, a quarter of the bytes fp32 reads.
 
 Compiled on first use and cached on disk (numba ``cache=True``).
 """
@@ -29,12 +33,22 @@ from __future__ import annotations
 import numba as nb
 import numpy as np
 
-__all__ = ["decode", "decode_tiles", "lut_gemv", "lut_gemv_tiles", "tile4", "untile4"]
+__all__ = [
+    "decode",
+    "decode_tiles",
+    "lut_gemv",
+    "lut_gemv_tiles",
+    "tile4",
+    "tile8",
+    "untile4",
+    "untile8",
+]
 
 
 _BLOCK = 64  # output rows per parallel work item (8-bit kernel)
 TILE_PAIRS = 32  # input pairs per tile of the tiled 4-bit layout (64 inputs)
-TILE_ROWS = 16  # output rows per block of the tiled 4-bit layout
+TILE_ROWS = 16  # output rows per block of the tiled layouts
+TILE8_IN = 32  # inputs per tile of the tiled byte layout (5- to 8-bit codes)
 
 
 @nb.njit(parallel=True, cache=True, fastmath=True)
@@ -103,16 +117,17 @@ def _decode8(packed, cb, per_cb, out):
 
 
 @nb.njit(parallel=True, cache=True, fastmath=True)
-def _gemv4_tiles(P, x, cb, scale, offset, tiles_per_group, out_f, ypart):
+def _gemv4_tiles(P, x, cb, scale, offset, tiles_per_group, out_f, n_thr):
     # P: (n_tiles, n_blocks, TILE_PAIRS, TILE_ROWS) uint8, byte = hi << 4 | lo of a
     # row's inputs (2j, 2j+1). scale/offset: (out_f, n_groups) or empty.
-    # ypart: (n_threads, n_blocks * TILE_ROWS) zeros; thread t adds its tiles' sums.
+    # Thread t sums its tiles into its own partial output; returns (out_f,).
     n_tiles, n_blocks = P.shape[0], P.shape[1]
-    n_thr = ypart.shape[0]
+    ypart = np.zeros((n_thr, n_blocks * TILE_ROWS), dtype=np.float32)
     has_scale = scale.shape[0] > 0
     has_off = offset.shape[0] > 0
+    K = cb.shape[0]
     for t in nb.prange(n_thr):
-        T = np.empty((TILE_PAIRS, 256), dtype=np.float32)
+        T = np.empty((TILE_PAIRS, K * K), dtype=np.float32)
         acc = np.empty(TILE_ROWS, dtype=np.float32)
         yp = ypart[t]
         for jt in range(t * n_tiles // n_thr, (t + 1) * n_tiles // n_thr):
@@ -121,10 +136,13 @@ def _gemv4_tiles(P, x, cb, scale, offset, tiles_per_group, out_f, ypart):
                 xa = x[2 * (jt * TILE_PAIRS + jj)]
                 xb = x[2 * (jt * TILE_PAIRS + jj) + 1]
                 xs += xa + xb
-                for hi in range(16):
+                # K (= 16) read at run time: with a constant 16, LLVM unrolls the
+                # inner loop and vectorizes the outer one into scatters (40% of the
+                # time on 512x2048); this way each table row is 16 contiguous stores.
+                for hi in range(K):
                     h = cb[hi] * xb
-                    for lo in range(16):
-                        T[jj, hi * 16 + lo] = cb[lo] * xa + h
+                    for lo in range(K):
+                        T[jj, hi * K + lo] = cb[lo] * xa + h
             g = jt // tiles_per_group
             for rb in range(n_blocks):
                 a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = np.float32(0.0)
@@ -161,6 +179,105 @@ def _gemv4_tiles(P, x, cb, scale, offset, tiles_per_group, out_f, ypart):
                             acc[r] += offset[o + r, g] * xs
                 for r in range(n):
                     yp[o + r] += acc[r]
+    return _sum_parts(ypart, out_f)
+
+
+@nb.njit(cache=True)
+def _sum_parts(ypart, out_f):
+    y = np.empty(out_f, dtype=np.float32)
+    for o in range(out_f):
+        s = np.float32(0.0)
+        for t in range(ypart.shape[0]):
+            s += ypart[t, o]
+        y[o] = s
+    return y
+
+
+@nb.njit(parallel=True, cache=True, fastmath=True)
+def _gemv8_tiles(P, x, cb, scale, offset, tiles_per_group, out_f, n_thr):
+    # P: (n_tiles, n_blocks, TILE8_IN * TILE_ROWS) uint8 codes, the 16 rows' codes of
+    # one input adjacent; cb: (K,) with every code < K. For each input of a tile a
+    # K-entry table cb * x[j] (32 x 256 floats = 32 KB at most, in L1): one table
+    # read and add per weight, 16 rows at a time.
+    n_tiles, n_blocks = P.shape[0], P.shape[1]
+    K = cb.shape[0]
+    has_scale = scale.shape[0] > 0
+    has_off = offset.shape[0] > 0
+    ypart = np.zeros((n_thr, n_blocks * TILE_ROWS), dtype=np.float32)
+    for t in nb.prange(n_thr):
+        T = np.empty((TILE8_IN, K), dtype=np.float32)
+        acc = np.empty(TILE_ROWS, dtype=np.float32)
+        yp = ypart[t]
+        for jt in range(t * n_tiles // n_thr, (t + 1) * n_tiles // n_thr):
+            xs = np.float32(0.0)
+            for jj in range(TILE8_IN):
+                xj = x[jt * TILE8_IN + jj]
+                xs += xj
+                for c in range(K):
+                    T[jj, c] = cb[c] * xj
+            g = jt // tiles_per_group
+            for rb in range(n_blocks):
+                a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = np.float32(0.0)
+                a8 = a9 = a10 = a11 = a12 = a13 = a14 = a15 = np.float32(0.0)
+                pb = P[jt, rb]
+                for jj in range(TILE8_IN):
+                    Tj = T[jj]
+                    q = jj * TILE_ROWS
+                    a0 += Tj[pb[q]]
+                    a1 += Tj[pb[q + 1]]
+                    a2 += Tj[pb[q + 2]]
+                    a3 += Tj[pb[q + 3]]
+                    a4 += Tj[pb[q + 4]]
+                    a5 += Tj[pb[q + 5]]
+                    a6 += Tj[pb[q + 6]]
+                    a7 += Tj[pb[q + 7]]
+                    a8 += Tj[pb[q + 8]]
+                    a9 += Tj[pb[q + 9]]
+                    a10 += Tj[pb[q + 10]]
+                    a11 += Tj[pb[q + 11]]
+                    a12 += Tj[pb[q + 12]]
+                    a13 += Tj[pb[q + 13]]
+                    a14 += Tj[pb[q + 14]]
+                    a15 += Tj[pb[q + 15]]
+                acc[0], acc[1], acc[2], acc[3] = a0, a1, a2, a3
+                acc[4], acc[5], acc[6], acc[7] = a4, a5, a6, a7
+                acc[8], acc[9], acc[10], acc[11] = a8, a9, a10, a11
+                acc[12], acc[13], acc[14], acc[15] = a12, a13, a14, a15
+                o = rb * TILE_ROWS
+                n = min(TILE_ROWS, out_f - o)
+                if has_scale:
+                    for r in range(n):
+                        acc[r] *= scale[o + r, g]
+                        if has_off:
+                            acc[r] += offset[o + r, g] * xs
+                for r in range(n):
+                    yp[o + r] += acc[r]
+    return _sum_parts(ypart, out_f)
+
+
+@nb.njit(parallel=True, cache=True)
+def _decode8_tiles(P, cb, scale, offset, out):
+    # out: (out_f, in_f) float32 = cb[code] (* scale + offset), from the byte tiles.
+    n_tiles, n_blocks = P.shape[0], P.shape[1]
+    out_f, in_f = out.shape
+    K = cb.shape[0]
+    has_scale = scale.shape[0] > 0
+    has_off = offset.shape[0] > 0
+    gsize = in_f // scale.shape[1] if has_scale else in_f
+    for rb in nb.prange(n_blocks):
+        t = np.empty(K, dtype=np.float32)
+        for jt in range(n_tiles):
+            c0 = jt * TILE8_IN
+            g = c0 // gsize
+            for r in range(min(TILE_ROWS, out_f - rb * TILE_ROWS)):
+                o = rb * TILE_ROWS + r
+                s = scale[o, g] if has_scale else np.float32(1.0)
+                b0 = offset[o, g] if has_off else np.float32(0.0)
+                for c in range(K):
+                    t[c] = cb[c] * s + b0
+                row = out[o]
+                for jj in range(TILE8_IN):
+                    row[c0 + jj] = t[P[jt, rb, jj * TILE_ROWS + r]]
 
 
 @nb.njit(parallel=True, cache=True)
@@ -191,9 +308,20 @@ def _decode4_tiles(P, cb, scale, offset, out):
                     row[c0 + 2 * jj + 1] = t[b >> 4]
 
 
-def tiles_ok(out_features: int, in_features: int) -> bool:
-    """Whether a weight of this shape can use the tiled 4-bit layout."""
-    return out_features > 0 and in_features > 0 and in_features % (2 * TILE_PAIRS) == 0
+def tile_inputs(bits: int) -> int:
+    """Inputs per tile of the tiled layout for codes of this width: 64 for codes of
+    up to 4 bits (stored as 4-bit pairs), 32 for 5 to 8 bits (stored as bytes)."""
+    return 2 * TILE_PAIRS if bits <= 4 else TILE8_IN
+
+
+def tiles_ok(out_features: int, in_features: int, bits: int = 4) -> bool:
+    """Whether a weight of this shape and code width can use a tiled layout."""
+    return (
+        1 <= bits <= 8
+        and out_features > 0
+        and in_features > 0
+        and in_features % tile_inputs(bits) == 0
+    )
 
 
 def tile4(packed: np.ndarray, out_features: int, in_features: int) -> np.ndarray:
@@ -220,6 +348,54 @@ def untile4(tiled: np.ndarray, out_features: int, in_features: int) -> np.ndarra
     return np.ascontiguousarray(rows[:out_features]).reshape(-1)
 
 
+def tile8(codes: np.ndarray) -> np.ndarray:
+    """(out, in) uint8 codes, one per byte -> the tiled byte layout
+    ``(n_tiles, n_blocks, TILE8_IN * TILE_ROWS)``: tiles of 32 inputs x blocks of 16
+    rows, the 16 rows' codes of one input adjacent; rows padded with code 0."""
+    out_f, in_f = codes.shape
+    if not tiles_ok(out_f, in_f, 8):
+        raise ValueError(
+            f"the tiled byte layout needs in_features divisible by {TILE8_IN}, got {in_f}"
+        )
+    n_blocks = -(-out_f // TILE_ROWS)
+    rows = np.zeros((n_blocks * TILE_ROWS, in_f), dtype=np.uint8)
+    rows[:out_f] = codes
+    t = rows.reshape(n_blocks, TILE_ROWS, in_f // TILE8_IN, TILE8_IN).transpose(2, 0, 3, 1)
+    return np.ascontiguousarray(t).reshape(in_f // TILE8_IN, n_blocks, TILE8_IN * TILE_ROWS)
+
+
+def untile8(tiled: np.ndarray, out_features: int) -> np.ndarray:
+    """Inverse of ``tile8``: (out, in) uint8 codes."""
+    n_tiles, n_blocks = tiled.shape[:2]
+    t = tiled.reshape(n_tiles, n_blocks, TILE8_IN, TILE_ROWS).transpose(1, 3, 0, 2)
+    return np.ascontiguousarray(t.reshape(n_blocks * TILE_ROWS, n_tiles * TILE8_IN)[:out_features])
+
+
+def _tile_args(tiled, codebook, out_features, scale, offset, group_size):
+    """Shared checks of the tiled kernels: (in_features, codebook, scale, offset,
+    tiles per scale group)."""
+    nibbles = tiled.ndim == 4
+    tin = 2 * TILE_PAIRS if nibbles else TILE8_IN
+    in_f = tiled.shape[0] * tin
+    cb = codebook.reshape(-1)
+    if nibbles and cb.shape[0] != 16:  # codes of fewer bits: the unused entries stay 0
+        if cb.shape[0] > 16:
+            raise ValueError(f"4-bit tiles need at most 16 codebook entries, got {cb.shape[0]}")
+        cb = np.concatenate([cb, np.zeros(16 - cb.shape[0], dtype=np.float32)])
+    tiles_per_group = 1
+    sc = off = _EMPTY2
+    if scale is not None:
+        if group_size <= 0 or group_size % tin or in_f % group_size:
+            raise ValueError(
+                f"group size {group_size} must be a multiple of {tin} dividing in_features {in_f}"
+            )
+        tiles_per_group = group_size // tin
+        sc = scale.reshape(out_features, in_f // group_size)
+        if offset is not None:
+            off = offset.reshape(out_features, in_f // group_size)
+    return in_f, cb, sc, off, tiles_per_group
+
+
 def lut_gemv_tiles(
     tiled: np.ndarray,
     x: np.ndarray,
@@ -229,36 +405,26 @@ def lut_gemv_tiles(
     offset: np.ndarray | None = None,
     group_size: int = 0,
 ) -> np.ndarray:
-    """``W @ x`` for 4-bit codes in the tiled layout with one shared 16-entry
-    codebook, optionally times ``scale`` (+ ``offset``) per group of ``group_size``
-    consecutive inputs of a row (``group_size`` a multiple of 64).
+    """``W @ x`` for codes in a tiled layout with one codebook shared by the whole
+    tensor, optionally times ``scale`` (+ ``offset``) per group of ``group_size``
+    consecutive inputs of a row.
 
     Args:
-        tiled: uint8 codes from ``tile4``.
+        tiled: uint8 codes from ``tile4`` (4-D: codes of up to 4 bits, pair tables;
+            ``group_size`` a multiple of 64) or ``tile8`` (3-D: 5- to 8-bit codes,
+            one table per input; ``group_size`` a multiple of 32).
         x: (in,) float32.
-        codebook: (16,) or (1, 16) float32.
+        codebook: (K,) or (1, K) float32: K <= 16 for ``tile4``; for ``tile8``
+            every code must be < K (pad the codebook to ``2**bits`` entries).
         scale, offset: (out * in / group_size,) float32, row-major by (row, group).
 
     Returns:
         (out,) float32.
     """
-    in_f = tiled.shape[0] * TILE_PAIRS * 2
-    tiles_per_group = 1
-    sc = off = _EMPTY2
-    if scale is not None:
-        if group_size % (2 * TILE_PAIRS) or in_f % group_size:
-            raise ValueError(
-                f"group size {group_size} must be a multiple of {2 * TILE_PAIRS} "
-                f"dividing in_features {in_f}"
-            )
-        tiles_per_group = group_size // (2 * TILE_PAIRS)
-        sc = scale.reshape(out_features, in_f // group_size)
-        if offset is not None:
-            off = offset.reshape(out_features, in_f // group_size)
+    in_f, cb, sc, off, tpg = _tile_args(tiled, codebook, out_features, scale, offset, group_size)
     n_thr = max(1, min(nb.get_num_threads(), tiled.shape[0]))
-    ypart = np.zeros((n_thr, tiled.shape[1] * TILE_ROWS), dtype=np.float32)
-    _gemv4_tiles(tiled, x, codebook.reshape(-1), sc, off, tiles_per_group, out_features, ypart)
-    return ypart[:, :out_features].sum(0) if n_thr > 1 else ypart[0, :out_features].copy()
+    kernel = _gemv4_tiles if tiled.ndim == 4 else _gemv8_tiles
+    return kernel(tiled, x, cb, sc, off, tpg, out_features, n_thr)
 
 
 def decode_tiles(
@@ -268,16 +434,14 @@ def decode_tiles(
     scale: np.ndarray | None = None,
     offset: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Dense (out, in) float32 ``codebook[code] (* scale + offset)`` from the tiled
-    layout; ``scale``/``offset`` per group of consecutive inputs of a row, row-major."""
-    in_f = tiled.shape[0] * TILE_PAIRS * 2
+    """Dense (out, in) float32 ``codebook[code] (* scale + offset)`` from a tiled
+    layout (``tile4`` or ``tile8``); ``scale``/``offset`` per group of consecutive
+    inputs of a row, row-major."""
+    n = 0 if scale is None else scale.size // out_features
+    gs = 0 if scale is None else tiled.shape[0] * (64 if tiled.ndim == 4 else TILE8_IN) // n
+    in_f, cb, sc, off, _ = _tile_args(tiled, codebook, out_features, scale, offset, gs)
     out = np.empty((out_features, in_f), dtype=np.float32)
-    sc = off = _EMPTY2
-    if scale is not None:
-        sc = scale.reshape(out_features, -1)
-        if offset is not None:
-            off = offset.reshape(out_features, -1)
-    _decode4_tiles(tiled, codebook.reshape(-1), sc, off, out)
+    (_decode4_tiles if tiled.ndim == 4 else _decode8_tiles)(tiled, cb, sc, off, out)
     return out
 
 

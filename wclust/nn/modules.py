@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import threading
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -26,7 +27,7 @@ _LAYOUT_LOCK = threading.Lock()
 
 
 def _layout_of(packed: torch.Tensor) -> str:
-    return "tiles" if packed.dim() == 4 else "rows"
+    return {4: "tiles", 3: "tiles8"}.get(packed.dim(), "rows")
 
 
 class ClusteredWeight(nn.Module):
@@ -143,20 +144,28 @@ class ClusteredWeight(nn.Module):
     @property
     def layout(self) -> str:
         """ "rows": ``packed`` holds the codes 1-D in the ``core.packing`` order;
-        "tiles": 4-D in the layout of ``kernels.lut.tile4`` (set on first use when the
-        tiled kernel applies). Derived from ``packed`` alone, so a thread reading
-        ``packed`` once always sees codes and layout that go together."""
+        "tiles": 4-D, codes of up to 4 bits as 4-bit pairs in the layout of
+        ``kernels.lut.tile4``; "tiles8": 3-D, 5- to 8-bit codes one per byte in the
+        layout of ``kernels.lut.tile8``. A tiled layout is set on first use when its
+        kernel applies (``to_tiles``). Derived from ``packed`` alone, so a thread
+        reading ``packed`` once always sees codes and layout that go together."""
         return _layout_of(self.packed)
 
     def packed_rows(self) -> torch.Tensor:
         """The packed codes in the ``core.packing`` order (what files store)."""
         p = self.packed
-        if _layout_of(p) == "rows":
+        layout = _layout_of(p)
+        if layout == "rows":
             return p
-        from ..kernels.lut import untile4
+        from ..kernels.lut import untile4, untile8
 
         out_f = self.shape[0]
-        return torch.from_numpy(untile4(p.numpy(), out_f, self.numel // out_f))
+        if layout == "tiles8":
+            return pack_codes(torch.from_numpy(untile8(p.numpy(), out_f)).reshape(-1), self.bits)
+        rows = torch.from_numpy(untile4(p.numpy(), out_f, self.numel // out_f))
+        if self.bits != 4:  # codes of fewer bits were widened to 4 for the kernel
+            rows = pack_codes(unpack_codes(rows, 4, self.numel), self.bits)
+        return rows
 
     def set_packed(self, packed: torch.Tensor) -> None:
         """Replace the codes (``core.packing`` order), e.g. after re-assignment."""
@@ -187,14 +196,14 @@ class ClusteredWeight(nn.Module):
         if self.layout == "rows" and not trainable and self.tiles_ok():
             self.to_tiles()  # one layout for both paths; its decode fuses the scales
         packed = self.packed
-        tiled = _layout_of(packed) == "tiles"
+        tiled = _layout_of(packed) != "rows"
         if tiled and not trainable:  # scales fused in the pass
             from ..kernels.lut import decode_tiles
 
             sc, off = self.group_scale, self.group_offset
             dense = decode_tiles(
                 packed.numpy(),
-                cb.numpy(),
+                self._table_codebook(cb).numpy(),
                 self.shape[0],
                 None if sc is None else sc.float().numpy(),
                 None if off is None else off.float().numpy(),
@@ -242,13 +251,18 @@ class ClusteredWeight(nn.Module):
             return self.dense()[idx]
         per_row = d * self.bits // 8
         packed = self.packed
-        if _layout_of(packed) == "tiles":  # each row's bytes: P[:, row // 16, :, row % 16]
-            from ..kernels.lut import TILE_ROWS
-
-            sel = packed[:, idx // TILE_ROWS, :, idx % TILE_ROWS].reshape(-1)
-        else:
+        layout = _layout_of(packed)
+        if layout == "rows":
             sel = packed.view(n_rows, per_row).index_select(0, idx).reshape(-1)
-        codes = unpack_codes(sel, self.bits, idx.numel() * d).view(idx.numel(), d).long()
+            codes = unpack_codes(sel, self.bits, idx.numel() * d)
+        else:  # each row's codes: P[:, row // 16, :, row % 16], tile after tile
+            from ..kernels.lut import TILE8_IN, TILE_ROWS
+
+            if layout == "tiles8":
+                packed = packed.view(packed.shape[0], packed.shape[1], TILE8_IN, TILE_ROWS)
+            sel = packed[:, idx // TILE_ROWS, :, idx % TILE_ROWS].reshape(-1)
+            codes = sel if layout == "tiles8" else unpack_codes(sel, 4, idx.numel() * d)
+        codes = codes.view(idx.numel(), d).long()
         cb = self.codebook_float()
         if n_cb == 1:
             w = cb[0][codes]
@@ -275,8 +289,11 @@ class ClusteredWeight(nn.Module):
         return w.to(self.dtype)
 
     def lut_ok(self) -> bool:
-        """Whether ``matvec`` can run on the packed codes (4/8-bit, one codebook per
-        output row or per tensor; 4-bit may add per-group scales)."""
+        """Whether ``matvec`` can run on the packed codes: a tiled layout applies
+        (``tiles_ok``), or 4/8-bit codes with one codebook per output row (4-bit
+        may add per-group scales) or per tensor."""
+        if self.tiles_ok():
+            return True
         out_f, in_f = self.shape[0], self.numel // self.shape[0]
         n_cb = self.n_codebooks
         if self.bits == 8:
@@ -289,34 +306,57 @@ class ClusteredWeight(nn.Module):
         return n_cb == 1 and gs % 2 == 0 and in_f % gs == 0
 
     def tiles_ok(self) -> bool:
-        """Whether the tiled 4-bit kernel applies: one codebook for the tensor,
-        rows of a multiple of 64 weights, scale groups a multiple of 64 in a row."""
-        from ..kernels.lut import TILE_PAIRS, tiles_ok
+        """Whether a tiled kernel applies: one codebook for the tensor, codes of up
+        to 8 bits, rows (and scale groups within a row) of a multiple of 64 weights
+        (codes of up to 4 bits) or of 32 (5 to 8 bits)."""
+        from ..kernels.lut import tile_inputs, tiles_ok
 
         out_f, in_f = self.shape[0], self.numel // self.shape[0]
-        if self.bits != 4 or self.n_codebooks != 1 or not tiles_ok(out_f, in_f):
+        if self.n_codebooks != 1 or not tiles_ok(out_f, in_f, self.bits):
+            return False
+        if self.codebook.shape[1] > (1 << self.bits):
             return False
         if self.group_scale is None:
             return True
         gs = self.numel // self.group_scale.numel()
-        return gs % (2 * TILE_PAIRS) == 0 and in_f % gs == 0
+        return gs % tile_inputs(self.bits) == 0 and in_f % gs == 0
 
     def to_tiles(self) -> None:
-        """Store the codes in the tiled layout of the fast 4-bit kernel (same bytes,
-        reordered; rows padded to a multiple of 16)."""
-        from ..kernels.lut import tile4
+        """Store the codes in the tiled layout of the fast kernels (``layout``):
+        codes of up to 4 bits as 4-bit pairs (3-bit codes take 4 bits in memory),
+        5- to 8-bit codes one per byte; rows padded to a multiple of 16. Files,
+        ``codes()``, ``dense()`` and ``rows()`` are unchanged."""
+        from ..kernels.lut import tile4, tile8
 
         if not self.tiles_ok():
             raise ValueError(
-                "the tiled layout needs 4-bit codes, one codebook per tensor, rows of a "
-                "multiple of 64 weights and scale groups of a multiple of 64 within a row"
+                "the tiled layout needs codes of up to 8 bits, one codebook per tensor, "
+                "rows of a multiple of 64 weights (32 for 5 to 8 bits) and scale groups "
+                "of such a multiple within a row"
             )
         with _LAYOUT_LOCK:  # two threads running the model must not tile twice
-            if self.layout == "tiles":
+            if self.layout != "rows":
                 return
             out_f = self.shape[0]
-            tiled = tile4(self.packed.numpy(), out_f, self.numel // out_f)
+            in_f = self.numel // out_f
+            packed = self.packed
+            if self.bits <= 4:
+                if self.bits != 4:
+                    packed = pack_codes(unpack_codes(packed, self.bits, self.numel), 4)
+                tiled = tile4(packed.numpy(), out_f, in_f)
+            else:
+                codes = unpack_codes(packed, self.bits, self.numel).view(out_f, in_f)
+                tiled = tile8(codes.numpy())
             self.packed = torch.from_numpy(tiled)  # one assignment: codes and layout
+
+    def _table_codebook(self, cb: torch.Tensor) -> torch.Tensor:
+        """The codebook as the tiled kernels read it: one row padded with zeros to
+        ``2**bits`` entries (every code of ``bits`` bits then has an entry)."""
+        cb = cb.reshape(-1)
+        full = 1 << self.bits
+        if cb.numel() < full:
+            cb = torch.cat([cb, cb.new_zeros(full - cb.numel())])
+        return cb
 
     def matvec(self, x: torch.Tensor) -> torch.Tensor:
         """``W @ x`` for one vector x of the (out, in) clustered view, read from the
@@ -324,12 +364,11 @@ class ClusteredWeight(nn.Module):
         codes to the tiled layout on first use (``to_tiles``)."""
         from ..kernels.lut import lut_gemv, lut_gemv_tiles
 
-        if self.layout == "rows" and self.tiles_ok():
-            self.to_tiles()
-        packed, cb, sc, off, gs = self._kernel_args()
+        plan = self._plan()
+        packed, cb, sc, off, gs = plan.args
         out_f, in_f = self.shape[0], self.numel // self.shape[0]
         xv = x.detach().reshape(-1).float().contiguous().numpy()
-        if packed.ndim == 4:
+        if packed.ndim != 1:
             y = lut_gemv_tiles(packed, xv, cb, out_f, sc, off, gs)
         else:
             y = lut_gemv(packed, self.bits, xv, cb, out_f, in_f, sc, off, gs)
@@ -339,28 +378,36 @@ class ClusteredWeight(nn.Module):
             idx = self.outlier_idx.long()
             xs = x.detach().reshape(-1).float()
             y.index_add_(0, idx // in_f, self._outlier_delta(idx) * xs[idx % in_f])
-        return y.to(x.dtype)
+        return y if x.dtype == torch.float32 else y.to(x.dtype)
 
-    def _kernel_args(self) -> tuple:
-        """numpy views of what the kernels read (cached per token-by-token decoding
-        step; the key changes whenever codes, codebook or scales are replaced or
-        modified in place)."""
-        packed = self.packed
-        ts = (packed, self.codebook, self.codebook_scale, self.group_scale, self.group_offset)
-        key = tuple(_version_key(t) for t in ts)
+    def _plan(self) -> _Plan:
+        """What the kernels need, worked out once per state of the weight (the key
+        changes whenever codes, codebook or scales are replaced or modified in
+        place): whether ``matvec`` applies, and numpy views of what it reads. A
+        weight that can take the tiled layout switches to it here."""
+        b = self._buffers
+        key = tuple(_version_key(b[n]) for n in _KERNEL_BUFFERS)
         cached = self.__dict__.get("_kargs")
         if cached is not None and cached[0] == key:
             return cached[1]
+        lut_ok = self.lut_ok()
+        if lut_ok and self.layout == "rows" and self.tiles_ok():
+            self.to_tiles()
+            key = tuple(_version_key(b[n]) for n in _KERNEL_BUFFERS)
         sc, off = self.group_scale, self.group_offset
+        cb = self.codebook_float().detach()
+        if self.layout != "rows":
+            cb = self._table_codebook(cb)
         args = (
-            packed.numpy(),
-            self.codebook_float().detach().contiguous().numpy(),
+            self.packed.numpy(),
+            cb.contiguous().numpy(),
             None if sc is None else sc.detach().float().contiguous().numpy(),
             None if off is None else off.detach().float().contiguous().numpy(),
             self.numel // sc.numel() if sc is not None else 0,
         )
-        self.__dict__["_kargs"] = (key, args)
-        return args
+        plan = _Plan(lut_ok, args)
+        self.__dict__["_kargs"] = (key, plan)
+        return plan
 
     def _outlier_delta(self, idx: torch.Tensor) -> torch.Tensor:
         """Outlier value minus the codebook value stored at its position (cached: it
@@ -401,6 +448,14 @@ class ClusteredWeight(nn.Module):
         return f"shape={self.shape}, bits={self.bits}, codebooks={self.n_codebooks}"
 
 
+class _Plan(NamedTuple):
+    lut_ok: bool  # matvec applies (see ClusteredWeight.lut_ok)
+    args: tuple  # packed, codebook, scale, offset (numpy or None), group size
+
+
+_KERNEL_BUFFERS = ("packed", "codebook", "codebook_scale", "group_scale", "group_offset")
+
+
 def _version_key(t: torch.Tensor | None):
     """Identity of a tensor's current contents (tensors made under
     ``torch.inference_mode`` have no version counter)."""
@@ -430,17 +485,16 @@ def _lut_rows(x: torch.Tensor, cw: ClusteredWeight) -> int:
     Batch-1 inference on CPU (token-by-token decoding) always; up to ``FEW_ROWS``
     rows for large weights in the tiled layout."""
     n = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if (
-        n == 0
-        or x.device.type != "cpu"
-        or cw._dense is not None
-        or (torch.is_grad_enabled() and (x.requires_grad or cw.trainable()))
-        or not cw.lut_ok()
-    ):
+    if n == 0 or x.device.type != "cpu" or cw._dense is not None:
+        return 0
+    if torch.is_grad_enabled() and (x.requires_grad or cw.trainable()):
+        return 0
+    plan = cw._plan()
+    if not plan.lut_ok:
         return 0
     if n == 1:
         return 1
-    if n <= FEW_ROWS and cw.numel >= FEW_ROWS_MIN_NUMEL and cw.tiles_ok():
+    if n <= FEW_ROWS and cw.numel >= FEW_ROWS_MIN_NUMEL and plan.args[0].ndim != 1:
         return n
     return 0
 
