@@ -36,6 +36,7 @@ import numpy as np
 __all__ = [
     "decode",
     "decode_tiles",
+    "gemv_fn",
     "lut_gemv",
     "lut_gemv_tiles",
     "tile4",
@@ -425,6 +426,30 @@ def lut_gemv_tiles(
     n_thr = max(1, min(nb.get_num_threads(), tiled.shape[0]))
     kernel = _gemv4_tiles if tiled.ndim == 4 else _gemv8_tiles
     return kernel(tiled, x, cb, sc, off, tpg, out_features, n_thr)
+
+
+def gemv_fn(
+    packed: np.ndarray,
+    bits: int,
+    codebook: np.ndarray,
+    out_features: int,
+    in_features: int,
+    scale: np.ndarray | None = None,
+    offset: np.ndarray | None = None,
+    group_size: int = 0,
+):
+    """``W @ x`` as a function of ``x`` alone, with the checks and reshaping done
+    once (what a compressed layer calls once per decoding step). ``packed`` in a
+    tiled layout (3-D or 4-D) runs ``lut_gemv_tiles``, row-major packed codes
+    ``lut_gemv``; arguments as there."""
+    if packed.ndim == 1:
+        return lambda x: lut_gemv(
+            packed, bits, x, codebook, out_features, in_features, scale, offset, group_size
+        )
+    _, cb, sc, off, tpg = _tile_args(packed, codebook, out_features, scale, offset, group_size)
+    n_thr = max(1, min(nb.get_num_threads(), packed.shape[0]))
+    kernel = _gemv4_tiles if packed.ndim == 4 else _gemv8_tiles
+    return lambda x: kernel(packed, x, cb, sc, off, tpg, out_features, n_thr)
 
 
 def decode_tiles(

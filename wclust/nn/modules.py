@@ -12,13 +12,17 @@ from __future__ import annotations
 
 import math
 import threading
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import nn
 
 from ..core.codebook import ClusteredTensor
 from ..core.packing import pack_codes, packed_nbytes, unpack_codes
+
+if TYPE_CHECKING:
+    import numpy as np
 
 __all__ = ["ClusteredWeight", "base_class", "is_clustered", "swap_weight", "unswap_weight"]
 
@@ -358,54 +362,60 @@ class ClusteredWeight(nn.Module):
             cb = torch.cat([cb, cb.new_zeros(full - cb.numel())])
         return cb
 
-    def matvec(self, x: torch.Tensor) -> torch.Tensor:
+    def matvec(self, x: torch.Tensor, plan: _Plan | None = None) -> torch.Tensor:
         """``W @ x`` for one vector x of the (out, in) clustered view, read from the
-        packed codes (no dense weight is built). Shared 4-bit codebooks switch the
-        codes to the tiled layout on first use (``to_tiles``)."""
-        from ..kernels.lut import lut_gemv, lut_gemv_tiles
-
-        plan = self._plan()
-        packed, cb, sc, off, gs = plan.args
-        out_f, in_f = self.shape[0], self.numel // self.shape[0]
-        xv = x.detach().reshape(-1).float().contiguous().numpy()
-        if packed.ndim != 1:
-            y = lut_gemv_tiles(packed, xv, cb, out_f, sc, off, gs)
-        else:
-            y = lut_gemv(packed, self.bits, xv, cb, out_f, in_f, sc, off, gs)
-        y = torch.from_numpy(y)
-        if self.outlier_idx is not None and self.outlier_idx.numel():
+        packed codes (no dense weight is built). Weights that a tiled kernel takes
+        switch to its layout on first use (``to_tiles``)."""
+        plan = plan or self._plan()
+        if not plan.lut_ok:
+            raise ValueError(
+                f"no lookup-table kernel for this weight ({self.bits}-bit codes, "
+                f"{self.n_codebooks} codebooks); use dense()"
+            )
+        y = torch.from_numpy(plan.run(x.detach().reshape(-1).float().contiguous().numpy()))
+        if plan.outliers:
             # the kernel used the codebook value at outlier positions: add the difference
+            in_f = self.numel // self.shape[0]
             idx = self.outlier_idx.long()
             xs = x.detach().reshape(-1).float()
             y.index_add_(0, idx // in_f, self._outlier_delta(idx) * xs[idx % in_f])
         return y if x.dtype == torch.float32 else y.to(x.dtype)
 
     def _plan(self) -> _Plan:
-        """What the kernels need, worked out once per state of the weight (the key
-        changes whenever codes, codebook or scales are replaced or modified in
-        place): whether ``matvec`` applies, and numpy views of what it reads. A
-        weight that can take the tiled layout switches to it here."""
+        """What ``matvec`` needs, worked out once per state of the weight (the key
+        changes whenever codes, codebook, scales or outliers are replaced or
+        modified in place): whether a kernel applies and the call that runs it. A
+        weight that a tiled kernel takes switches to its layout here."""
         b = self._buffers
         key = tuple(_version_key(b[n]) for n in _KERNEL_BUFFERS)
         cached = self.__dict__.get("_kargs")
         if cached is not None and cached[0] == key:
             return cached[1]
-        lut_ok = self.lut_ok()
-        if lut_ok and self.layout == "rows" and self.tiles_ok():
-            self.to_tiles()
-            key = tuple(_version_key(b[n]) for n in _KERNEL_BUFFERS)
-        sc, off = self.group_scale, self.group_offset
-        cb = self.codebook_float().detach()
-        if self.layout != "rows":
-            cb = self._table_codebook(cb)
-        args = (
-            self.packed.numpy(),
-            cb.contiguous().numpy(),
-            None if sc is None else sc.detach().float().contiguous().numpy(),
-            None if off is None else off.detach().float().contiguous().numpy(),
-            self.numel // sc.numel() if sc is not None else 0,
-        )
-        plan = _Plan(lut_ok, args)
+        if not self.lut_ok():
+            plan = _Plan(False, False, None, False)
+        else:
+            from ..kernels.lut import gemv_fn
+
+            if self.layout == "rows" and self.tiles_ok():
+                self.to_tiles()
+                key = tuple(_version_key(b[n]) for n in _KERNEL_BUFFERS)
+            sc, off = self.group_scale, self.group_offset
+            cb = self.codebook_float().detach()
+            tiled = self.layout != "rows"
+            if tiled:
+                cb = self._table_codebook(cb)
+            run = gemv_fn(
+                self.packed.numpy(),
+                self.bits,
+                cb.contiguous().numpy(),
+                self.shape[0],
+                self.numel // self.shape[0],
+                None if sc is None else sc.detach().float().contiguous().numpy(),
+                None if off is None else off.detach().float().contiguous().numpy(),
+                self.numel // sc.numel() if sc is not None else 0,
+            )
+            outliers = self.outlier_idx is not None and self.outlier_idx.numel() > 0
+            plan = _Plan(True, tiled, run, outliers)
         self.__dict__["_kargs"] = (key, plan)
         return plan
 
@@ -450,10 +460,20 @@ class ClusteredWeight(nn.Module):
 
 class _Plan(NamedTuple):
     lut_ok: bool  # matvec applies (see ClusteredWeight.lut_ok)
-    args: tuple  # packed, codebook, scale, offset (numpy or None), group size
+    tiled: bool  # the codes are in a tiled layout
+    run: Callable[[np.ndarray], np.ndarray] | None  # x (in,) float32 -> W @ x
+    outliers: bool  # exact outliers to add after the kernel
 
 
-_KERNEL_BUFFERS = ("packed", "codebook", "codebook_scale", "group_scale", "group_offset")
+_KERNEL_BUFFERS = (
+    "packed",
+    "codebook",
+    "codebook_scale",
+    "group_scale",
+    "group_offset",
+    "outlier_idx",
+    "outlier_val",
+)
 
 
 def _version_key(t: torch.Tensor | None):
@@ -479,35 +499,36 @@ FEW_ROWS = 8
 FEW_ROWS_MIN_NUMEL = 1 << 22
 
 
-def _lut_rows(x: torch.Tensor, cw: ClusteredWeight) -> int:
-    """How many rows the LUT kernel should take one by one (0: use the dense path).
+def _lut_rows(x: torch.Tensor, cw: ClusteredWeight) -> tuple[int, _Plan | None]:
+    """How many rows the LUT kernel should take one by one (0: use the dense path),
+    and the weight's kernel plan.
 
     Batch-1 inference on CPU (token-by-token decoding) always; up to ``FEW_ROWS``
-    rows for large weights in the tiled layout."""
+    rows for large weights in a tiled layout."""
     n = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if n == 0 or x.device.type != "cpu" or cw._dense is not None:
-        return 0
+        return 0, None
     if torch.is_grad_enabled() and (x.requires_grad or cw.trainable()):
-        return 0
+        return 0, None
     plan = cw._plan()
     if not plan.lut_ok:
-        return 0
+        return 0, None
     if n == 1:
-        return 1
-    if n <= FEW_ROWS and cw.numel >= FEW_ROWS_MIN_NUMEL and plan.args[0].ndim != 1:
-        return n
-    return 0
+        return 1, plan
+    if n <= FEW_ROWS and cw.numel >= FEW_ROWS_MIN_NUMEL and plan.tiled:
+        return n, plan
+    return 0, None
 
 
 class _ClusteredLinearMixin(_ClusteredMixin):
     def forward(self, x):
         cw = self.clustered
-        n = _lut_rows(x, cw)
+        n, plan = _lut_rows(x, cw)
         if n == 1:
-            y = cw.matvec(x).view(*x.shape[:-1], -1)
+            y = cw.matvec(x, plan).view(*x.shape[:-1], -1)
         elif n:
             rows = x.reshape(n, x.shape[-1])
-            y = torch.stack([cw.matvec(r) for r in rows]).view(*x.shape[:-1], -1)
+            y = torch.stack([cw.matvec(r, plan) for r in rows]).view(*x.shape[:-1], -1)
         else:
             return super().forward(x)
         return y + self.bias if self.bias is not None else y
