@@ -94,3 +94,20 @@ def test_encoder_first_method_plans_groups_and_positional_bits():
     assert layers["model.decoder.embed_positions"].bits == 6
     assert all(e.method == "scaled-fit" for e in report.clustered)
     assert not [e for e in report.layers if e.status != "clustered"]
+
+
+def test_encoder_five_decoder_three_bit_methods_plan_bits_per_group():
+    # fit-enc5g64-dec3g128-fisher: 5-bit encoder, 3-bit decoder self-attention and
+    # MLP, 4-bit cross-attention and embedding, 6-bit positional tables.
+    from tests.conftest import tiny_whisper
+    from wclust.methods import get_method
+
+    report = wclust.compress_(tiny_whisper(), get_method("fit-enc5g64-dec3g128-fisher").config)
+    layers = {e.name: (e.bits, e.group_size) for e in report.layers}
+    assert layers["model.encoder.layers.0.fc1"] == (5, 64)
+    assert layers["model.encoder.conv1"] == (5, 64)
+    assert layers["model.decoder.layers.1.self_attn.v_proj"] == (3, 128)
+    assert layers["model.decoder.layers.0.fc2"] == (3, 128)
+    assert layers["model.decoder.layers.0.encoder_attn.k_proj"] == (4, 128)
+    assert layers["model.decoder.embed_tokens"] == (4, 128)
+    assert layers["model.decoder.embed_positions"] == (6, 64)

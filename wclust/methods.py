@@ -328,6 +328,35 @@ _add(
         notes=_CAL,
     )
 )
+# Bits moved by the layer screen (BENCHMARKS.md 1e/1f): one more bit for the encoder,
+# one less for the decoder's self-attention and MLP (3-bit alone there costs ~0.2 WER
+# points each on whisper-base); the cross-attention and the tied embedding/output
+# projection stay 4-bit. Two ways to spend the scale groups, both <= 4.25 bits/weight.
+for enc_g, dec_g in ((64, 128), (128, 64)):
+    _add(
+        CompareMethod(
+            f"fit-enc5g{enc_g}-dec3g{dec_g}-fisher",
+            f"k-means codebook per tensor, fitted scales: encoder 5-bit per {enc_g}, decoder "
+            f"self-attention and MLP 3-bit per {dec_g}, the rest 4-bit per 128, positional "
+            "tables 6-bit, Fisher-weighted",
+            "clustering",
+            _C(
+                bits=4,
+                group_size=128,
+                method="scaled-fit",
+                exclude=(),
+                overrides={
+                    "model.encoder.layers.*": {"bits": 5, "group_size": enc_g},
+                    "model.encoder.conv*": {"bits": 5, "group_size": enc_g},
+                    "model.decoder.layers.*.self_attn.*": {"bits": 3, "group_size": dec_g},
+                    "model.decoder.layers.*.fc*": {"bits": 3, "group_size": dec_g},
+                    "*embed_positions*": {"bits": 6, "group_size": 64},
+                },
+            ),
+            calibrate="fisher",
+            notes=_CAL,
+        )
+    )
 # GPTQ error feedback on the learned per-tensor codebooks: the codebook and scales as
 # clustering chose them, codes re-chosen column by column against the layer's inputs.
 for b in (4, 3):
