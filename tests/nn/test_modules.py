@@ -156,3 +156,45 @@ def test_threads_sharing_a_model_switch_the_layout_once(monkeypatch):
     assert m[0].clustered.layout == "tiles" and len(calls) == 1
     assert torch.equal(m[0].clustered.codes(), ref_codes)
     assert all(torch.allclose(o, outs[0], atol=1e-6) for o in outs)
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        dict(bits=4, method="nf4"),
+        dict(bits=3, method="scaled-fit", group_size=64),
+        dict(bits=5, method="rtn", group_size=64),
+        dict(bits=8, method="kmeans", granularity="tensor"),
+        dict(bits=4),
+        dict(bits=4, outliers=0.02),
+    ],
+)
+def test_other_devices_decode_with_torch_ops_only(cfg, monkeypatch):
+    # On a GPU the numba kernels cannot read the codes: dense(), rows() and forward
+    # use torch ops only, also when the codes were tiled on the CPU and the model was
+    # then moved (as `wclust compare` does before its GPU pass). Simulated on the CPU
+    # by declaring its tensors unreadable for numba.
+    from wclust.kernels import lut
+    from wclust.nn import modules
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(128, 48), nn.Embedding(20, 128))
+    wclust.compress_(m, wclust.ClusterConfig(**cfg))
+    cw = m[0].clustered
+    x, ids = torch.randn(1, 128), torch.tensor([3, 7, 19])
+    with torch.no_grad():
+        ref_y = m[0](x)  # batch 1 on the CPU: a LUT kernel, tiled layout where it applies
+        ref_w = cw.dense().clone()
+        ref_e = m[1](ids)
+        codes = cw.codes().clone()
+
+        def no_numba(*args, **kwargs):
+            raise AssertionError("a numba kernel ran")
+
+        monkeypatch.setattr(modules, "_numba_ok", lambda t: False)
+        for name in ("decode", "decode_tiles", "tile4", "tile8", "lut_gemv", "gemv_fn"):
+            monkeypatch.setattr(lut, name, no_numba)
+        torch.testing.assert_close(cw.dense(), ref_w, rtol=1e-6, atol=1e-6)
+        assert cw.layout == "rows" and torch.equal(cw.codes(), codes)
+        torch.testing.assert_close(m[0](x), ref_y, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(m[1](ids), ref_e, rtol=1e-6, atol=1e-7)

@@ -44,7 +44,7 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
         raise ValueError(f"codes must lie in [0, {1 << bits}) to pack them in {bits} bits")
     if bits == 8:
         return flat.to(torch.uint8).clone()
-    out = torch.empty(packed_nbytes(n, bits), dtype=torch.uint8)
+    out = torch.empty(packed_nbytes(n, bits), dtype=torch.uint8, device=flat.device)
     # Chunks of CHUNK codes (a multiple of 8) fill exactly CHUNK*bits/8 bytes: the
     # int64 temporaries stay bounded however many codes there are.
     for i in range(0, n, CHUNK):
@@ -58,9 +58,9 @@ def _pack_part(flat: torch.Tensor, bits: int) -> torch.Tensor:
     # Groups of 8 codes fill exactly `bits` bytes, for every width.
     pad = (-n) % 8
     c = torch.nn.functional.pad(flat.to(torch.int64), (0, pad)).view(-1, 8)  # (m, 8)
-    shifts = torch.arange(8, dtype=torch.int64) * bits
+    shifts = torch.arange(8, dtype=torch.int64, device=flat.device) * bits
     word = (c << shifts).sum(dim=1)  # (m,) at most 56 bits used
-    byte_shifts = torch.arange(bits, dtype=torch.int64) * 8
+    byte_shifts = torch.arange(bits, dtype=torch.int64, device=flat.device) * 8
     out = ((word[:, None] >> byte_shifts) & 0xFF).to(torch.uint8).reshape(-1)  # (m*bits,)
     return out[: packed_nbytes(n, bits)]
 
@@ -89,7 +89,7 @@ def unpack_codes(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
     if bits == 4:  # the hot path of compressed modules: two codes per byte
         out = torch.stack((packed & 0x0F, packed >> 4), dim=1).reshape(-1)
         return out[:numel]
-    out = torch.empty(numel, dtype=torch.uint8)
+    out = torch.empty(numel, dtype=torch.uint8, device=packed.device)
     step = CHUNK * bits // 8  # bytes of CHUNK codes
     for i in range(0, need, step):
         codes = _unpack_part(packed[i : i + step], bits)
@@ -103,7 +103,7 @@ def _unpack_part(packed: torch.Tensor, bits: int) -> torch.Tensor:
     need = packed.numel()
     groups = (need * 8 // bits + 7) // 8
     b = torch.nn.functional.pad(packed.to(torch.int64), (0, groups * bits - need)).view(-1, bits)
-    byte_shifts = torch.arange(bits, dtype=torch.int64) * 8
+    byte_shifts = torch.arange(bits, dtype=torch.int64, device=packed.device) * 8
     word = (b << byte_shifts).sum(dim=1)  # (groups,)
-    shifts = torch.arange(8, dtype=torch.int64) * bits
+    shifts = torch.arange(8, dtype=torch.int64, device=packed.device) * bits
     return ((word[:, None] >> shifts) & ((1 << bits) - 1)).to(torch.uint8).reshape(-1)

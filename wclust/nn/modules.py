@@ -164,12 +164,14 @@ class ClusteredWeight(nn.Module):
         from ..kernels.lut import untile4, untile8
 
         out_f = self.shape[0]
+        host = p.cpu().numpy()  # the tiled layouts are made and read on the CPU
         if layout == "tiles8":
-            return pack_codes(torch.from_numpy(untile8(p.numpy(), out_f)).reshape(-1), self.bits)
-        rows = torch.from_numpy(untile4(p.numpy(), out_f, self.numel // out_f))
-        if self.bits != 4:  # codes of fewer bits were widened to 4 for the kernel
-            rows = pack_codes(unpack_codes(rows, 4, self.numel), self.bits)
-        return rows
+            rows = pack_codes(torch.from_numpy(untile8(host, out_f)).reshape(-1), self.bits)
+        else:
+            rows = torch.from_numpy(untile4(host, out_f, self.numel // out_f))
+            if self.bits != 4:  # codes of fewer bits were widened to 4 for the kernel
+                rows = pack_codes(unpack_codes(rows, 4, self.numel), self.bits)
+        return rows.to(p.device)
 
     def set_packed(self, packed: torch.Tensor) -> None:
         """Replace the codes (``core.packing`` order), e.g. after re-assignment."""
@@ -197,7 +199,12 @@ class ClusteredWeight(nn.Module):
         n_cb, k = cb.shape
         scaled = False
         trainable = self.trainable()
-        if self.layout == "rows" and not trainable and self.tiles_ok():
+        if not _numba_ok(self.packed):  # a GPU (or other device): torch ops only
+            if self.layout != "rows":  # tiled on the CPU, then moved: back to rows, once
+                with _LAYOUT_LOCK:
+                    self.packed = self.packed_rows()
+            trainable = True  # the torch decode below
+        elif self.layout == "rows" and not trainable and self.tiles_ok():
             self.to_tiles()  # one layout for both paths; its decode fuses the scales
         packed = self.packed
         tiled = _layout_of(packed) != "rows"
@@ -213,12 +220,12 @@ class ClusteredWeight(nn.Module):
                 None if off is None else off.float().numpy(),
             )
             w, scaled = torch.from_numpy(dense.reshape(-1)), True
-        elif not tiled and self.bits in (4, 8) and not cb.requires_grad:
+        elif not tiled and self.bits in (4, 8) and not trainable and not cb.requires_grad:
             from ..kernels.lut import decode  # fused unpack + lookup, parallel
 
             flat = decode(packed.numpy(), self.bits, cb.contiguous().numpy(), self.numel)
             w = torch.from_numpy(flat)
-        else:  # differentiable path (trainable codebook or scales), and other widths
+        else:  # differentiable path (trainable codebook or scales), other widths, GPUs
             w = self._decode_torch(cb)
         if self.group_scale is not None and not scaled:
             w = w.view(self.group_scale.numel(), -1) * self.group_scale.float()[:, None]
@@ -239,7 +246,7 @@ class ClusteredWeight(nn.Module):
         # Flat index into the (n_cb * k) codebook: int32 keeps the temporary small.
         idx = codes.to(torch.int32)
         if n_cb > 1:
-            idx = idx + (torch.arange(n_cb, dtype=torch.int32) * k)[:, None]
+            idx = idx + (torch.arange(n_cb, dtype=torch.int32, device=idx.device) * k)[:, None]
         return cb.reshape(-1).index_select(0, idx.reshape(-1))
 
     def rows(self, idx: torch.Tensor) -> torch.Tensor:
@@ -476,6 +483,11 @@ _KERNEL_BUFFERS = (
 )
 
 
+def _numba_ok(t: torch.Tensor) -> bool:
+    """Whether the numba kernels can read this tensor (CPU memory)."""
+    return t.device.type == "cpu"
+
+
 def _version_key(t: torch.Tensor | None):
     """Identity of a tensor's current contents (tensors made under
     ``torch.inference_mode`` have no version counter)."""
@@ -506,7 +518,7 @@ def _lut_rows(x: torch.Tensor, cw: ClusteredWeight) -> tuple[int, _Plan | None]:
     Batch-1 inference on CPU (token-by-token decoding) always; up to ``FEW_ROWS``
     rows for large weights in a tiled layout."""
     n = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if n == 0 or x.device.type != "cpu" or cw._dense is not None:
+    if n == 0 or not _numba_ok(x) or cw._dense is not None:
         return 0, None
     if torch.is_grad_enabled() and (x.requires_grad or cw.trainable()):
         return 0, None
