@@ -84,6 +84,7 @@ def test_module_fast_paths_agree_with_dense(cfg):
 
 
 @pytest.mark.parametrize("bits", [3, 4, 5, 8])
+@pytest.mark.parametrize("per_row", [False, True])
 @pytest.mark.parametrize(
     "out_f,in_f,gs,offset",
     [
@@ -94,16 +95,19 @@ def test_module_fast_paths_agree_with_dense(cfg):
         (21, 96, 32, True),
     ],
 )
-def test_tiled_gemv_matches_dense_reference(bits, out_f, in_f, gs, offset):
+def test_tiled_gemv_matches_dense_reference(bits, per_row, out_f, in_f, gs, offset):
     # codes of up to 4 bits: 4-bit pairs (tile4, pair tables; a 3-bit codebook has
-    # 8 entries); 5 to 8 bits: one byte per code (tile8, one table per input)
+    # 8 entries), or one codebook per row (no scales); 5 to 8 bits: one byte per code
+    # (tile8, one table per input)
     if in_f % (64 if bits <= 4 else 32) or gs % (64 if bits <= 4 else 32):
         pytest.skip("shape not held by this layout")
+    if per_row and (bits > 4 or gs):
+        pytest.skip("per-row codebooks: codes of up to 4 bits, no scales")
     g = torch.Generator().manual_seed(out_f * bits)
     codes = torch.randint(0, 1 << bits, (out_f, in_f), generator=g).to(torch.uint8)
-    cb = torch.randn(1 << bits, generator=g)
+    cb = torch.randn(out_f if per_row else 1, 1 << bits, generator=g)
     x = torch.randn(in_f, generator=g)
-    w = cb[codes.long()]
+    w = cb[torch.arange(out_f)[:, None] % cb.shape[0], codes.long()]
     sc = off = None
     if gs:
         sc = torch.rand(out_f * in_f // gs, generator=g)
@@ -119,7 +123,8 @@ def test_tiled_gemv_matches_dense_reference(bits, out_f, in_f, gs, offset):
     else:
         tiled = tile8(codes.numpy())
         assert tiled.ndim == 3 and np.array_equal(untile8(tiled, out_f), codes.numpy())
-    assert np.array_equal(decode_tiles(tiled, cb.numpy(), out_f), cb[codes.long()].numpy())
+    w0 = cb[torch.arange(out_f)[:, None] % cb.shape[0], codes.long()]
+    assert np.array_equal(decode_tiles(tiled, cb.numpy(), out_f), w0.numpy())
     y = lut_gemv_tiles(
         tiled,
         x.numpy(),

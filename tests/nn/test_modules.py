@@ -59,6 +59,8 @@ def test_embedding_subclass_with_own_forward_and_kwargs():
         ("rtn", 5),
         ("scaled-fit", 6),
         ("kmeans", 8),
+        ("exact", 4),  # one codebook per row (per channel)
+        ("exact", 3),
     ],
 )
 def test_tiled_layout_keeps_every_view_of_the_weight(method, bits, tmp_path):
@@ -71,13 +73,16 @@ def test_tiled_layout_keeps_every_view_of_the_weight(method, bits, tmp_path):
     cfg = dict(bits=bits, method=method)
     if method == "kmeans":
         cfg["granularity"] = "tensor"
+    if method == "exact":
+        cfg["granularity"] = "channel"
     wclust.compress_(m, wclust.ClusterConfig(**cfg))
     cw = m[1].clustered
     assert cw is m[0].clustered and cw.tiles_ok() and cw.layout == "rows"
     codes = cw.codes().clone()  # read from the row-major layout
     wclust.save(m, tmp_path / "a.wclust")
     assert cw.layout == "rows"
-    dense = cw.codebook_float()[0][codes.long()]
+    cb = cw.codebook_float()
+    dense = cb[torch.arange(cb.shape[0])[:, None] % cb.shape[0], codes.long()]
     if cw.group_scale is not None:
         dense = dense.view(cw.group_scale.numel(), -1) * cw.group_scale.float()[:, None]
         if cw.group_offset is not None:

@@ -23,7 +23,10 @@ partial output; the partials are summed at the end. Codes of fewer bits (2, 3) u
 the same layout and kernel (the codebook padded to 16 entries). Codes of 5 to 8
 bits use a byte layout (``tile8``: tiles of 32 inputs x 16 rows, one code per
 byte) and one table of ``cb * x[j]`` per input (at most 32 x 256 floats = 32 KB):
-one table read and add per weight, a quarter of the bytes fp32 reads.
+one table read and add per weight, a quarter of the bytes fp32 reads. One 16-entry
+codebook per output row (per-channel k-means, codes of up to 4 bits) takes the 4-bit
+tiled layout too (``_gemv4_tiles_rowcb``): the codebooks of a block of 16 rows (1 KB)
+stay in L1 and each weight is one look-up and one multiply-add, 16 rows at a time.
 
 Compiled on first use and cached on disk (numba ``cache=True``).
 """
@@ -195,6 +198,35 @@ def _sum_parts(ypart, out_f):
 
 
 @nb.njit(parallel=True, cache=True, fastmath=True)
+def _gemv4_tiles_rowcb(P, x, cbs, out_f, n_thr):
+    # One 16-entry codebook per output row (per-channel k-means), same tiled layout.
+    # cbs: (n_blocks, 16 rows, 16 entries), the codebooks of a block of 16 rows (1 KB,
+    # in L1) next to each other: per weight one look-up in its row's codebook and one
+    # multiply-add, 16 rows at a time (no activation tables: they would differ per row).
+    n_tiles, n_blocks = P.shape[0], P.shape[1]
+    ypart = np.zeros((n_thr, n_blocks * TILE_ROWS), dtype=np.float32)
+    for t in nb.prange(n_thr):
+        acc = np.empty(TILE_ROWS, dtype=np.float32)
+        yp = ypart[t]
+        for jt in range(t * n_tiles // n_thr, (t + 1) * n_tiles // n_thr):
+            for rb in range(n_blocks):
+                C = cbs[rb]
+                for r in range(TILE_ROWS):
+                    acc[r] = 0.0
+                for jj in range(TILE_PAIRS):
+                    xa = x[2 * (jt * TILE_PAIRS + jj)]
+                    xb = x[2 * (jt * TILE_PAIRS + jj) + 1]
+                    p = P[jt, rb, jj]
+                    for r in range(TILE_ROWS):
+                        b = p[r]
+                        acc[r] += C[r, b & 15] * xa + C[r, b >> 4] * xb
+                o = rb * TILE_ROWS
+                for r in range(TILE_ROWS):
+                    yp[o + r] += acc[r]
+    return _sum_parts(ypart, out_f)
+
+
+@nb.njit(parallel=True, cache=True, fastmath=True)
 def _gemv8_tiles(P, x, cb, scale, offset, tiles_per_group, out_f, n_thr):
     # P: (n_tiles, n_blocks, TILE8_IN * TILE_ROWS) uint8 codes, the 16 rows' codes of
     # one input adjacent; cb: (K,) with every code < K. For each input of a tile a
@@ -283,10 +315,12 @@ def _decode8_tiles(P, cb, scale, offset, out):
 
 @nb.njit(parallel=True, cache=True)
 def _decode4_tiles(P, cb, scale, offset, out):
-    # out: (out_f, in_f) float32 in the canonical row order; scale/offset: (out_f,
-    # n_groups) or empty: out = cb[code] * scale + offset, fused (a tile of 64
-    # inputs lies in one group). Each (tile, row) writes 64 consecutive floats.
+    # out: (out_f, in_f) float32 in the canonical row order; cb: (1, 16) shared or
+    # (>= out_f, 16) one per row; scale/offset: (out_f, n_groups) or empty: out =
+    # cb[code] * scale + offset, fused (a tile of 64 inputs lies in one group). Each
+    # (tile, row) writes 64 consecutive floats.
     n_tiles, n_blocks = P.shape[0], P.shape[1]
+    per_row = cb.shape[0] > 1
     out_f, in_f = out.shape
     has_scale = scale.shape[0] > 0
     has_off = offset.shape[0] > 0
@@ -300,8 +334,9 @@ def _decode4_tiles(P, cb, scale, offset, out):
                 o = rb * TILE_ROWS + r
                 s = scale[o, g] if has_scale else np.float32(1.0)
                 b0 = offset[o, g] if has_off else np.float32(0.0)
+                cr = cb[o] if per_row else cb[0]
                 for c in range(16):
-                    t[c] = cb[c] * s + b0
+                    t[c] = cr[c] * s + b0
                 row = out[o]
                 for jj in range(TILE_PAIRS):
                     b = P[jt, rb, jj, r]
@@ -378,11 +413,23 @@ def _tile_args(tiled, codebook, out_features, scale, offset, group_size):
     nibbles = tiled.ndim == 4
     tin = 2 * TILE_PAIRS if nibbles else TILE8_IN
     in_f = tiled.shape[0] * tin
-    cb = codebook.reshape(-1)
-    if nibbles and cb.shape[0] != 16:  # codes of fewer bits: the unused entries stay 0
-        if cb.shape[0] > 16:
-            raise ValueError(f"4-bit tiles need at most 16 codebook entries, got {cb.shape[0]}")
-        cb = np.concatenate([cb, np.zeros(16 - cb.shape[0], dtype=np.float32)])
+    cb = codebook.reshape(-1, codebook.shape[-1])  # (1, K) shared or (out, K) per row
+    if cb.shape[0] not in (1, out_features) or (cb.shape[0] > 1 and not nibbles):
+        raise ValueError(
+            f"codebook rows must be 1 (shared) or {out_features} (per row, codes of up to "
+            f"4 bits), got {cb.shape[0]}"
+        )
+    if nibbles and cb.shape[1] != 16:  # codes of fewer bits: the unused entries stay 0
+        if cb.shape[1] > 16:
+            raise ValueError(f"4-bit tiles need at most 16 codebook entries, got {cb.shape[1]}")
+        cb = np.concatenate([cb, np.zeros((cb.shape[0], 16 - cb.shape[1]), np.float32)], 1)
+    if cb.shape[0] > 1:
+        if scale is not None:
+            raise ValueError("per-row codebooks take no group scales")
+        n_blocks = tiled.shape[1]  # one (16, 16) block of codebooks per block of rows
+        full = np.zeros((n_blocks * TILE_ROWS, 16), dtype=np.float32)
+        full[:out_features] = cb
+        cb = full.reshape(n_blocks, TILE_ROWS, 16)
     tiles_per_group = 1
     sc = off = _EMPTY2
     if scale is not None:
@@ -415,17 +462,27 @@ def lut_gemv_tiles(
             ``group_size`` a multiple of 64) or ``tile8`` (3-D: 5- to 8-bit codes,
             one table per input; ``group_size`` a multiple of 32).
         x: (in,) float32.
-        codebook: (K,) or (1, K) float32: K <= 16 for ``tile4``; for ``tile8``
-            every code must be < K (pad the codebook to ``2**bits`` entries).
+        codebook: (K,) or (1, K) float32 shared by the tensor: K <= 16 for
+            ``tile4``; for ``tile8`` every code must be < K (pad the codebook to
+            ``2**bits`` entries). Or (out, K <= 16): one codebook per row, ``tile4``
+            only, no scales.
         scale, offset: (out * in / group_size,) float32, row-major by (row, group).
 
     Returns:
         (out,) float32.
     """
-    in_f, cb, sc, off, tpg = _tile_args(tiled, codebook, out_features, scale, offset, group_size)
+    return _tiles_fn(tiled, codebook, out_features, scale, offset, group_size)(x)
+
+
+def _tiles_fn(tiled, codebook, out_features, scale, offset, group_size):
+    """The tiled GEMV for this layout and codebook, as a function of x."""
+    _, cb, sc, off, tpg = _tile_args(tiled, codebook, out_features, scale, offset, group_size)
     n_thr = max(1, min(nb.get_num_threads(), tiled.shape[0]))
+    if cb.ndim == 3:  # one codebook per row
+        return lambda x: _gemv4_tiles_rowcb(tiled, x, cb, out_features, n_thr)
     kernel = _gemv4_tiles if tiled.ndim == 4 else _gemv8_tiles
-    return kernel(tiled, x, cb, sc, off, tpg, out_features, n_thr)
+    cb = cb[0]
+    return lambda x: kernel(tiled, x, cb, sc, off, tpg, out_features, n_thr)
 
 
 def gemv_fn(
@@ -446,10 +503,7 @@ def gemv_fn(
         return lambda x: lut_gemv(
             packed, bits, x, codebook, out_features, in_features, scale, offset, group_size
         )
-    _, cb, sc, off, tpg = _tile_args(packed, codebook, out_features, scale, offset, group_size)
-    n_thr = max(1, min(nb.get_num_threads(), packed.shape[0]))
-    kernel = _gemv4_tiles if packed.ndim == 4 else _gemv8_tiles
-    return lambda x: kernel(packed, x, cb, sc, off, tpg, out_features, n_thr)
+    return _tiles_fn(packed, codebook, out_features, scale, offset, group_size)
 
 
 def decode_tiles(
@@ -466,7 +520,10 @@ def decode_tiles(
     gs = 0 if scale is None else tiled.shape[0] * (64 if tiled.ndim == 4 else TILE8_IN) // n
     in_f, cb, sc, off, _ = _tile_args(tiled, codebook, out_features, scale, offset, gs)
     out = np.empty((out_features, in_f), dtype=np.float32)
-    (_decode4_tiles if tiled.ndim == 4 else _decode8_tiles)(tiled, cb, sc, off, out)
+    if tiled.ndim == 4:
+        _decode4_tiles(tiled, cb.reshape(-1, 16), sc, off, out)
+    else:
+        _decode8_tiles(tiled, cb[0], sc, off, out)
     return out
 
 

@@ -317,13 +317,16 @@ class ClusteredWeight(nn.Module):
         return n_cb == 1 and gs % 2 == 0 and in_f % gs == 0
 
     def tiles_ok(self) -> bool:
-        """Whether a tiled kernel applies: one codebook for the tensor, codes of up
-        to 8 bits, rows (and scale groups within a row) of a multiple of 64 weights
+        """Whether a tiled kernel applies: one codebook for the tensor and codes of up
+        to 8 bits, or one codebook per output row, codes of up to 4 bits and no
+        scales; rows (and scale groups within a row) of a multiple of 64 weights
         (codes of up to 4 bits) or of 32 (5 to 8 bits)."""
         from ..kernels.lut import tile_inputs, tiles_ok
 
         out_f, in_f = self.shape[0], self.numel // self.shape[0]
-        if self.n_codebooks != 1 or not tiles_ok(out_f, in_f, self.bits):
+        n_cb = self.n_codebooks
+        per_row = n_cb > 1 and n_cb == out_f and self.bits <= 4 and self.group_scale is None
+        if (n_cb != 1 and not per_row) or not tiles_ok(out_f, in_f, self.bits):
             return False
         if self.codebook.shape[1] > (1 << self.bits):
             return False
@@ -361,12 +364,11 @@ class ClusteredWeight(nn.Module):
             self.packed = torch.from_numpy(tiled)  # one assignment: codes and layout
 
     def _table_codebook(self, cb: torch.Tensor) -> torch.Tensor:
-        """The codebook as the tiled kernels read it: one row padded with zeros to
-        ``2**bits`` entries (every code of ``bits`` bits then has an entry)."""
-        cb = cb.reshape(-1)
+        """The codebooks as the tiled kernels read them: (n_codebooks, 2**bits), each
+        padded with zeros (every code of ``bits`` bits then has an entry)."""
         full = 1 << self.bits
-        if cb.numel() < full:
-            cb = torch.cat([cb, cb.new_zeros(full - cb.numel())])
+        if cb.shape[1] < full:
+            cb = torch.cat([cb, cb.new_zeros(cb.shape[0], full - cb.shape[1])], 1)
         return cb
 
     def matvec(self, x: torch.Tensor, plan: _Plan | None = None) -> torch.Tensor:
