@@ -83,26 +83,30 @@ def test_module_fast_paths_agree_with_dense(cfg):
     assert torch.allclose(m[0](x), ref, atol=1e-5)
 
 
-@pytest.mark.parametrize("bits", [3, 4, 5, 8])
-@pytest.mark.parametrize("per_row", [False, True])
-@pytest.mark.parametrize(
-    "out_f,in_f,gs,offset",
-    [
-        (37, 64, 0, False),
-        (16, 128, 64, True),
-        (50, 256, 128, False),
-        (3, 192, 64, True),
-        (21, 96, 32, True),
-    ],
-)
+_SHAPES = [  # out, in, scale group size (0: none), offsets
+    (37, 64, 0, False),
+    (16, 128, 64, True),
+    (50, 256, 128, False),
+    (3, 192, 64, True),
+    (21, 96, 32, True),
+]
+# the combinations a tiled layout holds: codes of up to 4 bits need rows and groups of
+# a multiple of 64 (5 to 8 bits: 32); per-row codebooks up to 4 bits and no scales
+_TILED_CASES = [
+    (bits, per_row, *shape)
+    for bits in (3, 4, 5, 8)
+    for per_row in (False, True)
+    for shape in _SHAPES
+    if not (shape[1] % (64 if bits <= 4 else 32) or shape[2] % (64 if bits <= 4 else 32))
+    and not (per_row and (bits > 4 or shape[2]))
+]
+
+
+@pytest.mark.parametrize("bits,per_row,out_f,in_f,gs,offset", _TILED_CASES)
 def test_tiled_gemv_matches_dense_reference(bits, per_row, out_f, in_f, gs, offset):
     # codes of up to 4 bits: 4-bit pairs (tile4, pair tables; a 3-bit codebook has
     # 8 entries), or one codebook per row (no scales); 5 to 8 bits: one byte per code
     # (tile8, one table per input)
-    if in_f % (64 if bits <= 4 else 32) or gs % (64 if bits <= 4 else 32):
-        pytest.skip("shape not held by this layout")
-    if per_row and (bits > 4 or gs):
-        pytest.skip("per-row codebooks: codes of up to 4 bits, no scales")
     g = torch.Generator().manual_seed(out_f * bits)
     codes = torch.randint(0, 1 << bits, (out_f, in_f), generator=g).to(torch.uint8)
     cb = torch.randn(out_f if per_row else 1, 1 << bits, generator=g)
