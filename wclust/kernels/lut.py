@@ -127,8 +127,6 @@ def _gemv4_tiles(P, x, cb, scale, offset, tiles_per_group, out_f, n_thr):
     # Thread t sums its tiles into its own partial output; returns (out_f,).
     n_tiles, n_blocks = P.shape[0], P.shape[1]
     ypart = np.zeros((n_thr, n_blocks * TILE_ROWS), dtype=np.float32)
-    has_scale = scale.shape[0] > 0
-    has_off = offset.shape[0] > 0
     K = cb.shape[0]
     for t in nb.prange(n_thr):
         T = np.empty((TILE_PAIRS, K * K), dtype=np.float32)
@@ -174,16 +172,22 @@ def _gemv4_tiles(P, x, cb, scale, offset, tiles_per_group, out_f, n_thr):
                 acc[4], acc[5], acc[6], acc[7] = a4, a5, a6, a7
                 acc[8], acc[9], acc[10], acc[11] = a8, a9, a10, a11
                 acc[12], acc[13], acc[14], acc[15] = a12, a13, a14, a15
-                o = rb * TILE_ROWS
-                n = min(TILE_ROWS, out_f - o)
-                if has_scale:
-                    for r in range(n):
-                        acc[r] *= scale[o + r, g]
-                        if has_off:
-                            acc[r] += offset[o + r, g] * xs
-                for r in range(n):
-                    yp[o + r] += acc[r]
+                _add_block(yp, acc, rb * TILE_ROWS, out_f, scale, offset, g, xs)
     return _sum_parts(ypart, out_f)
+
+
+@nb.njit(inline="always", cache=True)
+def _add_block(yp, acc, o, out_f, scale, offset, g, xs):
+    # A block's sums (rows o .. o + 15 of one tile) into the thread's partial output,
+    # times the rows' scale of group g (+ offset * the tile's input sum) when given.
+    n = min(TILE_ROWS, out_f - o)
+    if scale.shape[0] > 0:
+        for r in range(n):
+            acc[r] *= scale[o + r, g]
+            if offset.shape[0] > 0:
+                acc[r] += offset[o + r, g] * xs
+    for r in range(n):
+        yp[o + r] += acc[r]
 
 
 @nb.njit(cache=True)
@@ -234,8 +238,6 @@ def _gemv8_tiles(P, x, cb, scale, offset, tiles_per_group, out_f, n_thr):
     # read and add per weight, 16 rows at a time.
     n_tiles, n_blocks = P.shape[0], P.shape[1]
     K = cb.shape[0]
-    has_scale = scale.shape[0] > 0
-    has_off = offset.shape[0] > 0
     ypart = np.zeros((n_thr, n_blocks * TILE_ROWS), dtype=np.float32)
     for t in nb.prange(n_thr):
         T = np.empty((TILE8_IN, K), dtype=np.float32)
@@ -276,15 +278,7 @@ def _gemv8_tiles(P, x, cb, scale, offset, tiles_per_group, out_f, n_thr):
                 acc[4], acc[5], acc[6], acc[7] = a4, a5, a6, a7
                 acc[8], acc[9], acc[10], acc[11] = a8, a9, a10, a11
                 acc[12], acc[13], acc[14], acc[15] = a12, a13, a14, a15
-                o = rb * TILE_ROWS
-                n = min(TILE_ROWS, out_f - o)
-                if has_scale:
-                    for r in range(n):
-                        acc[r] *= scale[o + r, g]
-                        if has_off:
-                            acc[r] += offset[o + r, g] * xs
-                for r in range(n):
-                    yp[o + r] += acc[r]
+                _add_block(yp, acc, rb * TILE_ROWS, out_f, scale, offset, g, xs)
     return _sum_parts(ypart, out_f)
 
 
@@ -411,7 +405,7 @@ def _tile_args(tiled, codebook, out_features, scale, offset, group_size):
     """Shared checks of the tiled kernels: (in_features, codebook, scale, offset,
     tiles per scale group)."""
     nibbles = tiled.ndim == 4
-    tin = 2 * TILE_PAIRS if nibbles else TILE8_IN
+    tin = 2 * TILE_PAIRS if nibbles else TILE8_IN  # inputs per tile
     in_f = tiled.shape[0] * tin
     cb = codebook.reshape(-1, codebook.shape[-1])  # (1, K) shared or (out, K) per row
     if cb.shape[0] not in (1, out_features) or (cb.shape[0] > 1 and not nibbles):
@@ -516,8 +510,8 @@ def decode_tiles(
     """Dense (out, in) float32 ``codebook[code] (* scale + offset)`` from a tiled
     layout (``tile4`` or ``tile8``); ``scale``/``offset`` per group of consecutive
     inputs of a row, row-major."""
-    n = 0 if scale is None else scale.size // out_features
-    gs = 0 if scale is None else tiled.shape[0] * (64 if tiled.ndim == 4 else TILE8_IN) // n
+    in_f = tiled.shape[0] * (2 * TILE_PAIRS if tiled.ndim == 4 else TILE8_IN)
+    gs = 0 if scale is None else in_f * out_features // scale.size
     in_f, cb, sc, off, _ = _tile_args(tiled, codebook, out_features, scale, offset, gs)
     out = np.empty((out_features, in_f), dtype=np.float32)
     if tiled.ndim == 4:

@@ -199,16 +199,18 @@ class ClusteredWeight(nn.Module):
         n_cb, k = cb.shape
         scaled = False
         trainable = self.trainable()
-        if not _numba_ok(self.packed):  # a GPU (or other device): torch ops only
-            if self.layout != "rows":  # tiled on the CPU, then moved: back to rows, once
-                with _LAYOUT_LOCK:
-                    self.packed = self.packed_rows()
-            trainable = True  # the torch decode below
-        elif self.layout == "rows" and not trainable and self.tiles_ok():
+        on_cpu = _numba_ok(self.packed)
+        # the numba decodes: frozen codebook and scales, codes in CPU memory; else
+        # the differentiable torch decode (fine-tuning, and GPUs)
+        kernels = on_cpu and not trainable
+        if not on_cpu and self.layout != "rows":  # tiled on the CPU, then moved
+            with _LAYOUT_LOCK:
+                self.packed = self.packed_rows()  # back to rows, once
+        elif kernels and self.layout == "rows" and self.tiles_ok():
             self.to_tiles()  # one layout for both paths; its decode fuses the scales
         packed = self.packed
         tiled = _layout_of(packed) != "rows"
-        if tiled and not trainable:  # scales fused in the pass
+        if tiled and kernels:  # scales fused in the pass
             from ..kernels.lut import decode_tiles
 
             sc, off = self.group_scale, self.group_offset
@@ -220,7 +222,7 @@ class ClusteredWeight(nn.Module):
                 None if off is None else off.float().numpy(),
             )
             w, scaled = torch.from_numpy(dense.reshape(-1)), True
-        elif not tiled and self.bits in (4, 8) and not trainable and not cb.requires_grad:
+        elif not tiled and self.bits in (4, 8) and kernels and not cb.requires_grad:
             from ..kernels.lut import decode  # fused unpack + lookup, parallel
 
             flat = decode(packed.numpy(), self.bits, cb.contiguous().numpy(), self.numel)
