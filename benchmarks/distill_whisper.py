@@ -70,6 +70,46 @@ def _freeze(student):
         cw.register_buffer("group_scale", sc)
 
 
+def distill_(model, teacher, batches, epochs: int, lr: float) -> None:
+    """Train ``model``'s codebooks and group scales (lr) and its dense parameters
+    (lr/10) to match ``teacher``'s next-token distributions on ``batches``
+    (teacher-forced KL), in place; the weights end frozen again."""
+    with torch.no_grad():
+        targets = [
+            F.log_softmax(
+                teacher(**{k: b[k] for k in ("input_features", "decoder_input_ids")}).logits, -1
+            )
+            for b in batches
+        ]
+    params = _trainable(model)
+    ids = {id(p) for p in params}
+    dense = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
+    opt = torch.optim.Adam([{"params": params, "lr": lr}, {"params": dense, "lr": lr / 10}])
+    model.eval()  # no dropout
+    for epoch in range(epochs):
+        total, t0 = 0.0, time.perf_counter()
+        for i in torch.randperm(len(batches)).tolist():
+            b = batches[i]
+            lg = model(
+                input_features=b["input_features"], decoder_input_ids=b["decoder_input_ids"]
+            ).logits
+            loss = F.kl_div(
+                F.log_softmax(lg, -1), targets[i], log_target=True, reduction="batchmean"
+            )
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                for p in params[1::2]:
+                    p.clamp_(min=1e-8)
+            total += float(loss.detach())
+        print(
+            f"epoch {epoch}: mean KL {total / len(batches):.4f} ({time.perf_counter() - t0:.0f} s)",
+            flush=True,
+        )
+    _freeze(model)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", required=True, help="evaluation clips")
@@ -94,43 +134,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         train = load_audio_dir(synthesize(args.clips, Path(tmp))) + task.load_data(None, None)
         batches = task.calibration_batches(teacher, base.processor, train)
-    with torch.no_grad():
-        targets = [
-            F.log_softmax(
-                teacher(**{k: b[k] for k in ("input_features", "decoder_input_ids")}).logits, -1
-            )
-            for b in batches
-        ]
+    distill_(student.model, teacher, batches, args.epochs, args.lr)
     model = student.model
-    params = _trainable(model)
-    ids = {id(p) for p in params}
-    dense = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
-    opt = torch.optim.Adam(
-        [{"params": params, "lr": args.lr}, {"params": dense, "lr": args.lr / 10}]
-    )
-    model.eval()  # no dropout
-    for epoch in range(args.epochs):
-        total, t0 = 0.0, time.perf_counter()
-        for i in torch.randperm(len(batches)).tolist():
-            b = batches[i]
-            lg = model(
-                input_features=b["input_features"], decoder_input_ids=b["decoder_input_ids"]
-            ).logits
-            loss = F.kl_div(
-                F.log_softmax(lg, -1), targets[i], log_target=True, reduction="batchmean"
-            )
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            with torch.no_grad():
-                for p in params[1::2]:
-                    p.clamp_(min=1e-8)
-            total += float(loss.detach())
-        print(
-            f"epoch {epoch}: mean KL {total / len(batches):.4f} ({time.perf_counter() - t0:.0f} s)",
-            flush=True,
-        )
-    _freeze(model)
     data = task.load_data(args.data, None, 1)
     with torch.inference_mode():
         r = evaluate(model, base.processor, data)

@@ -7,7 +7,10 @@ ONE codebook per tensor that take the tiled activation-table kernel
 (``lut_gemv_tiles``): 4-bit k-means per tensor, NF4 with a scale per 64, and the
 learned codebook over scaled groups of 64 (``scaled-lloyd``, the method that beats
 NF4 on Whisper), and the other widths of mixed-bit models (3-bit codes as 4-bit
-pairs, 5- and 8-bit codes as bytes); then torch dynamic int8.
+pairs, 5- and 8-bit codes as bytes); then torch dynamic int8. On a CPU with
+AVX-512 the 4-bit formats run the register-table kernel (``kernels.simd``) on their
+stored rows; the rows marked "portable" run the same weights on the portable tiled
+kernels, for the ratio between the two.
 
 Cold by default: each method cycles through enough copies of its layer that the
 copies together exceed 96 MB (3x this machine's 32 MB L3), as in a real model where
@@ -30,6 +33,9 @@ import numba
 import torch
 
 import wclust
+from wclust.kernels import simd
+
+simd_available = simd.available
 
 WHISPER_BASE_SHAPES = [(512, 512), (2048, 512), (512, 2048), (51865, 512)]
 
@@ -64,6 +70,10 @@ METHODS = [
     ("scaled-fit 3-bit g128", dict(bits=3, method="scaled-fit", group_size=128)),
     ("scaled-fit 5-bit g64", dict(bits=5, method="scaled-fit", group_size=64)),
     ("k-means 8-bit per tensor", dict(bits=8, method="kmeans", granularity="tensor")),
+    # the portable kernels (tiled layouts) on the 4-bit formats that the AVX-512
+    # register-table kernel takes where the CPU has it, for the side-by-side ratio
+    ("k-means 4-bit per row, portable", dict(bits=4, method="kmeans", init="density")),
+    ("NF4 g64, portable", dict(bits=4, method="nf4")),
 ]
 
 
@@ -99,6 +109,10 @@ def row(shape, batch, reps, warm):
         )
         del dense
         for name, cfg in METHODS:
+            portable = name.endswith(", portable")
+            if portable and not simd_available():
+                continue  # the rows above already ran the portable kernels
+            simd.available = (lambda: False) if portable else simd_available
             m = torch.nn.Sequential(torch.nn.Linear(in_f, out_f, bias=False))
             m[0].weight.data.copy_(lin.weight)
             wclust.compress_(m, wclust.ClusterConfig(**cfg))
@@ -115,6 +129,7 @@ def row(shape, batch, reps, warm):
                     nbytes,
                 )
             del mods
+        simd.available = simd_available
         nq = out_f * in_f + out_f * 8
         qs = copies(
             lambda: torch.ao.quantization.quantize_dynamic(
@@ -146,6 +161,7 @@ def main() -> None:
     bw = bandwidth_gbs()
     lines = [
         f"measured read bandwidth: {bw:.1f} GB/s; torch threads: {args.threads}; "
+        f"AVX-512 register-table kernel: {'yes' if simd.available() else 'no'}; "
         + (
             "warm (one copy per layer)"
             if args.warm
@@ -162,7 +178,7 @@ def main() -> None:
             for name, (ms, nbytes) in res.items():
                 pct = 100 * nbytes / (ms / 1000) / 1e9 / bw
                 lines.append(
-                    f"| {shape[0]}x{shape[1]} | {batch} | {name} | {ms:.2f} | "
+                    f"| {shape[0]}x{shape[1]} | {batch} | {name} | {ms:.3f} | "
                     f"{base / ms:.2f}x | {nbytes / 1e6:.1f} | {pct:.0f}% |"
                 )
     text = "\n".join(lines)

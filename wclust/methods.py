@@ -445,7 +445,7 @@ def get_method(name: str) -> CompareMethod:
     return METHODS.get(name)
 
 
-def apply_method(method: CompareMethod, loaded, sample_weights=None):
+def apply_method(method: CompareMethod, loaded, sample_weights=None, calib_samples=None):
     """Apply a file-producing method to ``loaded.model`` in place (prune, calibrate,
     allocate bits, cluster).
 
@@ -454,6 +454,8 @@ def apply_method(method: CompareMethod, loaded, sample_weights=None):
         loaded: a :class:`wclust.models.LoadedModel` (model, processor, task).
         sample_weights: importance per weight to reuse instead of calibrating again
             (must come from the same ``method.calibrate`` kind).
+        calib_samples: the task's data items to calibrate on (as ``task.load_data``
+            returns them); default: ``method.calib_items`` of the task's built-in data.
 
     Returns:
         (the config used, the :class:`CompressionReport`).
@@ -474,7 +476,9 @@ def apply_method(method: CompareMethod, loaded, sample_weights=None):
                 f"method {method.name} needs calibration, and task {task.name!r} has no loss "
                 "to calibrate with; pick an uncalibrated method"
             )
-        calib = task.load_data(None, method.calib_items)  # the task's built-in data
+        calib = calib_samples
+        if calib is None:
+            calib = task.load_data(None, method.calib_items)  # the task's built-in data
         batches = list(task.calibration_batches(loaded.model, loaded.processor, calib))
     if method.calibrate and sample_weights is None:
         from .calibrate import calibrate

@@ -63,7 +63,7 @@ def test_embedding_subclass_with_own_forward_and_kwargs():
         ("exact", 3),
     ],
 )
-def test_tiled_layout_keeps_every_view_of_the_weight(method, bits, tmp_path):
+def test_tiled_layout_keeps_every_view_of_the_weight(method, bits, tmp_path, portable_kernels):
     # A tied head/embedding with one codebook per tensor: the first batch-1 call
     # moves its codes to the tiled kernel layout (4-bit pairs up to 4 bits, bytes
     # above); dense(), rows(), codes() and the saved file must not change.
@@ -124,7 +124,7 @@ def test_few_rows_on_a_large_weight_use_the_lut_kernel_per_row(monkeypatch):
             m[0](torch.randn(9, 128))  # more than FEW_ROWS rows: the dense path
 
 
-def test_threads_sharing_a_model_switch_the_layout_once(monkeypatch):
+def test_threads_sharing_a_model_switch_the_layout_once(monkeypatch, portable_kernels):
     import threading
     import time
 

@@ -206,7 +206,7 @@ class ClusteredWeight(nn.Module):
         if not on_cpu and self.layout != "rows":  # tiled on the CPU, then moved
             with _LAYOUT_LOCK:
                 self.packed = self.packed_rows()  # back to rows, once
-        elif kernels and self.layout == "rows" and self.tiles_ok():
+        elif kernels and self.layout == "rows" and self._tile_on_use():
             self.to_tiles()  # one layout for both paths; its decode fuses the scales
         packed = self.packed
         tiled = _layout_of(packed) != "rows"
@@ -305,7 +305,7 @@ class ClusteredWeight(nn.Module):
         """Whether ``matvec`` can run on the packed codes: a tiled layout applies
         (``tiles_ok``), or 4/8-bit codes with one codebook per output row (4-bit
         may add per-group scales) or per tensor."""
-        if self.tiles_ok():
+        if self.tiles_ok() or self.simd_ok():
             return True
         out_f, in_f = self.shape[0], self.numel // self.shape[0]
         n_cb = self.n_codebooks
@@ -317,6 +317,24 @@ class ClusteredWeight(nn.Module):
             return n_cb in (1, out_f)
         gs = self.numel // self.group_scale.numel()
         return n_cb == 1 and gs % 2 == 0 and in_f % gs == 0
+
+    def simd_ok(self) -> bool:
+        """Whether the AVX-512 register-table kernel (``kernels.simd``) takes this
+        weight as stored: 4-bit codes, one codebook per tensor or per output row (of
+        at most 16 entries), rows and scale groups of a multiple of 16, on a CPU
+        where the kernel is available."""
+        from ..kernels import simd
+
+        out_f, in_f = self.shape[0], self.numel // self.shape[0]
+        if self.bits != 4 or self.n_codebooks not in (1, out_f) or self.codebook.shape[1] > 16:
+            return False
+        gs = self.numel // self.group_scale.numel() if self.group_scale is not None else 0
+        return simd.simd_ok(in_f, 4, gs) and simd.available()
+
+    def _tile_on_use(self) -> bool:
+        """Whether the first kernel use should switch to the tiled layout: a tiled
+        kernel applies and the register-table kernel (which reads rows) does not."""
+        return self.tiles_ok() and not self.simd_ok()
 
     def tiles_ok(self) -> bool:
         """Whether a tiled kernel applies: one codebook for the tensor and codes of up
@@ -407,17 +425,17 @@ class ClusteredWeight(nn.Module):
         else:
             from ..kernels.lut import gemv_fn
 
-            if self.layout == "rows" and self.tiles_ok():
+            if self.layout == "rows" and self._tile_on_use():
                 self.to_tiles()
                 key = tuple(_version_key(b[n]) for n in _KERNEL_BUFFERS)
             sc, off = self.group_scale, self.group_offset
             cb = self.codebook_float().detach()
-            tiled = self.layout != "rows"
-            if tiled:
+            simd = self.layout == "rows" and self.simd_ok()
+            fast = simd or self.layout != "rows"
+            if fast:
                 cb = self._table_codebook(cb)
-            run = gemv_fn(
+            args = (
                 self.packed.numpy(),
-                self.bits,
                 cb.contiguous().numpy(),
                 self.shape[0],
                 self.numel // self.shape[0],
@@ -425,8 +443,14 @@ class ClusteredWeight(nn.Module):
                 None if off is None else off.detach().float().contiguous().numpy(),
                 self.numel // sc.numel() if sc is not None else 0,
             )
+            if simd:
+                from ..kernels.simd import gemv4_fn
+
+                run = gemv4_fn(*args)
+            else:
+                run = gemv_fn(args[0], self.bits, *args[1:])
             outliers = self.outlier_idx is not None and self.outlier_idx.numel() > 0
-            plan = _Plan(True, tiled, run, outliers)
+            plan = _Plan(True, fast, run, outliers)
         self.__dict__["_kargs"] = (key, plan)
         return plan
 
@@ -471,7 +495,7 @@ class ClusteredWeight(nn.Module):
 
 class _Plan(NamedTuple):
     lut_ok: bool  # matvec applies (see ClusteredWeight.lut_ok)
-    tiled: bool  # the codes are in a tiled layout
+    fast: bool  # a fast kernel runs (tiled layout, or the AVX-512 register table)
     run: Callable[[np.ndarray], np.ndarray] | None  # x (in,) float32 -> W @ x
     outliers: bool  # exact outliers to add after the kernel
 
@@ -531,7 +555,7 @@ def _lut_rows(x: torch.Tensor, cw: ClusteredWeight) -> tuple[int, _Plan | None]:
         return 0, None
     if n == 1:
         return 1, plan
-    if n <= FEW_ROWS and cw.numel >= FEW_ROWS_MIN_NUMEL and plan.tiled:
+    if n <= FEW_ROWS and cw.numel >= FEW_ROWS_MIN_NUMEL and plan.fast:
         return n, plan
     return 0, None
 
