@@ -37,9 +37,16 @@ def test_gemv_matches_dense_reference(out_f, in_f, gs, per_row, offset, k):
         if offset:
             off = rng.standard_normal((out_f, in_f // gs)).astype(np.float32)
             w = w + np.repeat(off, gs, 1)
-    x = rng.standard_normal(in_f).astype(np.float32)
-    y = simd.gemv4_fn(packed, cb, out_f, in_f, sc, off, gs)(x)
-    np.testing.assert_allclose(y, w @ x, rtol=1e-4, atol=1e-4)
+    run = simd.gemv4_fn(packed, cb, out_f, in_f, sc, off, gs)
+    x = np.empty(in_f + 1, np.float32)[1:]  # not 64-byte aligned: the loads must not assume it
+    x[:] = rng.standard_normal(in_f)
+    np.testing.assert_allclose(run(x), w @ x, rtol=1e-4, atol=1e-4)
+    X = rng.standard_normal((simd.MAX_BATCH, in_f)).astype(np.float32)
+    for n in (2, 5, simd.MAX_BATCH):  # batched: each chunk looked up once for n rows
+        np.testing.assert_allclose(run(X[:n]), X[:n] @ w.T, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        simd.decode4(packed, cb, out_f, in_f, sc, off, gs), w, rtol=1e-6, atol=1e-6
+    )
 
 
 def test_shapes_it_cannot_take_are_refused():
@@ -50,6 +57,9 @@ def test_shapes_it_cannot_take_are_refused():
         simd.gemv4_fn(np.zeros(20, np.uint8), np.zeros((1, 16), np.float32), 1, 40)
     with pytest.raises(ValueError, match="codebook must be"):
         simd.gemv4_fn(np.zeros(16, np.uint8), np.zeros((2, 16), np.float32), 1, 32)
+    run = simd.gemv4_fn(np.zeros(16, np.uint8), np.zeros((1, 16), np.float32), 1, 32)
+    with pytest.raises(ValueError, match="at most 8 rows"):
+        run(np.zeros((9, 32), np.float32))
 
 
 def test_can_be_switched_off(monkeypatch):
@@ -88,8 +98,25 @@ def test_module_runs_it_on_the_stored_rows(cfg, monkeypatch):
     with torch.no_grad():
         ref = torch.nn.functional.linear(x, cw.dense(), m[0].bias)
         y = m[0](x)
-    assert calls and cw.layout == "rows"
-    assert torch.allclose(y, ref, atol=1e-5)
+        assert calls and cw.layout == "rows"
+        assert torch.allclose(y, ref, atol=1e-5)
+        batched, calls[:] = simd._gemm4_perm, []
+        monkeypatch.setattr(simd, "_gemm4_perm", lambda *a: calls.append(2) or batched(*a))
+        xb = torch.randn(2, 3, 128)  # 6 rows: one batched call
+        yb = m[0](xb)
+        assert calls == [2] and cw.layout == "rows"
+        assert torch.allclose(yb, torch.nn.functional.linear(xb, cw.dense(), m[0].bias), atol=1e-5)
+    # the fused decode agrees with the torch decode of the same codes
+    cb = cw.codebook_float()
+    w = cb[torch.arange(cb.shape[0])[:, None], cw.codes().view(cb.shape[0], -1).long()]
+    if cw.group_scale is not None:
+        w = w.reshape(cw.group_scale.numel(), -1) * cw.group_scale.float()[:, None]
+        if cw.group_offset is not None:
+            w = w + cw.group_offset.float()[:, None]
+    w = w.reshape(cw.shape)
+    if cw.outlier_idx is not None:
+        w.view(-1)[cw.outlier_idx.long()] = cw.outlier_val.float()
+    assert torch.allclose(cw.dense(), w, rtol=1e-6, atol=1e-6)
 
 
 def test_available_wherever_the_cpu_has_avx512(monkeypatch):

@@ -222,6 +222,20 @@ class ClusteredWeight(nn.Module):
                 None if off is None else off.float().numpy(),
             )
             w, scaled = torch.from_numpy(dense.reshape(-1)), True
+        elif not tiled and kernels and self.simd_ok():  # register table, scales fused
+            from ..kernels.simd import decode4
+
+            sc, off = self.group_scale, self.group_offset
+            dense = decode4(
+                packed.numpy(),
+                self._table_codebook(cb).numpy(),
+                self.shape[0],
+                self.numel // self.shape[0],
+                None if sc is None else sc.float().numpy(),
+                None if off is None else off.float().numpy(),
+                self.numel // sc.numel() if sc is not None else 0,
+            )
+            w, scaled = torch.from_numpy(dense.reshape(-1)), True
         elif not tiled and self.bits in (4, 8) and kernels and not cb.requires_grad:
             from ..kernels.lut import decode  # fused unpack + lookup, parallel
 
@@ -393,21 +407,25 @@ class ClusteredWeight(nn.Module):
 
     def matvec(self, x: torch.Tensor, plan: _Plan | None = None) -> torch.Tensor:
         """``W @ x`` for one vector x of the (out, in) clustered view, read from the
-        packed codes (no dense weight is built). Weights that a tiled kernel takes
-        switch to its layout on first use (``to_tiles``)."""
+        packed codes (no dense weight is built); with a batched kernel
+        (``plan.batched``) x may also be (n <= ``kernels.simd.MAX_BATCH``, in) and
+        the result (n, out). Weights that a tiled kernel takes switch to its layout
+        on first use (``to_tiles``)."""
         plan = plan or self._plan()
         if not plan.lut_ok:
             raise ValueError(
                 f"no lookup-table kernel for this weight ({self.bits}-bit codes, "
                 f"{self.n_codebooks} codebooks); use dense()"
             )
-        y = torch.from_numpy(plan.run(x.detach().reshape(-1).float().contiguous().numpy()))
+        in_f = self.numel // self.shape[0]
+        xs = x.detach().float()
+        n = xs.numel() // in_f
+        xs = xs.reshape(-1) if n == 1 or not plan.batched else xs.reshape(n, in_f)
+        y = torch.from_numpy(plan.run(xs.contiguous().numpy()))
         if plan.outliers:
             # the kernel used the codebook value at outlier positions: add the difference
-            in_f = self.numel // self.shape[0]
             idx = self.outlier_idx.long()
-            xs = x.detach().reshape(-1).float()
-            y.index_add_(0, idx // in_f, self._outlier_delta(idx) * xs[idx % in_f])
+            y.index_add_(y.dim() - 1, idx // in_f, self._outlier_delta(idx) * xs[..., idx % in_f])
         return y if x.dtype == torch.float32 else y.to(x.dtype)
 
     def _plan(self) -> _Plan:
@@ -421,7 +439,7 @@ class ClusteredWeight(nn.Module):
         if cached is not None and cached[0] == key:
             return cached[1]
         if not self.lut_ok():
-            plan = _Plan(False, False, None, False)
+            plan = _Plan(False, False, False, None, False)
         else:
             from ..kernels.lut import gemv_fn
 
@@ -450,7 +468,7 @@ class ClusteredWeight(nn.Module):
             else:
                 run = gemv_fn(args[0], self.bits, *args[1:])
             outliers = self.outlier_idx is not None and self.outlier_idx.numel() > 0
-            plan = _Plan(True, fast, run, outliers)
+            plan = _Plan(True, fast, simd, run, outliers)
         self.__dict__["_kargs"] = (key, plan)
         return plan
 
@@ -496,6 +514,7 @@ class ClusteredWeight(nn.Module):
 class _Plan(NamedTuple):
     lut_ok: bool  # matvec applies (see ClusteredWeight.lut_ok)
     fast: bool  # a fast kernel runs (tiled layout, or the AVX-512 register table)
+    batched: bool  # run also takes (n <= kernels.simd.MAX_BATCH, in) inputs
     run: Callable[[np.ndarray], np.ndarray] | None  # x (in,) float32 -> W @ x
     outliers: bool  # exact outliers to add after the kernel
 
@@ -532,10 +551,11 @@ class _ClusteredMixin:
         return self.clustered.dense()
 
 
-# A few input rows (a prompt's first decoding step) on a weight this large: one
-# tiled matvec per row beats decoding the dense weight (and keeps it from being a
-# temporary the size of the fp32 weight: 106 MB for Whisper's output projection).
-FEW_ROWS = 8
+# A few input rows (a prompt's first decoding step, beam search) take the batched
+# register-table kernel, or on a weight this large one tiled matvec per row: both
+# beat decoding the dense weight (and keep it from being a temporary the size of
+# the fp32 weight: 106 MB for Whisper's output projection).
+FEW_ROWS = 8  # at most kernels.simd.MAX_BATCH
 FEW_ROWS_MIN_NUMEL = 1 << 22
 
 
@@ -544,7 +564,8 @@ def _lut_rows(x: torch.Tensor, cw: ClusteredWeight) -> tuple[int, _Plan | None]:
     and the weight's kernel plan.
 
     Batch-1 inference on CPU (token-by-token decoding) always; up to ``FEW_ROWS``
-    rows for large weights in a tiled layout."""
+    rows with a batched kernel (one call), or for large weights in a tiled layout
+    (one call per row)."""
     n = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if n == 0 or not _numba_ok(x) or cw._dense is not None:
         return 0, None
@@ -555,7 +576,7 @@ def _lut_rows(x: torch.Tensor, cw: ClusteredWeight) -> tuple[int, _Plan | None]:
         return 0, None
     if n == 1:
         return 1, plan
-    if n <= FEW_ROWS and cw.numel >= FEW_ROWS_MIN_NUMEL and plan.fast:
+    if n <= FEW_ROWS and (plan.batched or (cw.numel >= FEW_ROWS_MIN_NUMEL and plan.fast)):
         return n, plan
     return 0, None
 
@@ -568,7 +589,11 @@ class _ClusteredLinearMixin(_ClusteredMixin):
             y = cw.matvec(x, plan).view(*x.shape[:-1], -1)
         elif n:
             rows = x.reshape(n, x.shape[-1])
-            y = torch.stack([cw.matvec(r, plan) for r in rows]).view(*x.shape[:-1], -1)
+            if plan.batched:
+                y = cw.matvec(rows, plan)
+            else:
+                y = torch.stack([cw.matvec(r, plan) for r in rows])
+            y = y.view(*x.shape[:-1], -1)
         else:
             return super().forward(x)
         return y + self.bias if self.bias is not None else y
