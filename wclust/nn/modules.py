@@ -31,7 +31,7 @@ _LAYOUT_LOCK = threading.Lock()
 
 
 def _layout_of(packed: torch.Tensor) -> str:
-    return {4: "tiles", 3: "tiles8"}.get(packed.dim(), "rows")
+    return {4: "tiles", 3: "tiles8", 2: "nibbles"}.get(packed.dim(), "rows")
 
 
 class ClusteredWeight(nn.Module):
@@ -150,8 +150,10 @@ class ClusteredWeight(nn.Module):
         """ "rows": ``packed`` holds the codes 1-D in the ``core.packing`` order;
         "tiles": 4-D, codes of up to 4 bits as 4-bit pairs in the layout of
         ``kernels.lut.tile4``; "tiles8": 3-D, 5- to 8-bit codes one per byte in the
-        layout of ``kernels.lut.tile8``. A tiled layout is set on first use when its
-        kernel applies (``to_tiles``). Derived from ``packed`` alone, so a thread
+        layout of ``kernels.lut.tile8``; "nibbles": 2-D (out, in / 2), codes of 2 or 3
+        bits widened to 4 in row order, for the register-table kernel
+        (``kernels.simd``). Such a layout is set on first use when its kernel applies
+        (``to_tiles``, ``to_nibbles``). Derived from ``packed`` alone, so a thread
         reading ``packed`` once always sees codes and layout that go together."""
         return _layout_of(self.packed)
 
@@ -161,6 +163,8 @@ class ClusteredWeight(nn.Module):
         layout = _layout_of(p)
         if layout == "rows":
             return p
+        if layout == "nibbles":  # widened for the kernel: back to the stored width
+            return pack_codes(unpack_codes(p.reshape(-1), 4, self.numel), self.bits)
         from ..kernels.lut import untile4, untile8
 
         out_f = self.shape[0]
@@ -208,8 +212,10 @@ class ClusteredWeight(nn.Module):
                 self.packed = self.packed_rows()  # back to rows, once
         elif kernels and self.layout == "rows" and self._tile_on_use():
             self.to_tiles()  # one layout for both paths; its decode fuses the scales
+        elif kernels and self.layout == "rows" and self.bits < 4 and self.simd_ok():
+            self.to_nibbles()
         packed = self.packed
-        tiled = _layout_of(packed) != "rows"
+        tiled = _layout_of(packed) in ("tiles", "tiles8")
         if tiled and kernels:  # scales fused in the pass
             from ..kernels.lut import decode_tiles
 
@@ -227,7 +233,7 @@ class ClusteredWeight(nn.Module):
 
             sc, off = self.group_scale, self.group_offset
             dense = decode4(
-                packed.numpy(),
+                packed.numpy().reshape(-1),
                 self._table_codebook(cb).numpy(),
                 self.shape[0],
                 self.numel // self.shape[0],
@@ -282,6 +288,8 @@ class ClusteredWeight(nn.Module):
         if layout == "rows":
             sel = packed.view(n_rows, per_row).index_select(0, idx).reshape(-1)
             codes = unpack_codes(sel, self.bits, idx.numel() * d)
+        elif layout == "nibbles":
+            codes = unpack_codes(packed.index_select(0, idx).reshape(-1), 4, idx.numel() * d)
         else:  # each row's codes: P[:, row // 16, :, row % 16], tile after tile
             from ..kernels.lut import TILE8_IN, TILE_ROWS
 
@@ -334,16 +342,32 @@ class ClusteredWeight(nn.Module):
 
     def simd_ok(self) -> bool:
         """Whether the AVX-512 register-table kernel (``kernels.simd``) takes this
-        weight as stored: 4-bit codes, one codebook per tensor or per output row (of
-        at most 16 entries), rows and scale groups of a multiple of 16, on a CPU
-        where the kernel is available."""
+        weight: codes of 2 to 4 bits (below 4 widened in memory, ``to_nibbles``),
+        one codebook per tensor or per output row (of at most 16 entries), rows and
+        scale groups of a multiple of 16, on a CPU where the kernel is available."""
         from ..kernels import simd
 
         out_f, in_f = self.shape[0], self.numel // self.shape[0]
-        if self.bits != 4 or self.n_codebooks not in (1, out_f) or self.codebook.shape[1] > 16:
+        if not 2 <= self.bits <= 4 or self.layout in ("tiles", "tiles8"):
+            return False
+        if self.n_codebooks not in (1, out_f) or self.codebook.shape[1] > 16:
             return False
         gs = self.numel // self.group_scale.numel() if self.group_scale is not None else 0
         return simd.simd_ok(in_f, 4, gs) and simd.available()
+
+    def to_nibbles(self) -> None:
+        """Widen codes of 2 or 3 bits to 4-bit rows (layout "nibbles") for the
+        register-table kernel; files, ``codes()``, ``dense()`` and ``rows()`` are
+        unchanged."""
+        if not (self.bits < 4 and self.simd_ok()):
+            raise ValueError(
+                "the nibble layout is for codes of 2 or 3 bits the AVX-512 kernel takes"
+            )
+        with _LAYOUT_LOCK:
+            if self.layout != "rows":
+                return
+            wide = pack_codes(unpack_codes(self.packed, self.bits, self.numel), 4)
+            self.packed = wide.view(self.shape[0], -1)  # one assignment: codes and layout
 
     def _tile_on_use(self) -> bool:
         """Whether the first kernel use should switch to the tiled layout: a tiled
@@ -445,15 +469,18 @@ class ClusteredWeight(nn.Module):
 
             if self.layout == "rows" and self._tile_on_use():
                 self.to_tiles()
-                key = tuple(_version_key(b[n]) for n in _KERNEL_BUFFERS)
+            elif self.layout == "rows" and self.bits < 4 and self.simd_ok():
+                self.to_nibbles()
+            key = tuple(_version_key(b[n]) for n in _KERNEL_BUFFERS)
             sc, off = self.group_scale, self.group_offset
             cb = self.codebook_float().detach()
-            simd = self.layout == "rows" and self.simd_ok()
+            simd = self.simd_ok()  # (rows of 4-bit codes or nibbles)
             fast = simd or self.layout != "rows"
             if fast:
                 cb = self._table_codebook(cb)
+            packed = self.packed.numpy()
             args = (
-                self.packed.numpy(),
+                packed.reshape(-1) if simd else packed,  # nibbles: 2-D rows
                 cb.contiguous().numpy(),
                 self.shape[0],
                 self.numel // self.shape[0],
