@@ -88,8 +88,9 @@ def test_strip_gives_plain_modules_with_same_outputs(whisper_inputs):
     d = wclust.strip(m)
     assert not any(is_clustered(x) for x in d.modules())
     assert d.proj_out.weight is d.model.decoder.embed_tokens.weight
-    with torch.no_grad():
-        assert torch.equal(m(**whisper_inputs).logits, d(**whisper_inputs).logits)
+    with torch.no_grad():  # the compressed model's few-row kernel sums in its own order
+        a, b = m(**whisper_inputs).logits, d(**whisper_inputs).logits
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_unsupported_parameters_are_reported_not_skipped_silently():
@@ -125,8 +126,9 @@ def test_cache_option_trades_memory_for_speed():
     cw = m[0].clustered
     x = torch.randn(3, 64)
     y0 = m(x)
+    assert cw._dense is None  # the few-row kernel ran on the packed codes
     cw.set_cache(True)
-    assert torch.equal(m(x), y0) and cw._dense is not None
+    assert torch.allclose(m(x), y0, atol=1e-5) and cw._dense is not None
     cw.set_cache(False)
     assert cw._dense is None
 

@@ -594,7 +594,7 @@ def _lut_rows(x: torch.Tensor, cw: ClusteredWeight) -> tuple[int, _Plan | None]:
     rows with a batched kernel (one call), or for large weights in a tiled layout
     (one call per row)."""
     n = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if n == 0 or not _numba_ok(x) or cw._dense is not None:
+    if n == 0 or not _numba_ok(x) or cw.cache:  # cache: the user chose the dense weight
         return 0, None
     if torch.is_grad_enabled() and (x.requires_grad or cw.trainable()):
         return 0, None
