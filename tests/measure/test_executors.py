@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -127,6 +128,31 @@ def test_phases_and_reuse(local_run, bert_dir, tmp_path):
     )
     assert rec.batches == [[], ["measure", "measure"]]
     assert [r["error"] for r in rows] == ["not run", "not run"]
+    # other calibration data: uncalibrated methods are still reused, calibrated ones
+    # are prepared again
+    arts = Path(out) / "artifacts"
+    kept = next(arts.glob("*.cluster-3b-channel-attn.wclust"))
+    fisher = kept.with_name(
+        kept.name.replace("cluster-3b-channel-attn", "cluster-4b-channel-fisher")
+    )
+    fisher.write_bytes(kept.read_bytes())
+    meta = kept.with_suffix(".prepare.json").read_text()
+    fisher.with_suffix(".prepare.json").write_text(meta)
+    rec = Recorder()
+    run_compare(
+        str(bert_dir),
+        [*METHODS, "cluster-4b-channel-fisher"],
+        out,
+        limit=4,
+        threads=1,
+        plots=False,
+        reuse=True,
+        executor=rec,
+        calib_data="elsewhere",
+    )
+    assert rec.batches[0] == ["prepare"]
+    fisher.unlink()
+    fisher.with_suffix(".prepare.json").unlink()
     # a fresh folder: every prepare at once; a failed prepare fails its row, nothing more
     rec = Recorder()
     rows, _ = run_compare(str(bert_dir), METHODS, tmp_path, plots=False, executor=rec)

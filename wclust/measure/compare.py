@@ -85,6 +85,8 @@ def run_compare(
     on_event: Callable[[str, str], None] | None = None,
     command: str | None = None,
     executor=None,
+    calib_data: str | None = None,
+    calib_items: int | None = None,
 ) -> tuple[list[dict], dict]:
     """Run the grid for one model and write ``table.md``, ``results.csv``,
     ``results.json`` and plots into ``out_dir``.
@@ -106,6 +108,8 @@ def run_compare(
         command: the command line, recorded in results.json.
         executor: where cells run (``wclust.measure.executors``); default: local,
             one after another.
+        calib_data, calib_items: what the calibrated methods calibrate on (default:
+            the task's built-in data, each method's own item count).
 
     Returns:
         (rows, meta). Failed cells are rows with ``error`` set.
@@ -125,6 +129,8 @@ def run_compare(
         "model": model,
         "task": None,
         "data": data or "(built-in)",
+        "calib_data": calib_data or "(built-in)",
+        "calib_items": calib_items,
         "limit": limit,
         "every": every,
         "threads": threads,
@@ -148,7 +154,11 @@ def run_compare(
     for base in bases:
         meta_path = artifact(base).with_suffix(".prepare.json")
         if reuse and artifact(base).exists() and meta_path.exists():
-            prepared[base] = json.loads(meta_path.read_text())
+            kept = json.loads(meta_path.read_text())
+            m = get_method(base)
+            same = (kept.get("calib_data"), kept.get("calib_items")) == (calib_data, calib_items)
+            if same or not (m.calibrate or m.gptq):  # else calibrated on other data: again
+                prepared[base] = kept
     todo = [b for b in bases if b not in prepared]
 
     def prepared_one(i: int, result: dict) -> None:
@@ -163,6 +173,8 @@ def run_compare(
                 "method": b,
                 "artifact": str(artifact(b)),
                 "threads": threads,
+                "calib_data": calib_data,
+                "calib_items": calib_items,
             }
             for b in todo
         ],

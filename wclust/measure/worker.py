@@ -125,8 +125,15 @@ def prepare(spec: dict) -> dict:
 
     method = get_method(spec["method"])
     loaded = load_model(spec["model"])
+    calib_data, calib_items = spec.get("calib_data"), spec.get("calib_items")
+    calib = None
+    if (calib_data or calib_items) and (method.calibrate or method.gptq):
+        from wclust.tasks import get_task
+
+        task = get_task(loaded.task)
+        calib = task.load_data(calib_data, calib_items or method.calib_items)
     t0 = time.perf_counter()
-    cfg, report = apply_method(method, loaded)
+    cfg, report = apply_method(method, loaded, calib_samples=calib)
     compress_s = time.perf_counter() - t0 if method.config else 0.0
     wclust.save(loaded.model, spec["artifact"], report=report, config=cfg, source=spec["model"])
     sizes = file_sizes(spec["artifact"])
@@ -142,6 +149,8 @@ def prepare(spec: dict) -> dict:
         "file_mb": sizes["file_bytes"] / 1e6,
         "gzip_mb": sizes["gzip_bytes"] / 1e6,
         "task": loaded.task,
+        "calib_data": calib_data,
+        "calib_items": calib_items,
     }
 
 
