@@ -9,7 +9,8 @@ It reads the codes in their stored row-major order (``core.packing``: byte ``k``
 a row holds inputs ``2k`` (low nibble) and ``2k+1``), so no re-layout is needed,
 and one codebook per tensor or one per output row cost the same (the row's
 codebook is one register load). Scales and offsets apply per group of consecutive
-inputs of a row (a multiple of 16).
+inputs of a row (a multiple of 16). Up to ``MAX_BATCH`` input rows share each
+look-up (``_gemm4_perm``); ``decode4`` writes the dense weight with the same look-up.
 
 numba has no vector types, so the 16-lane loop is written as LLVM IR in an
 ``@intrinsic`` and inlined into an ordinary ``prange`` over rows. It is used only
