@@ -210,36 +210,23 @@ class ClusteredWeight(nn.Module):
         if not on_cpu and self.layout != "rows":  # tiled on the CPU, then moved
             with _LAYOUT_LOCK:
                 self.packed = self.packed_rows()  # back to rows, once
-        elif kernels and self.layout == "rows" and self._tile_on_use():
-            self.to_tiles()  # one layout for both paths; its decode fuses the scales
-        elif kernels and self.layout == "rows" and self.bits < 4 and self.simd_ok():
-            self.to_nibbles()
+        elif kernels:
+            self._to_kernel_layout()  # one layout for both paths; its decode fuses the scales
         packed = self.packed
         tiled = _layout_of(packed) in ("tiles", "tiles8")
         if tiled and kernels:  # scales fused in the pass
             from ..kernels.lut import decode_tiles
 
-            sc, off = self.group_scale, self.group_offset
-            dense = decode_tiles(
-                packed.numpy(),
-                self._table_codebook(cb).numpy(),
-                self.shape[0],
-                None if sc is None else sc.float().numpy(),
-                None if off is None else off.float().numpy(),
-            )
+            table, sc, off, _ = self._kernel_arrays(table=True)
+            dense = decode_tiles(packed.numpy(), table, self.shape[0], sc, off)
             w, scaled = torch.from_numpy(dense.reshape(-1)), True
         elif not tiled and kernels and self.simd_ok():  # register table, scales fused
             from ..kernels.simd import decode4
 
-            sc, off = self.group_scale, self.group_offset
+            table, sc, off, gs = self._kernel_arrays(table=True)
+            out_f = self.shape[0]
             dense = decode4(
-                packed.numpy().reshape(-1),
-                self._table_codebook(cb).numpy(),
-                self.shape[0],
-                self.numel // self.shape[0],
-                None if sc is None else sc.float().numpy(),
-                None if off is None else off.float().numpy(),
-                self.numel // sc.numel() if sc is not None else 0,
+                packed.numpy().reshape(-1), table, out_f, self.numel // out_f, sc, off, gs
             )
             w, scaled = torch.from_numpy(dense.reshape(-1)), True
         elif not tiled and self.bits in (4, 8) and kernels and not cb.requires_grad:
@@ -369,10 +356,32 @@ class ClusteredWeight(nn.Module):
             wide = pack_codes(unpack_codes(self.packed, self.bits, self.numel), 4)
             self.packed = wide.view(self.shape[0], -1)  # one assignment: codes and layout
 
-    def _tile_on_use(self) -> bool:
-        """Whether the first kernel use should switch to the tiled layout: a tiled
-        kernel applies and the register-table kernel (which reads rows) does not."""
-        return self.tiles_ok() and not self.simd_ok()
+    def _to_kernel_layout(self) -> None:
+        """On first kernel use, move codes stored as rows to the layout their fast
+        kernel reads: 2-3-bit codes the register-table kernel takes to nibbles (it
+        reads 4-bit rows as stored), other weights a tiled kernel takes to tiles."""
+        if self.layout != "rows":
+            return
+        if self.simd_ok():
+            if self.bits < 4:
+                self.to_nibbles()
+        elif self.tiles_ok():
+            self.to_tiles()
+
+    def _kernel_arrays(self, table: bool):
+        """(codebook, scale, offset, group size) as the numba kernels read them:
+        float32 numpy arrays (None where absent), the codebook padded to ``2**bits``
+        entries per row when ``table``; group size 0 without scales."""
+        cb = self.codebook_float().detach()
+        if table:
+            cb = self._table_codebook(cb)
+        sc, off = self.group_scale, self.group_offset
+        return (
+            cb.contiguous().numpy(),
+            None if sc is None else sc.detach().float().contiguous().numpy(),
+            None if off is None else off.detach().float().contiguous().numpy(),
+            self.numel // sc.numel() if sc is not None else 0,
+        )
 
     def tiles_ok(self) -> bool:
         """Whether a tiled kernel applies: one codebook for the tensor and codes of up
@@ -467,33 +476,19 @@ class ClusteredWeight(nn.Module):
         else:
             from ..kernels.lut import gemv_fn
 
-            if self.layout == "rows" and self._tile_on_use():
-                self.to_tiles()
-            elif self.layout == "rows" and self.bits < 4 and self.simd_ok():
-                self.to_nibbles()
+            self._to_kernel_layout()
             key = tuple(_version_key(b[n]) for n in _KERNEL_BUFFERS)
-            sc, off = self.group_scale, self.group_offset
-            cb = self.codebook_float().detach()
             simd = self.simd_ok()  # (rows of 4-bit codes or nibbles)
             fast = simd or self.layout != "rows"
-            if fast:
-                cb = self._table_codebook(cb)
-            packed = self.packed.numpy()
-            args = (
-                packed.reshape(-1) if simd else packed,  # nibbles: 2-D rows
-                cb.contiguous().numpy(),
-                self.shape[0],
-                self.numel // self.shape[0],
-                None if sc is None else sc.detach().float().contiguous().numpy(),
-                None if off is None else off.detach().float().contiguous().numpy(),
-                self.numel // sc.numel() if sc is not None else 0,
-            )
+            table, sc, off, gs = self._kernel_arrays(table=fast)
+            packed, out_f = self.packed.numpy(), self.shape[0]
+            in_f = self.numel // out_f
             if simd:
                 from ..kernels.simd import gemv4_fn
 
-                run = gemv4_fn(*args)
+                run = gemv4_fn(packed.reshape(-1), table, out_f, in_f, sc, off, gs)  # nibbles: 2-D
             else:
-                run = gemv_fn(args[0], self.bits, *args[1:])
+                run = gemv_fn(packed, self.bits, table, out_f, in_f, sc, off, gs)
             outliers = self.outlier_idx is not None and self.outlier_idx.numel() > 0
             plan = _Plan(True, fast, simd, run, outliers)
         self.__dict__["_kargs"] = (key, plan)
