@@ -113,7 +113,9 @@ MAX_BATCH = 8  # input rows one call of the batched kernel takes
 @intrinsic
 def _dot16_batch(typingctx, cb, cb_off, codes, code_off, x, x_off, ldx, nb_, n_chunks, out):
     """``out[b] = sum(cb[cb_off + code[i]] * x[b * ldx + x_off + i])`` for ``b <
-    nb_ <= MAX_BATCH``: each chunk's 16 values are looked up once for all rows."""
+    nb_ <= MAX_BATCH``: each chunk's 16 values are looked up once for all rows. For a
+    single row ``_dot16`` stays: its accumulator lives in a register, and it ran
+    3-5x faster than this one with ``nb_ = 1`` (512x512 to 4096x4096)."""
     sig = types.void(
         cb, types.intp, codes, types.intp, x, types.intp, types.intp, types.intp, types.intp, out
     )
