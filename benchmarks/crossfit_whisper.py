@@ -51,6 +51,9 @@ def main() -> None:
     ap.add_argument("--distill-epochs", type=int, default=0)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--fp32", action="store_true", help="also decode the fp32 model")
+    ap.add_argument(
+        "--before", action="store_true", help="with --distill-epochs: also score before distilling"
+    )
     ap.add_argument("--out", help="write every row's transcripts to this JSON file")
     args = ap.parse_args()
     torch.set_num_threads(2)
@@ -69,6 +72,7 @@ def main() -> None:
     for name in args.methods.split(","):
         method = get_method(name)
         hyps: list[str | None] = [None] * len(clips)
+        before: list[str | None] = [None] * len(clips)
         bits, secs = [], 0.0
         for block in blocks:
             calib = [c for i, c in enumerate(clips) if i not in block]
@@ -76,6 +80,12 @@ def main() -> None:
             student = copy.deepcopy(base)
             t0 = time.perf_counter()
             _, report = apply_method(method, student, calib_samples=calib)
+            if args.distill_epochs and args.before:
+                with torch.inference_mode():
+                    r = evaluate(student.model, base.processor, [clips[i] for i in block])
+                for i, h in zip(block, r["hypotheses"], strict=True):
+                    before[i] = h
+                print(f"  before distillation: WER {r['wer']:.2f}% on its block", flush=True)
             if args.distill_epochs:
                 batches = task.calibration_batches(base.model, base.processor, calib)
                 distill_(student.model, base.model, batches, args.distill_epochs, args.lr)
@@ -91,6 +101,12 @@ def main() -> None:
                 flush=True,
             )
             del student
+        if args.distill_epochs and args.before:
+            s = wer_cer(refs, before)
+            rows[name] = before
+            print(
+                f"{name} before distillation: WER {s['wer']:.2f}% CER {s['cer']:.2f}%", flush=True
+            )
         s = wer_cer(refs, hyps)
         tag = f" + distill {args.distill_epochs} ep lr {args.lr:g}" if args.distill_epochs else ""
         rows[name + tag] = hyps
