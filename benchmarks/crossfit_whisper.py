@@ -5,13 +5,17 @@ the 100 evaluation clips here, every clip can still be scored by a model that ne
 saw it. The clips are split into ``--folds`` contiguous blocks (the 100-clip set is
 10 speakers x 10 clips in file order, so two folds are speaker-disjoint); for each
 block, whisper-base is compressed with a compare method calibrated (Fisher, GPTQ
-Hessians, optionally distilled) on the *other* blocks' audio and transcripts, then
+Hessians; the ``*-distill`` methods also distil) on the *other* blocks' audio and
+transcripts, then
 decodes that block. The hypotheses of all blocks are scored together, so the WER/CER
 cover all clips, same decoding and counting as ``wclust compare``.
 
     python benchmarks/crossfit_whisper.py --data ../shared/data/speech/librispeech-test-other-100 \\
         --methods fit-4b-enc64-g128-fisher,mixed-fit-4.25b-fisher
-    # optional: --distill-epochs 2 --lr 1e-4 (distillation on the calibration block, KL to fp32)
+    # distillation on the calibration block (KL to fp32), as `wclust compare --calib-data` does:
+    python benchmarks/crossfit_whisper.py --data ../shared/data/speech/librispeech-test-other-100 \
+        --methods fit-4b-enc64-g128-distill
+    # other distillation settings than the methods': --distill-epochs 2 --lr 1e-4
 """
 
 from __future__ import annotations
@@ -19,7 +23,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -29,9 +32,7 @@ from wclust.methods import apply_method, get_method
 from wclust.models import load_model
 from wclust.tasks import get_task
 from wclust.tasks.asr import evaluate, wer_cer
-
-sys.path.insert(0, str(Path(__file__).parent))
-from distill_whisper import distill_  # noqa: E402
+from wclust.train import distill_
 
 
 def folds(n: int, k: int) -> list[range]:
@@ -48,8 +49,10 @@ def main() -> None:
     ap.add_argument("--model", default="whisper-base")
     ap.add_argument("--methods", default="fit-4b-enc64-g128-fisher")
     ap.add_argument("--folds", type=int, default=2)
-    ap.add_argument("--distill-epochs", type=int, default=0)
-    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument(
+        "--distill-epochs", type=int, default=0, help="distil a method that does not (epochs)"
+    )
+    ap.add_argument("--lr", type=float, default=3e-5, help="with --distill-epochs")
     ap.add_argument("--fp32", action="store_true", help="also decode the fp32 model")
     ap.add_argument(
         "--before", action="store_true", help="with --distill-epochs: also score before distilling"
@@ -88,7 +91,7 @@ def main() -> None:
                 print(f"  before distillation: WER {r['wer']:.2f}% on its block", flush=True)
             if args.distill_epochs:
                 batches = task.calibration_batches(base.model, base.processor, calib)
-                distill_(student.model, base.model, batches, args.distill_epochs, args.lr)
+                distill_(student.model, base.model, batches, epochs=args.distill_epochs, lr=args.lr)
             secs += time.perf_counter() - t0
             bits.append(report.bits_per_weight)
             with torch.inference_mode():

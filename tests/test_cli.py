@@ -173,3 +173,23 @@ def test_compress_stream_writes_the_same_tensors(model_dir, tmp_path):
     a, b = (load_file(str(outs[f])) for f in ("--stream", "--no-stream"))
     assert sorted(a) == sorted(b)
     assert all((a[k] == b[k]).all() for k in a)
+
+
+def test_compress_distils_on_the_given_data(asr_model_dir, two_clips, tmp_path):
+    out = tmp_path / "d.wclust"
+    args = ["compress", asr_model_dir, "-o", out, "--bits", "3", "--method", "scaled-fit"]
+    args += ["--group-size", "64", "--distill-epochs", "1"]
+    r = wclust(*args, "--distill-data", two_clips)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "distillation epoch 1: mean KL" in r.stderr + r.stdout
+    h = json.loads(wclust("inspect", out, "--json").stdout)
+    assert h["extra"]["distill"]["items"] == 2 and len(h["extra"]["distill"]["kl"]) == 1
+    assert {x["method"] for x in h["layers"] if x["status"] == "clustered"} == {
+        "scaled-fit+distill"
+    }
+    bad = wclust(*args, "--distill-data", tmp_path / "nope")
+    assert bad.returncode == 2 and "no such file or folder" in bad.stderr.replace("\n", " ")
+    bad = wclust(*args, "--distill-data", two_clips, "--stream")
+    assert bad.returncode == 2 and "drop --stream" in bad.stderr.replace("\n", " ")
+    bad = wclust(*args, "--distill-data", two_clips, "--distill-lr", "0")
+    assert bad.returncode == 2 and "--distill-lr" in bad.stderr.replace("\n", " ")

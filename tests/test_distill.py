@@ -1,0 +1,178 @@
+"""Distillation toward the uncompressed model: what trains, what stays, what it fixes."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import wclust
+from tests.conftest import tiny_whisper
+from wclust.api import clustered_weights
+
+
+def whisper_batches(n=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [
+        dict(
+            input_features=torch.randn(1, 16, 100, generator=g),
+            decoder_input_ids=torch.randint(3, 300, (1, 12), generator=g),
+            labels=torch.randint(3, 300, (1, 12), generator=g),  # ignored
+        )
+        for _ in range(n)
+    ]
+
+
+def kl_to(teacher, student, batches):
+    total = 0.0
+    with torch.no_grad():
+        for b in batches:
+            inputs = {k: v for k, v in b.items() if k != "labels"}
+            t = F.log_softmax(teacher(**inputs).logits, -1)
+            s = F.log_softmax(student(**inputs).logits, -1)
+            total += float(F.kl_div(s, t, log_target=True, reduction="batchmean"))
+    return total / len(batches)
+
+
+@pytest.fixture(scope="module")
+def clustered_pair():
+    """fp32 tiny Whisper and a 2-bit copy with fp16 per-group scales."""
+    teacher = tiny_whisper()
+    student = copy.deepcopy(teacher)
+    cfg = wclust.ClusterConfig(bits=2, group_size=64, method="scaled-fit", exclude=())
+    wclust.compress_(student, cfg)
+    return teacher, student
+
+
+def test_distillation_lowers_the_kl_and_keeps_codes_and_storage(clustered_pair):
+    teacher, clustered = clustered_pair
+    student = copy.deepcopy(clustered)
+    teacher_state = {k: v.clone() for k, v in teacher.state_dict().items()}
+    cws = [cw for cw, _ in clustered_weights(student).values()]
+    codes = [cw.codes().clone() for cw in cws]
+    scale_dtypes = [cw.group_scale.dtype for cw in cws]
+    assert torch.float16 in scale_dtypes
+    scales = [cw.group_scale.clone() for cw in cws]
+    batches = whisper_batches()
+    before = kl_to(teacher, student, batches)
+    epochs = []
+    out = wclust.distill_(
+        student, teacher, batches, epochs=3, lr=1e-2, log=lambda e, kl, v, s: epochs.append(e)
+    )
+    after = kl_to(teacher, student, batches)
+    assert after < 0.7 * before, (before, after)
+    assert out["steps"] == 18 and len(out["kl"]) == 3 and epochs == [0, 1, 2]
+    for cw, c, dt in zip(cws, codes, scale_dtypes, strict=True):
+        assert torch.equal(cw.codes(), c)  # codes fixed
+        assert "codebook" in cw._buffers and cw.group_scale.dtype == dt  # frozen, as stored
+        assert not isinstance(cw.group_scale, nn.Parameter)
+    assert any(not torch.equal(cw.group_scale, sc) for cw, sc in zip(cws, scales, strict=True))
+    for k, v in teacher.state_dict().items():  # the teacher is not touched
+        assert torch.equal(v, teacher_state[k]), k
+
+
+def test_distilled_model_saves_and_loads_with_the_same_outputs(clustered_pair, tmp_path):
+    teacher, clustered = clustered_pair
+    student = copy.deepcopy(clustered)
+    wclust.distill_(student, teacher, whisper_batches(3), epochs=1, lr=1e-2)
+    path = wclust.save(student, tmp_path / "d.wclust")
+    loaded = wclust.load(path)
+    b = {k: v for k, v in whisper_batches(1, seed=5)[0].items() if k != "labels"}
+    with torch.no_grad():
+        assert torch.allclose(loaded(**b).logits, student(**b).logits, atol=1e-5)
+
+
+def test_scales_stay_fixed_when_asked_and_the_teacher_can_be_recomputed(clustered_pair):
+    teacher, clustered = clustered_pair
+    a, b = copy.deepcopy(clustered), copy.deepcopy(clustered)
+    scales = [cw.group_scale.clone() for cw, _ in clustered_weights(a).values()]
+    batches = whisper_batches(3)
+    ra = wclust.distill_(a, teacher, batches, epochs=1, lr=1e-2, scales=False, dense_lr=0)
+    for (cw, _), sc in zip(clustered_weights(a).values(), scales, strict=True):
+        assert torch.equal(cw.group_scale, sc)
+    # without room for the teacher's outputs they are recomputed: same training
+    rb = wclust.distill_(
+        b, teacher, batches, epochs=1, lr=1e-2, scales=False, dense_lr=0, cache_bytes=0
+    )
+    assert ra["kl"] == pytest.approx(rb["kl"], rel=1e-5)
+
+
+def test_any_module_with_tensor_outputs():
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10))
+    student = copy.deepcopy(teacher)
+    wclust.compress_(student, wclust.ClusterConfig(bits=2, granularity="tensor"))
+    xs = [torch.randn(16, 32) for _ in range(4)]
+
+    def kl():
+        with torch.no_grad():
+            return sum(
+                float(
+                    F.kl_div(
+                        F.log_softmax(student(x), -1),
+                        F.log_softmax(teacher(x), -1),
+                        log_target=True,
+                        reduction="batchmean",
+                    )
+                )
+                for x in xs
+            )
+
+    before = kl()
+    wclust.distill_(student, teacher, xs, epochs=5, lr=1e-2)
+    assert kl() < before
+
+
+def test_bad_input_gets_one_clear_error(clustered_pair):
+    teacher, clustered = clustered_pair
+    student = copy.deepcopy(clustered)
+    with pytest.raises(ValueError, match="separate, uncompressed"):
+        wclust.distill_(student, student, whisper_batches(1))
+    with pytest.raises(ValueError, match="at least one batch"):
+        wclust.distill_(student, teacher, [])
+    with pytest.raises(ValueError, match="epochs"):
+        wclust.distill_(student, teacher, whisper_batches(1), epochs=0)
+    with pytest.raises(ValueError, match="no clustered weight"):
+        wclust.distill_(tiny_whisper(), teacher, whisper_batches(1))
+
+    class Features(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return {"features": self.inner(x)}
+
+    student = Features(nn.Linear(8, 8))
+    teacher = copy.deepcopy(student)
+    wclust.compress_(student, wclust.ClusterConfig(bits=2, granularity="tensor"))
+    with pytest.raises(ValueError, match="must return logits"):
+        wclust.distill_(student, teacher, [torch.randn(2, 8)])
+
+
+def test_holdout_split_spreads_and_never_overlaps():
+    items = list(range(10))
+    train, val = wclust.split_holdout(items, 0.2)
+    assert val == [4, 9] and train == [0, 1, 2, 3, 5, 6, 7, 8]
+    assert wclust.split_holdout(items, 0.0) == (items, [])
+    assert wclust.split_holdout([1, 2], 0.1) == ([1], [2])
+    with pytest.raises(ValueError, match="fraction"):
+        wclust.split_holdout(items, 1.0)
+
+
+def test_early_stopping_keeps_the_best_held_out_state(clustered_pair):
+    """A learning rate far too large ruins the model; the held-out KL measured
+    before training then wins and the model ends where it started."""
+    teacher, clustered = clustered_pair
+    student = copy.deepcopy(clustered)
+    train, val = whisper_batches(8), whisper_batches(3, seed=1)
+    start = kl_to(teacher, student, val)
+    out = wclust.distill_(student, teacher, train, val_batches=val, epochs=2, lr=10.0)
+    assert len(out["val_kl"]) == 3 and out["val_kl"][0] == pytest.approx(start, rel=1e-4)
+    assert out["best_epoch"] == 0 and max(out["val_kl"][1:]) > start
+    assert kl_to(teacher, student, val) == pytest.approx(start, rel=1e-4)
+    # a sensible one improves on the held-out clips and keeps a trained state
+    student = copy.deepcopy(clustered)
+    out = wclust.distill_(student, teacher, train, val_batches=val, epochs=2, lr=1e-3)
+    assert out["best_epoch"] > 0 and kl_to(teacher, student, val) < start
