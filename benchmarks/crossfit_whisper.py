@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -60,6 +61,8 @@ def main() -> None:
     ap.add_argument("--out", help="write every row's transcripts to this JSON file")
     args = ap.parse_args()
     torch.set_num_threads(2)
+    logging.basicConfig(format="    %(message)s")
+    logging.getLogger("wclust.train").setLevel(logging.INFO)  # distillation epochs
     base = load_model(args.model)
     task = get_task(base.task)
     clips = task.load_data(args.data, None, 1)

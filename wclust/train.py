@@ -18,6 +18,7 @@ user's own data.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterable
 
@@ -28,6 +29,8 @@ from torch import nn
 from .api import clustered_weights
 from .core.packing import pack_codes
 from .nn.modules import ClusteredWeight
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["distill_", "finetune", "split_holdout", "freeze_codebooks_", "trainable_codebooks_"]
 
@@ -450,8 +453,16 @@ def distill_(
                 val_kls.append(held_out())
                 if val_kls[-1] < best[0]:
                     best = (val_kls[-1], epoch + 1, [p.detach().clone() for p in trained])
+            secs, held = time.perf_counter() - t0, val_kls[-1] if val else None
+            logger.info(
+                "distillation epoch %d: mean KL %.4f, held-out %s (%.0f s)",
+                epoch + 1,
+                kls[-1],
+                "-" if held is None else f"{held:.4f}",
+                secs,
+            )
             if log:
-                log(epoch, kls[-1], val_kls[-1] if val else None, time.perf_counter() - t0)
+                log(epoch, kls[-1], held, secs)
         if val and best[1] < epochs:  # an earlier state was better on the held-out data
             with torch.no_grad():
                 for p, saved in zip(trained, best[2], strict=True):
