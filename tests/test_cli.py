@@ -187,6 +187,11 @@ def test_compress_distils_on_the_given_data(asr_model_dir, two_clips, tmp_path):
     assert {x["method"] for x in h["layers"] if x["status"] == "clustered"} == {
         "scaled-fit+distill"
     }
+    r = wclust(*args, "--distill-data", two_clips, "--distill-holdout", "0.5")
+    assert r.returncode == 0, r.stderr[-2000:]
+    d = json.loads(wclust("inspect", out, "--json").stdout)["extra"]["distill"]
+    assert (d["items"], d["held_out"], len(d["val_kl"])) == (1, 1, 2)
+    assert d["kept_epoch"] in (0, 1) and d["val_kl"][d["kept_epoch"]] == min(d["val_kl"])
     bad = wclust(*args, "--distill-data", tmp_path / "nope")
     assert bad.returncode == 2 and "no such file or folder" in bad.stderr.replace("\n", " ")
     bad = wclust(*args, "--distill-data", two_clips, "--stream")

@@ -264,44 +264,17 @@ def compress(
         )
     extra = None
     if teacher is not None:
-        with console.status("distilling ...") as st:
-
-            def log(epoch, kl, val, secs):
-                held = f", held-out {val:.4f}" if val is not None else ""
-                console.print(
-                    f"distillation epoch {epoch + 1}: mean KL {kl:.4f}{held} ({secs:.0f} s)"
-                )
-                st.update(f"distilling: epoch {epoch + 2} of {distill_epochs} ...")
-
-            from wclust.train import split_holdout
-
-            train, val = _run(split_holdout, distill_batches, distill_holdout)
-            done = _run(
-                wclust.distill_,
-                loaded.model,
-                teacher,
-                train,
-                val_batches=val,
-                epochs=distill_epochs,
-                lr=distill_lr,
-                log=log,
-            )
+        extra = _distill(
+            loaded.model,
+            teacher,
+            distill_batches,
+            report,
+            distill_data,
+            distill_holdout,
+            distill_epochs,
+            distill_lr,
+        )
         del teacher
-        for entry in report.clustered:  # the weight errors shown are from before
-            entry.method = f"{entry.method}+distill"
-        extra = {
-            "distill": {
-                "data": str(distill_data),
-                "items": len(train),
-                "held_out": len(val),
-                "epochs": distill_epochs,
-                "kept_epoch": done["best_epoch"],
-                "lr": distill_lr,
-                "kl": done["kl"],
-                "val_kl": done["val_kl"],
-                "seconds": round(done["seconds"], 1),
-            }
-        }
     source = model if not Path(model).exists() else str(Path(model).resolve())
     _run(
         wclust.save,
@@ -318,6 +291,39 @@ def compress(
     if extra:
         spent += f", {extra['distill']['seconds']:.0f} s of distillation"
     console.print(f"wrote {output} ({output.stat().st_size / 1e6:.2f} MB) in {spent}")
+
+
+def _distill(model, teacher, batches, report, data, holdout, epochs, lr) -> dict:
+    """``compress --distill-data``: distil in place; returns the file's metadata."""
+    import wclust
+    from wclust.train import split_holdout
+
+    with console.status("distilling ...") as st:
+
+        def log(epoch, kl, val, secs):
+            held = f", held-out {val:.4f}" if val is not None else ""
+            console.print(f"distillation epoch {epoch + 1}: mean KL {kl:.4f}{held} ({secs:.0f} s)")
+            st.update(f"distilling: epoch {epoch + 2} of {epochs} ...")
+
+        train, val = _run(split_holdout, batches, holdout)
+        done = _run(
+            wclust.distill_, model, teacher, train, val_batches=val, epochs=epochs, lr=lr, log=log
+        )
+    for entry in report.clustered:  # the weight errors shown are from before
+        entry.method = f"{entry.method}+distill"
+    return {
+        "distill": {
+            "data": str(data),
+            "items": len(train),
+            "held_out": len(val),
+            "epochs": epochs,
+            "kept_epoch": done["best_epoch"],
+            "lr": lr,
+            "kl": done["kl"],
+            "val_kl": done["val_kl"],
+            "seconds": round(done["seconds"], 1),
+        }
+    }
 
 
 def _layer_progress():
