@@ -16,12 +16,14 @@ cover all clips, same decoding and counting as ``wclust compare``.
     python benchmarks/crossfit_whisper.py --data ../shared/data/speech/librispeech-test-other-100 \
         --methods fit-4b-enc64-g128-distill
     # other distillation settings than the methods': --distill-epochs 2 --lr 1e-4
+    # --pseudo-labels: calibrate/distil without the transcripts (fp32 transcribes the clips)
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import logging
 import time
@@ -56,6 +58,11 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=3e-5, help="with --distill-epochs")
     ap.add_argument("--fp32", action="store_true", help="also decode the fp32 model")
     ap.add_argument(
+        "--pseudo-labels",
+        action="store_true",
+        help="drop the calibration clips' transcripts: the fp32 model transcribes them",
+    )
+    ap.add_argument(
         "--before", action="store_true", help="with --distill-epochs: also score before distilling"
     )
     ap.add_argument("--out", help="write every row's transcripts to this JSON file")
@@ -82,6 +89,8 @@ def main() -> None:
         bits, secs = [], 0.0
         for block in blocks:
             calib = [c for i, c in enumerate(clips) if i not in block]
+            if args.pseudo_labels:
+                calib = [dataclasses.replace(c, text="") for c in calib]
             torch.manual_seed(0)
             student = copy.deepcopy(base)
             t0 = time.perf_counter()
@@ -115,6 +124,7 @@ def main() -> None:
             )
         s = wer_cer(refs, hyps)
         tag = f" + distill {args.distill_epochs} ep lr {args.lr:g}" if args.distill_epochs else ""
+        tag += " (pseudo-labels)" if args.pseudo_labels else ""
         rows[name + tag] = hyps
         print(
             f"{name}{tag}: {max(bits):.3f} bits/weight, WER {s['wer']:.2f}% CER {s['cer']:.2f}% "

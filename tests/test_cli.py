@@ -198,3 +198,14 @@ def test_compress_distils_on_the_given_data(asr_model_dir, two_clips, tmp_path):
     assert bad.returncode == 2 and "drop --stream" in bad.stderr.replace("\n", " ")
     bad = wclust(*args, "--distill-data", two_clips, "--distill-lr", "0")
     assert bad.returncode == 2 and "--distill-lr" in bad.stderr.replace("\n", " ")
+
+
+def test_compress_distils_on_clips_without_transcripts(asr_model_dir, two_clips, tmp_path):
+    (two_clips / "transcripts.tsv").unlink()  # the original model transcribes them
+    out = tmp_path / "u.wclust"
+    r = wclust(
+        *("compress", asr_model_dir, "-o", out, "--bits", "3", "--method", "scaled-fit"),
+        *("--group-size", "64", "--distill-epochs", "1", "--distill-data", two_clips),
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(wclust("inspect", out, "--json").stdout)["extra"]["distill"]["items"] == 2

@@ -109,8 +109,9 @@ def compress(
         typer.Option(
             help="after clustering, distil: train the codebooks and scales (codes fixed) so "
             "the compressed model's outputs match the original's on this data (the task's "
-            "format: for speech, clips + transcripts.tsv). Use real data of your domain, not "
-            "synthetic; it is also the calibration data unless --calib-data is given"
+            "format: for speech, clips + transcripts.tsv, or clips alone: the original model "
+            "transcribes them). Use real data of your domain, not synthetic; it is also the "
+            "calibration data unless --calib-data is given"
         ),
     ] = None,
     distill_items: Annotated[
@@ -412,7 +413,9 @@ def _task_batches(loaded, data: str | None, items: int | None, what: str) -> lis
     if task.calibration_batches is None:
         _fail(f"task {loaded.task!r} has no data a model can be {verb} on; use {flag}")
     with console.status(f"reading {data or 'built-in data'} ..."):
-        samples = _run(task.load_data, data, items)
+        from wclust.tasks import calibration_data
+
+        samples = _run(calibration_data, task, data, items)
         try:
             return list(task.calibration_batches(loaded.model, loaded.processor, samples))
         except (AttributeError, TypeError, ValueError) as e:

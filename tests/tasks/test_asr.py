@@ -15,6 +15,7 @@ from wclust.tasks.asr import (  # noqa: E402
     SAMPLE_RATE,
     AudioSample,
     builtin_clips_dir,
+    calibration_batches,
     evaluate,
     load_audio_dir,
     normalize_text,
@@ -137,6 +138,19 @@ def test_load_audio_dir_errors(tmp_path, audio_dir):
         load_audio_dir(empty)
 
 
+def test_load_audio_dir_without_transcripts(tmp_path, audio_dir):
+    (audio_dir / "transcripts.tsv").unlink()
+    with pytest.raises(ValueError, match="transcripts.tsv not found"):  # evaluation needs text
+        load_audio_dir(audio_dir)
+    a, b = load_audio_dir(audio_dir, transcripts=False)  # the folder's own audio files
+    assert [a.name, b.name, a.text, b.text] == ["a.wav", "b.flac", "", ""]
+    assert len(a.audio) == SAMPLE_RATE
+    assert [s.name for s in load_audio_dir(audio_dir, limit=1, transcripts=False)] == ["a.wav"]
+    (tmp_path / "none").mkdir()
+    with pytest.raises(ValueError, match="neither transcripts.tsv nor audio files"):
+        load_audio_dir(tmp_path / "none", transcripts=False)
+
+
 def test_builtin_clips_complete():
     root = builtin_clips_dir()
     with (root / "transcripts.tsv").open(newline="", encoding="utf-8") as f:
@@ -239,3 +253,21 @@ def test_evaluate_metrics_form(tiny_whisper):
     assert len(r["latency_s"]) == 2 and all(t > 0 for t in r["latency_s"])
     assert all(isinstance(h, str) for h in r["hypotheses"])
     assert r["wer"] >= 0 and r["cer"] >= 0
+
+
+def test_calibration_batches_transcribe_clips_without_text(tiny_whisper):
+    model, processor = tiny_whisper
+    audio = _sine(440, 1.0, SAMPLE_RATE)
+    given, own = calibration_batches(
+        model, processor, [AudioSample("x", audio, "HELLO WORLD"), AudioSample("y", audio, "")]
+    )
+    tok = processor.tokenizer
+    n = given["decoder_input_ids"].shape[1] - len(
+        tok.encode(" Hello world", add_special_tokens=False)
+    )
+    prompt = given["decoder_input_ids"][0, :n].tolist()
+    said = tok.encode(" " + transcribe(model, processor, audio), add_special_tokens=False)
+    assert own["decoder_input_ids"][0].tolist() == prompt + said  # the model's own words
+    assert given["decoder_input_ids"][0, n:].tolist() == tok.encode(
+        " Hello world", add_special_tokens=False
+    )

@@ -128,12 +128,12 @@ def prepare(spec: dict) -> dict:
     calib_data, calib_items = spec.get("calib_data"), spec.get("calib_items")
     calib = None
     if (calib_data or calib_items) and (method.calibrate or method.gptq or method.distill):
-        from wclust.tasks import get_task
+        from wclust.tasks import calibration_data, get_task
 
         task = get_task(loaded.task)
         # a distilling method trains on all of the user's data unless told otherwise
         default = None if method.distill and calib_data else method.calib_items
-        calib = task.load_data(calib_data, calib_items or default)
+        calib = calibration_data(task, calib_data, calib_items or default)
     t0 = time.perf_counter()
     cfg, report = apply_method(method, loaded, calib_samples=calib)
     compress_s = time.perf_counter() - t0 if method.config else 0.0

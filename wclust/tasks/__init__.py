@@ -15,7 +15,7 @@ from typing import Any
 
 from ..registry import TASKS
 
-__all__ = ["Task", "get_task"]
+__all__ = ["Task", "calibration_data", "get_task"]
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,8 @@ class Task:
     evaluate: Any
     default_data: Any
     calibration_batches: Any = None  # (model, processor, data) -> model(**batch) inputs
+    # (path, limit) -> data to calibrate or distil on (may lack labels); None: load_data
+    load_calibration: Any = None
     lower_is_better: bool = True
     # (model, processor, data) -> {name: tensor}: outputs of the original model that
     # ``evaluate(..., reference=...)`` scores against; None for tasks with ground truth.
@@ -41,6 +43,12 @@ def _asr_load(path: str | None, limit: int | None = None, every: int = 1):
     from .asr import builtin_clips_dir, load_audio_dir
 
     return load_audio_dir(path or builtin_clips_dir(), limit=limit, every=every)
+
+
+def _asr_load_calibration(path: str | None, limit: int | None = None):
+    from .asr import builtin_clips_dir, load_audio_dir
+
+    return load_audio_dir(path or builtin_clips_dir(), limit=limit, transcripts=False)
 
 
 def _asr_eval(model, processor, data) -> dict:
@@ -72,7 +80,14 @@ def _asr_calib(model, processor, data):
 
 
 TASKS.register("asr", "speech recognition: WER/CER of greedy Whisper transcripts")(
-    Task("asr", _asr_load, _asr_eval, _asr_default, _asr_calib)
+    Task(
+        "asr",
+        _asr_load,
+        _asr_eval,
+        _asr_default,
+        _asr_calib,
+        load_calibration=_asr_load_calibration,
+    )
 )
 
 
@@ -158,3 +173,10 @@ TASKS.register(
 
 def get_task(name: str) -> Task:
     return TASKS.get(name)
+
+
+def calibration_data(task: Task, path: str | None, limit: int | None = None):
+    """The data ``task`` calibrates or distils on: ``path`` (None: its built-in data),
+    read by ``task.load_calibration`` where the task allows unlabelled data (speech
+    without transcripts), else by ``task.load_data``."""
+    return (task.load_calibration or task.load_data)(path, limit)

@@ -89,7 +89,12 @@ def read_audio(path: str | Path) -> np.ndarray:
     return np.ascontiguousarray(audio, dtype=np.float32)
 
 
-def load_audio_dir(path: str | Path, limit: int | None = None, every: int = 1) -> list[AudioSample]:
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3")
+
+
+def load_audio_dir(
+    path: str | Path, limit: int | None = None, every: int = 1, *, transcripts: bool = True
+) -> list[AudioSample]:
     """Loads the clips listed in ``<path>/transcripts.tsv``.
 
     Args:
@@ -97,6 +102,9 @@ def load_audio_dir(path: str | Path, limit: int | None = None, every: int = 1) -
             columns ``file`` and ``text``; other columns are ignored).
         limit: keep at most this many clips (after ``every``); None keeps all.
         every: keep every n-th row (1 = all), for quick subsets spread over the set.
+        transcripts: False allows a folder without ``transcripts.tsv``: its audio
+            files (``AUDIO_SUFFIXES``, sorted by name) load with empty text (for
+            calibration and distillation, which then use the model's own transcript).
     Returns:
         The clips in file order, as ``AudioSample`` (name = the ``file`` column).
     Raises:
@@ -112,6 +120,14 @@ def load_audio_dir(path: str | Path, limit: int | None = None, every: int = 1) -
             f"ASR data folder not found: {root}; pass a folder holding audio files and {TRANSCRIPTS}"
         )
     tsv = root / TRANSCRIPTS
+    if not tsv.is_file() and not transcripts:
+        files = sorted(p for p in root.iterdir() if p.suffix.lower() in AUDIO_SUFFIXES)
+        if not files:
+            raise ValueError(
+                f"{root} holds neither {TRANSCRIPTS} nor audio files ({', '.join(AUDIO_SUFFIXES)})"
+            )
+        files = files[::every][:limit]
+        return [AudioSample(p.name, read_audio(p), "") for p in files]
     if not tsv.is_file():
         raise ValueError(
             f"{tsv} not found; add a tab-separated {TRANSCRIPTS} with a header line "
@@ -352,7 +368,9 @@ def calibration_batches(model, processor, samples: list[AudioSample]) -> list[di
 
     Args:
         model, processor: as for ``transcribe``.
-        samples: calibration clips (keep them apart from the evaluation clips).
+        samples: calibration clips (keep them apart from the evaluation clips). A clip
+            with empty text is transcribed by ``model`` (greedy) and that transcript,
+            as written, is used instead (pseudo-labels: pass the uncompressed model).
     Returns:
         One dict per clip with ``input_features``, ``decoder_input_ids`` and ``labels``.
     """
@@ -368,7 +386,11 @@ def calibration_batches(model, processor, samples: list[AudioSample]) -> list[di
     out = []
     for s in samples:
         feats = processor.feature_extractor(s.audio, sampling_rate=SAMPLE_RATE, return_tensors="pt")
-        text = tok.encode(" " + s.text.strip().lower().capitalize(), add_special_tokens=False)
+        if s.text.strip():
+            said = s.text.strip().lower().capitalize()
+        else:  # no transcript: the model's own
+            said = transcribe(model, processor, s.audio)
+        text = tok.encode(" " + said, add_special_tokens=False)
         ids = prompt + text + [eot]
         dec = torch.tensor([ids[:-1]])
         labels = torch.tensor([ids[1:]])
