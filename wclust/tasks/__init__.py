@@ -31,12 +31,12 @@ class Task:
     evaluate: Any
     default_data: Any
     calibration_batches: Any = None  # (model, processor, data) -> model(**batch) inputs
-    # (path, limit) -> data to calibrate or distil on (may lack labels); None: load_data
-    load_calibration: Any = None
     lower_is_better: bool = True
     # (model, processor, data) -> {name: tensor}: outputs of the original model that
     # ``evaluate(..., reference=...)`` scores against; None for tasks with ground truth.
     reference: Any = None
+    # (path, limit) -> data to calibrate or distil on (may lack labels); None: load_data
+    load_calibration: Any = None
 
 
 def _asr_load(path: str | None, limit: int | None = None, every: int = 1):
