@@ -296,8 +296,7 @@ def compress(
 
 def _distill(model, teacher, batches, report, data, holdout, epochs, lr) -> dict:
     """``compress --distill-data``: distil in place; returns the file's metadata."""
-    import wclust
-    from wclust.train import split_holdout
+    from wclust.methods import distill_reported_
 
     with console.status("distilling ...") as st:
 
@@ -306,17 +305,22 @@ def _distill(model, teacher, batches, report, data, holdout, epochs, lr) -> dict
             console.print(f"distillation epoch {epoch + 1}: mean KL {kl:.4f}{held} ({secs:.0f} s)")
             st.update(f"distilling: epoch {epoch + 2} of {epochs} ...")
 
-        train, val = _run(split_holdout, batches, holdout)
         done = _run(
-            wclust.distill_, model, teacher, train, val_batches=val, epochs=epochs, lr=lr, log=log
+            distill_reported_,
+            model,
+            teacher,
+            batches,
+            report,
+            holdout=holdout,
+            epochs=epochs,
+            lr=lr,
+            log=log,
         )
-    for entry in report.clustered:  # the weight errors shown are from before
-        entry.method = f"{entry.method}+distill"
     return {
         "distill": {
             "data": str(data),
-            "items": len(train),
-            "held_out": len(val),
+            "items": done["items"],
+            "held_out": done["held_out"],
             "epochs": epochs,
             "kept_epoch": done["best_epoch"],
             "lr": lr,
@@ -403,7 +407,7 @@ def _compress_streaming(model: str, output: Path, cfg, entropy: str | None) -> N
 def _task_batches(loaded, data: str | None, items: int | None, what: str) -> list:
     """The task's model inputs for ``data`` (None: its built-in data), to calibrate on
     or distil on (``what``)."""
-    from wclust.tasks import get_task
+    from wclust.tasks import calibration_data, get_task
 
     flag = "--calibrate none" if what == "calibrate" else "no --distill-data"
     verb = "calibrated" if what == "calibrate" else "distilled"
@@ -413,8 +417,6 @@ def _task_batches(loaded, data: str | None, items: int | None, what: str) -> lis
     if task.calibration_batches is None:
         _fail(f"task {loaded.task!r} has no data a model can be {verb} on; use {flag}")
     with console.status(f"reading {data or 'built-in data'} ..."):
-        from wclust.tasks import calibration_data
-
         samples = _run(calibration_data, task, data, items)
         try:
             return list(task.calibration_batches(loaded.model, loaded.processor, samples))

@@ -571,12 +571,23 @@ def apply_method(method: CompareMethod, loaded, sample_weights=None, calib_sampl
                 entry.rel_error = entry.mse / ms if ms else 0.0
                 entry.method = f"{entry.method}+gptq"
     if teacher is not None:
-        from .train import distill_, split_holdout
-
-        opts = dict(method.distill)
-        train, val = split_holdout(batches, opts.pop("holdout", 0.0))
-        distill_(loaded.model, teacher, train, val_batches=val, **opts)
+        distill_reported_(loaded.model, teacher, batches, report, **method.distill)
         del teacher
-        for entry in report.clustered:  # the weight errors above are from before
-            entry.method = f"{entry.method}+distill"
     return cfg, report
+
+
+def distill_reported_(model, teacher, batches, report, *, holdout: float = 0.0, **opts) -> dict:
+    """Distil ``model`` toward ``teacher`` (``train.distill_`` with ``opts``), holding
+    out the fraction ``holdout`` of ``batches`` for early stopping, and mark the
+    clustered layers of ``report`` as distilled (their weight errors are from before).
+
+    Returns:
+        ``distill_``'s result, plus ``"items"`` and ``"held_out"`` (batch counts).
+    """
+    from .train import distill_, split_holdout
+
+    train, val = split_holdout(batches, holdout)
+    done = distill_(model, teacher, train, val_batches=val, **opts)
+    for entry in report.clustered:
+        entry.method = f"{entry.method}+distill"
+    return {**done, "items": len(train), "held_out": len(val)}
