@@ -176,3 +176,24 @@ def test_early_stopping_keeps_the_best_held_out_state(clustered_pair):
     student = copy.deepcopy(clustered)
     out = wclust.distill_(student, teacher, train, val_batches=val, epochs=2, lr=1e-3)
     assert out["best_epoch"] > 0 and kl_to(teacher, student, val) < start
+
+
+def test_augmented_batches_train_but_are_never_held_out(clustered_pair):
+    """``distill_reported_``'s augment gets the training positions only; its batches
+    count as training items."""
+    from wclust.methods import distill_reported_
+
+    teacher, clustered = clustered_pair
+    student = copy.deepcopy(clustered)
+    batches, asked = whisper_batches(5), []
+
+    def augment(positions):
+        asked.append(list(positions))
+        return whisper_batches(2 * len(positions), seed=7)
+
+    report = wclust.compress_(copy.deepcopy(teacher), wclust.ClusterConfig(bits=2, exclude=()))
+    done = distill_reported_(
+        student, teacher, batches, report, holdout=0.2, augment=augment, epochs=1, lr=1e-3
+    )
+    assert asked == [[0, 1, 2, 3]]  # every 5th (position 4) held out, not augmented
+    assert (done["items"], done["held_out"], done["steps"]) == (12, 1, 12)

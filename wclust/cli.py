@@ -128,6 +128,14 @@ def compress(
     distill_lr: Annotated[
         float, typer.Option(help="learning rate of codebooks and scales (norms, biases: /10)")
     ] = 3e-5,
+    distill_speeds: Annotated[
+        str | None,
+        typer.Option(
+            help="speech: also distil on every training clip played at these speeds "
+            "(comma-separated, e.g. 0.9,1.1: three times the data, tempo and pitch "
+            "changed together); held-out clips are not perturbed"
+        ),
+    ] = None,
     include: Annotated[
         list[str] | None, typer.Option(help="module-name glob to cluster (repeatable)")
     ] = None,
@@ -213,6 +221,9 @@ def compress(
             _fail(f"--distill-holdout must be in [0, 1), got {distill_holdout}")
         if distill_items is not None and distill_items < 1:
             _fail("--distill-items must be positive")
+    speeds = _speeds(distill_speeds)
+    if speeds and distill_data is None:
+        _fail("--distill-speeds needs --distill-data")
     for flag, d in (("--distill-data", distill_data), ("--calib-data", calib_data)):
         if d is not None and ":" not in d and not Path(d).exists():
             _fail(f"{flag} {d}: no such file or folder")
@@ -223,17 +234,31 @@ def compress(
         return
     with console.status(f"loading {model} ..."):
         loaded = _run(load_model, model)
-    sample_weights = teacher = distill_batches = None
+    sample_weights = teacher = distill_batches = augment = None
     if distill_data is not None:
         import copy
 
-        distill_batches = _task_batches(loaded, distill_data, distill_items, "distil")
+        distill_samples, distill_batches = _task_batches(
+            loaded, distill_data, distill_items, "distil"
+        )
         teacher = copy.deepcopy(loaded.model)  # the original, before clustering
+        if speeds:
+            from wclust.methods import augmented_batches
+            from wclust.tasks import get_task
+
+            augment = _run(
+                augmented_batches,
+                get_task(loaded.task),
+                teacher,
+                loaded.processor,
+                distill_samples,
+                speeds,
+            )
     if kind != "none":
         batches = (
             distill_batches
             if distill_data is not None and calib_data is None and calib_items is None
-            else _task_batches(loaded, calib_data, calib_items or 16, "calibrate")
+            else _task_batches(loaded, calib_data, calib_items or 16, "calibrate")[1]
         )
         where = calib_data or distill_data or "built-in data"
         with console.status(f"calibrating ({kind}) on {where} ..."):
@@ -274,6 +299,8 @@ def compress(
             distill_holdout,
             distill_epochs,
             distill_lr,
+            augment,
+            speeds,
         )
         del teacher
     source = model if not Path(model).exists() else str(Path(model).resolve())
@@ -294,7 +321,20 @@ def compress(
     console.print(f"wrote {output} ({output.stat().st_size / 1e6:.2f} MB) in {spent}")
 
 
-def _distill(model, teacher, batches, report, data, holdout, epochs, lr) -> dict:
+def _speeds(text: str | None) -> tuple[float, ...]:
+    """``--distill-speeds`` as factors (empty: none)."""
+    if not text:
+        return ()
+    try:
+        speeds = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        _fail(f"--distill-speeds must be comma-separated numbers such as 0.9,1.1, got {text!r}")
+    if any(not x > 0 or x == 1 for x in speeds):
+        _fail(f"--distill-speeds must be positive factors other than 1, got {text!r}")
+    return speeds
+
+
+def _distill(model, teacher, batches, report, data, holdout, epochs, lr, augment, speeds) -> dict:
     """``compress --distill-data``: distil in place; returns the file's metadata."""
     from wclust.methods import distill_reported_
 
@@ -312,6 +352,7 @@ def _distill(model, teacher, batches, report, data, holdout, epochs, lr) -> dict
             batches,
             report,
             holdout=holdout,
+            augment=augment,
             epochs=epochs,
             lr=lr,
             log=log,
@@ -321,6 +362,7 @@ def _distill(model, teacher, batches, report, data, holdout, epochs, lr) -> dict
             "data": str(data),
             "items": done["items"],
             "held_out": done["held_out"],
+            "speeds": list(speeds),
             "epochs": epochs,
             "kept_epoch": done["best_epoch"],
             "lr": lr,
@@ -404,9 +446,9 @@ def _compress_streaming(model: str, output: Path, cfg, entropy: str | None) -> N
     )
 
 
-def _task_batches(loaded, data: str | None, items: int | None, what: str) -> list:
-    """The task's model inputs for ``data`` (None: its built-in data), to calibrate on
-    or distil on (``what``)."""
+def _task_batches(loaded, data: str | None, items: int | None, what: str) -> tuple[list, list]:
+    """The task's data items for ``data`` (None: its built-in data) and their model
+    inputs, to calibrate on or distil on (``what``)."""
     from wclust.tasks import calibration_data, get_task
 
     flag = "--calibrate none" if what == "calibrate" else "no --distill-data"
@@ -419,7 +461,7 @@ def _task_batches(loaded, data: str | None, items: int | None, what: str) -> lis
     with console.status(f"reading {data or 'built-in data'} ..."):
         samples = _run(calibration_data, task, data, items)
         try:
-            return list(task.calibration_batches(loaded.model, loaded.processor, samples))
+            return samples, list(task.calibration_batches(loaded.model, loaded.processor, samples))
         except (AttributeError, TypeError, ValueError) as e:
             _fail(
                 f"{loaded.name} cannot be {verb}: its processor does not fit task "
@@ -548,8 +590,9 @@ def _inspect(file: Path, as_json: bool, gzip: bool) -> None:
     d = summary["extra"].get("distill")
     if isinstance(d, dict):
         out.print(
-            f"distilled on {d.get('data')} ({d.get('items')} items, {d.get('epochs')} epochs, "
-            f"lr {d.get('lr')}): mean KL per epoch {d.get('kl')}"
+            f"distilled on {d.get('data')} ({d.get('items')} items"
+            + (f" incl. speeds {d['speeds']}" if d.get("speeds") else "")
+            + f", {d.get('epochs')} epochs, lr {d.get('lr')}): mean KL per epoch {d.get('kl')}"
         )
 
 

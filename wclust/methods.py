@@ -32,8 +32,9 @@ class CompareMethod:
     target_bits: float | None = None  # per-layer bits chosen under this average
     gptq: bool = False  # re-choose codes with GPTQ error feedback (input Hessians)
     # distil the compressed model toward the original on the calibration data
-    # (train.distill_ options, e.g. {"epochs": 2, "lr": 3e-5}, and "holdout": the
-    # fraction held out for early stopping); needs the user's real data
+    # (train.distill_ options, e.g. {"epochs": 2, "lr": 3e-5}, "holdout": the
+    # fraction held out for early stopping, "speeds": also train on the training
+    # clips at these speeds); needs the user's real data
     distill: dict | None = None
     # extra["gptq"]: options for gptq_refine_ ({"damp": float, "exclude": [globs]});
     # extra["candidates"]: allocate_bits candidates ((bits, group_size) pairs)
@@ -446,13 +447,20 @@ for _base, _opts in (
     ("fit-4b-enc64-g128-fisher", {"epochs": 2, "lr": 3e-5}),
     ("mixed-fit-4.25b-fisher", {"epochs": 2, "lr": 3e-5}),
     ("mixed-fit-3.25b-fisher", {"epochs": 8, "lr": 5e-5, "holdout": 0.2}),
+    (
+        "mixed-fit-3.25b-fisher",
+        {"epochs": 4, "lr": 5e-5, "holdout": 0.2, "speeds": (0.9, 1.1)},
+    ),
 ):
     _m = METHODS.get(_base)
     _held = f", best of {_opts['holdout']:.0%} held out" if "holdout" in _opts else ""
+    _sp = "-speeds" if "speeds" in _opts else ""
+    if _sp:
+        _held += ", training clips also at speeds " + "/".join(f"{x:g}" for x in _opts["speeds"])
     _add(
         replace(
             _m,
-            name=_base.removesuffix("-fisher") + "-distill",
+            name=_base.removesuffix("-fisher") + "-distill" + _sp,
             label=_m.label + ", then distilled toward the original on the calibration data",
             distill=_opts,
             notes="calibrated and distilled (KL to the original, "
@@ -571,23 +579,60 @@ def apply_method(method: CompareMethod, loaded, sample_weights=None, calib_sampl
                 entry.rel_error = entry.mse / ms if ms else 0.0
                 entry.method = f"{entry.method}+gptq"
     if teacher is not None:
-        distill_reported_(loaded.model, teacher, batches, report, **method.distill)
+        opts = dict(method.distill)
+        speeds = opts.pop("speeds", None)
+        if speeds:
+            opts["augment"] = augmented_batches(task, teacher, loaded.processor, calib, speeds)
+        distill_reported_(loaded.model, teacher, batches, report, **opts)
         del teacher
     return cfg, report
 
 
-def distill_reported_(model, teacher, batches, report, *, holdout: float = 0.0, **opts) -> dict:
+def distill_reported_(
+    model, teacher, batches, report, *, holdout: float = 0.0, augment=None, **opts
+) -> dict:
     """Distil ``model`` toward ``teacher`` (``train.distill_`` with ``opts``), holding
     out the fraction ``holdout`` of ``batches`` for early stopping, and mark the
     clustered layers of ``report`` as distilled (their weight errors are from before).
 
+    Args:
+        augment: optional ``positions -> batches``: more training batches made from
+            the items at these positions of ``batches`` (the training ones; held-out
+            items are never augmented), e.g. :func:`augmented_batches`.
+
     Returns:
-        ``distill_``'s result, plus ``"items"`` and ``"held_out"`` (batch counts).
+        ``distill_``'s result, plus ``"items"`` and ``"held_out"`` (batch counts;
+        ``"items"`` includes the augmented ones).
     """
     from .train import distill_, split_holdout
 
-    train, val = split_holdout(batches, holdout)
+    keep, held = split_holdout(list(range(len(batches))), holdout)
+    train, val = [batches[i] for i in keep], [batches[i] for i in held]
+    if augment is not None:
+        train += list(augment(keep))
     done = distill_(model, teacher, train, val_batches=val, **opts)
     for entry in report.clustered:
         entry.method = f"{entry.method}+distill"
     return {**done, "items": len(train), "held_out": len(val)}
+
+
+def augmented_batches(task, teacher, processor, items: list, speeds):
+    """The ``augment`` of :func:`distill_reported_` for ``items`` (the data the batches
+    were made from, in the same order): ``task.augment`` copies of the chosen items
+    (ASR: played at ``speeds``), as batches (pseudo-labels, if any, from ``teacher``).
+
+    Raises:
+        ValueError: the task cannot augment its data.
+    """
+    if task.augment is None:
+        raise ValueError(
+            f"task {task.name!r} has no data augmentation; drop the speeds (they are for "
+            "speech recognition)"
+        )
+    speeds = tuple(speeds)
+
+    def augment(positions: list[int]) -> list:
+        more = task.augment([items[i] for i in positions], speeds)
+        return list(task.calibration_batches(teacher, processor, more))
+
+    return augment

@@ -130,6 +130,30 @@ def test_distilling_methods_train_on_the_calibration_data(asr_model_dir, two_cli
     assert all(torch.equal(a[k], b[k]) for k in a if k.endswith(".packed"))
 
 
+def test_distilling_methods_can_train_on_speed_perturbed_copies(
+    asr_model_dir, two_clips, monkeypatch
+):
+    import dataclasses
+
+    import wclust.train
+    from wclust.methods import apply_method, get_method
+    from wclust.models import load_model
+    from wclust.tasks.asr import load_audio_dir
+
+    seen, real = [], wclust.train.distill_
+
+    def spy(model, teacher, batches, **kw):
+        seen.append((len(batches), len(kw["val_batches"])))
+        return real(model, teacher, batches, **kw)
+
+    monkeypatch.setattr(wclust.train, "distill_", spy)
+    base = get_method("fit-4b-enc64-g128-distill")
+    method = dataclasses.replace(base, distill={"epochs": 1, "lr": 3e-5, "speeds": (0.9, 1.1)})
+    apply_method(method, load_model(str(asr_model_dir)), calib_samples=load_audio_dir(two_clips))
+    assert seen == [(6, 0)]  # the two clips at three speeds
+    assert get_method("mixed-fit-3.25b-distill-speeds").distill["speeds"] == (0.9, 1.1)
+
+
 def test_compare_refuses_distilling_methods_without_calibration_data(tmp_path):
     r = subprocess.run(
         [sys.executable, "-m", "wclust.cli", "compare", "--methods", "fp32,mixed-fit-3.25b-distill"]

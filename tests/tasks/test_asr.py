@@ -19,6 +19,7 @@ from wclust.tasks.asr import (  # noqa: E402
     evaluate,
     load_audio_dir,
     normalize_text,
+    speed_perturb,
     transcribe,
     wer_cer,
 )
@@ -149,6 +150,31 @@ def test_load_audio_dir_without_transcripts(tmp_path, audio_dir):
     (tmp_path / "none").mkdir()
     with pytest.raises(ValueError, match="neither transcripts.tsv nor audio files"):
         load_audio_dir(tmp_path / "none", transcripts=False)
+
+
+def _peak_hz(audio: np.ndarray) -> float:
+    spectrum = np.abs(np.fft.rfft(audio))
+    return float(np.fft.rfftfreq(len(audio), 1 / SAMPLE_RATE)[spectrum.argmax()])
+
+
+def test_speed_perturb_changes_tempo_and_pitch_together():
+    clip = AudioSample("a.wav", _sine(440, 1.0, SAMPLE_RATE), "HELLO")
+    fast, slow = speed_perturb([clip], (1.1, 0.9))
+    assert [fast.name, slow.name, fast.text, slow.text] == ["a.wav@1.1x", "a.wav@0.9x"] + [
+        "HELLO"
+    ] * 2
+    assert fast.audio.dtype == np.float32
+    assert len(fast.audio) == pytest.approx(SAMPLE_RATE / 1.1, abs=1)
+    assert len(slow.audio) == pytest.approx(SAMPLE_RATE / 0.9, abs=1)
+    assert _peak_hz(fast.audio) == pytest.approx(440 * 1.1, abs=2)  # played faster: higher
+    assert _peak_hz(slow.audio) == pytest.approx(440 * 0.9, abs=2)
+    assert len(speed_perturb([clip, clip], (0.9, 1.1))) == 4
+    for bad in (1.0, 0.0, -1.0):
+        with pytest.raises(ValueError, match="positive and not 1"):
+            speed_perturb([clip], (bad,))
+    long = AudioSample("long", np.zeros(int(28 * SAMPLE_RATE), np.float32), "x")
+    with pytest.raises(ValueError, match="longer than Whisper's 30 s window"):
+        speed_perturb([long], (0.9,))
 
 
 def test_builtin_clips_complete():

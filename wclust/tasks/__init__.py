@@ -37,6 +37,9 @@ class Task:
     reference: Any = None
     # (path, limit) -> data to calibrate or distil on (may lack labels); None: load_data
     load_calibration: Any = None
+    # (data, speeds) -> more items made from ``data`` (e.g. speed-perturbed clips) to
+    # distil on; None: the task cannot augment its data
+    augment: Any = None
 
 
 def _asr_load(path: str | None, limit: int | None = None, every: int = 1):
@@ -49,6 +52,12 @@ def _asr_load_calibration(path: str | None, limit: int | None = None):
     from .asr import builtin_clips_dir, load_audio_dir
 
     return load_audio_dir(path or builtin_clips_dir(), limit=limit, transcripts=False)
+
+
+def _asr_augment(data, speeds):
+    from .asr import speed_perturb
+
+    return speed_perturb(data, speeds)
 
 
 def _asr_eval(model, processor, data) -> dict:
@@ -87,6 +96,7 @@ TASKS.register("asr", "speech recognition: WER/CER of greedy Whisper transcripts
         _asr_default,
         _asr_calib,
         load_calibration=_asr_load_calibration,
+        augment=_asr_augment,
     )
 )
 
