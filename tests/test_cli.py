@@ -204,15 +204,19 @@ def test_compress_distils_on_speed_perturbed_copies_too(asr_model_dir, two_clips
     out = tmp_path / "s.wclust"
     args = ["compress", asr_model_dir, "-o", out, "--bits", "3", "--method", "scaled-fit"]
     args += ["--group-size", "64", "--distill-epochs", "1", "--distill-data", two_clips]
-    r = wclust(*args, "--distill-speeds", "0.9,1.1", "--distill-holdout", "0.5")
+    r = wclust(
+        *args, "--distill-speeds", "0.9,1.1", "--distill-holdout", "0.5", "--distill-hidden", "0.5"
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     d = json.loads(wclust("inspect", out, "--json").stdout)["extra"]["distill"]
     # one clip held out, the other trained on at three speeds
-    assert (d["items"], d["held_out"], d["speeds"]) == (3, 1, [0.9, 1.1])
+    assert (d["items"], d["held_out"], d["speeds"], d["hidden"]) == (3, 1, [0.9, 1.1], 0.5)
     assert "incl. speeds [0.9, 1.1]" in wclust("inspect", out).stdout.replace("\n", " ")
     for speeds, said in (("fast", "comma-separated numbers"), ("1,1.1", "other than 1")):
         bad = wclust(*args, "--distill-speeds", speeds)
         assert bad.returncode == 2 and said in bad.stderr.replace("\n", " ")
+    bad = wclust(*args, "--distill-hidden", "-1")
+    assert bad.returncode == 2 and "--distill-hidden must be >= 0" in bad.stderr.replace("\n", " ")
     bad = wclust(*args[:-2], "--distill-speeds", "0.9")
     assert bad.returncode == 2 and "needs --distill-data" in bad.stderr.replace("\n", " ")
 

@@ -128,6 +128,13 @@ def compress(
     distill_lr: Annotated[
         float, typer.Option(help="learning rate of codebooks and scales (norms, biases: /10)")
     ] = 3e-5,
+    distill_hidden: Annotated[
+        float,
+        typer.Option(
+            help="weight of matching every layer's output (relative squared error to the "
+            "original's, summed over layers) next to the output KL; 0: the output KL alone"
+        ),
+    ] = 0.0,
     distill_speeds: Annotated[
         str | None,
         typer.Option(
@@ -219,6 +226,8 @@ def compress(
             _fail("--distill-epochs must be >= 1 and --distill-lr positive")
         if not 0 <= distill_holdout < 1:
             _fail(f"--distill-holdout must be in [0, 1), got {distill_holdout}")
+        if not distill_hidden >= 0:
+            _fail(f"--distill-hidden must be >= 0, got {distill_hidden}")
         if distill_items is not None and distill_items < 1:
             _fail("--distill-items must be positive")
     speeds = _speeds(distill_speeds)
@@ -301,6 +310,7 @@ def compress(
             distill_lr,
             augment,
             speeds,
+            distill_hidden,
         )
         del teacher
     source = model if not Path(model).exists() else str(Path(model).resolve())
@@ -334,7 +344,9 @@ def _speeds(text: str | None) -> tuple[float, ...]:
     return speeds
 
 
-def _distill(model, teacher, batches, report, data, holdout, epochs, lr, augment, speeds) -> dict:
+def _distill(
+    model, teacher, batches, report, data, holdout, epochs, lr, augment, speeds, hidden
+) -> dict:
     """``compress --distill-data``: distil in place; returns the file's metadata."""
     from wclust.methods import distill_reported_
 
@@ -355,6 +367,7 @@ def _distill(model, teacher, batches, report, data, holdout, epochs, lr, augment
             augment=augment,
             epochs=epochs,
             lr=lr,
+            hidden=hidden,
             log=log,
         )
     return {
@@ -363,6 +376,7 @@ def _distill(model, teacher, batches, report, data, holdout, epochs, lr, augment
             "items": done["items"],
             "held_out": done["held_out"],
             "speeds": list(speeds),
+            "hidden": hidden,
             "epochs": epochs,
             "kept_epoch": done["best_epoch"],
             "lr": lr,

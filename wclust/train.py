@@ -287,6 +287,21 @@ def _logits(out) -> torch.Tensor:
     return logits
 
 
+def _hidden_states(out) -> list[torch.Tensor]:
+    """Every hidden state a ``transformers`` output carries (encoder's, then
+    decoder's, for encoder-decoder models)."""
+    states = []
+    for name in ("encoder_hidden_states", "decoder_hidden_states", "hidden_states"):
+        states += list(getattr(out, name, None) or ())
+    if not states:
+        raise ValueError(
+            "hidden-state matching needs a model that returns hidden states when called "
+            f"with output_hidden_states=True (a transformers model); it returned "
+            f"{type(out).__name__}; use hidden=0"
+        )
+    return states
+
+
 def _model_inputs(batch):
     """A batch without its labels: distillation needs no loss from the model."""
     if isinstance(batch, dict):
@@ -327,6 +342,7 @@ def distill_(
     val_batches: list | None = None,
     seed: int = 0,
     cache_bytes: float = 2e9,
+    hidden: float = 0.0,
     log: Callable[[int, float, float | None, float], None] | None = None,
 ) -> dict:
     """Distill a clustered model toward its uncompressed original, in place.
@@ -358,8 +374,16 @@ def distill_(
             before training and after every epoch, and the model ends in the state
             with the lowest one (early stopping; never worse on them than before).
         seed: seed of the batch order.
-        cache_bytes: keep the teacher's log-probabilities in memory when they take
-            at most this many bytes (else the teacher runs again at every step).
+        cache_bytes: keep the teacher's log-probabilities (and hidden states) in
+            memory when they take at most this many bytes (else the teacher runs again
+            at every step).
+        hidden: weight of a second loss term that also matches every hidden state
+            (each layer's output, as ``output_hidden_states=True`` returns them): the
+            sum over states of the mean squared difference to the teacher's, relative
+            to the mean square of the teacher's (a per-layer reconstruction signal, far
+            richer per example than the output distribution; dict inputs of a
+            ``transformers`` model only). 0: the output KL alone. The reported KL
+            stays the output KL.
         log: optional callback ``(epoch, mean training KL, held-out KL or None,
             seconds)``.
 
@@ -390,27 +414,53 @@ def distill_(
             "the teacher must be a separate, uncompressed model (copy.deepcopy(model) "
             "before compress_)"
         )
+    if not hidden >= 0:
+        raise ValueError(f"hidden must be >= 0, got {hidden!r}")
     cws = _all_cws(model)
     everything = batches + val
     teacher_mode = teacher.training
     teacher.eval()
 
-    @torch.no_grad()
-    def target(i: int) -> torch.Tensor:
-        out = _forward(teacher, _model_inputs(everything[i]))
-        return F.log_softmax(_logits(out).float(), -1)
+    def inputs(i: int):
+        x = _model_inputs(everything[i])
+        if hidden:
+            if not isinstance(x, dict):
+                raise ValueError("hidden-state matching needs dict inputs (keyword arguments)")
+            x = {**x, "output_hidden_states": True}
+        return x
 
-    cache: list[torch.Tensor] | None = None
+    @torch.no_grad()
+    def target(i: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        out = _forward(teacher, inputs(i))
+        # bfloat16: half the memory, rounding far below the errors being matched
+        states = [h.detach().to(torch.bfloat16) for h in _hidden_states(out)] if hidden else []
+        return F.log_softmax(_logits(out).float(), -1), states
+
+    def nbytes(t) -> int:
+        return sum(x.numel() * x.element_size() for x in [t[0], *t[1]])
+
+    cache: list | None = None
     first = target(0)
-    if first.numel() * first.element_size() * len(everything) <= cache_bytes:
+    if nbytes(first) * len(everything) <= cache_bytes:
         cache = [first] + [target(i) for i in range(1, len(everything))]
 
-    def kl(i: int) -> torch.Tensor:
-        tgt = cache[i] if cache is not None else target(i)
-        logits = _logits(_forward(model, _model_inputs(everything[i])))
-        return F.kl_div(
-            F.log_softmax(logits.float(), -1), tgt, log_target=True, reduction="batchmean"
+    def losses(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(output KL, training loss) of item ``i``."""
+        tgt, tgt_states = cache[i] if cache is not None else target(i)
+        out = _forward(model, inputs(i))
+        kl = F.kl_div(
+            F.log_softmax(_logits(out).float(), -1), tgt, log_target=True, reduction="batchmean"
         )
+        if not hidden:
+            return kl, kl
+        rel = sum(
+            (s.float() - t.float()).pow(2).mean() / t.float().pow(2).mean().clamp_min(1e-12)
+            for s, t in zip(_hidden_states(out), tgt_states, strict=True)
+        )
+        return kl, kl + hidden * rel
+
+    def kl(i: int) -> torch.Tensor:
+        return losses(i)[0]
 
     params = trainable_codebooks_(model, scales=scales)
     ids = {id(p) for p in params}
@@ -438,7 +488,7 @@ def distill_(
         for epoch in range(epochs):
             total, t0 = 0.0, time.perf_counter()
             for i in torch.randperm(len(batches), generator=gen).tolist():
-                loss = kl(i)
+                out_kl, loss = losses(i)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -446,7 +496,7 @@ def distill_(
                     for p in positive:  # a scale stays a (positive) scale
                         p.clamp_(min=1e-8)
                 _zero_pruned_centroids(cws)
-                total += float(loss.detach())
+                total += float(out_kl.detach())
                 steps += 1
             kls.append(total / len(batches))
             if val:
