@@ -116,6 +116,8 @@ def main() -> None:
                 flush=True,
             )
             del student
+            if args.out:  # partial: the folds done so far (None for the others)
+                Path(args.out).write_text(json.dumps({**rows, name + " (partial)": hyps}, indent=1))
         if args.distill_epochs and args.before:
             s = wer_cer(refs, before)
             rows[name] = before
