@@ -211,6 +211,7 @@ def test_compress_distils_on_speed_perturbed_copies_too(asr_model_dir, two_clips
     d = json.loads(wclust("inspect", out, "--json").stdout)["extra"]["distill"]
     # one clip held out, the other trained on at three speeds
     assert (d["items"], d["held_out"], d["speeds"], d["hidden"]) == (3, 1, [0.9, 1.1], 0.5)
+    assert len(d["hidden_error"]) == 1 and d["hidden_error"][0] > 0
     assert "incl. speeds [0.9, 1.1]" in wclust("inspect", out).stdout.replace("\n", " ")
     for speeds, said in (("fast", "comma-separated numbers"), ("1,1.1", "other than 1")):
         bad = wclust(*args, "--distill-speeds", speeds)

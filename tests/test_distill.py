@@ -226,6 +226,8 @@ def test_hidden_state_matching_reconstructs_every_layer(clustered_pair):
         out = wclust.distill_(student, teacher, train, epochs=3, lr=1e-3, hidden=hidden)
         errors[hidden], kls[hidden] = _hidden_error(teacher, student, val), out["kl"]
         assert kls[hidden][-1] < kls[hidden][0]  # the reported loss is still the output KL
+        assert len(out["hidden"]) == (3 if hidden else 0)
+    assert out["hidden"][-1] < out["hidden"][0]  # and the layers' error is reported apart
     assert errors[1.0] < 0.9 * errors[0.0] < start
     # recomputed teacher states (no cache) train the same
     student = copy.deepcopy(clustered)

@@ -377,6 +377,7 @@ def _distill(
             "held_out": done["held_out"],
             "speeds": list(speeds),
             "hidden": hidden,
+            "hidden_error": done["hidden"],
             "epochs": epochs,
             "kept_epoch": done["best_epoch"],
             "lr": lr,

@@ -388,8 +388,9 @@ def distill_(
             seconds)``.
 
     Returns:
-        ``{"kl": [mean training KL per epoch], "val_kl": [held-out KL before
-        training and after each epoch] (empty without ``val_batches``), "best_epoch":
+        ``{"kl": [mean training KL per epoch], "hidden": [mean summed relative
+        hidden-state error per epoch] (empty without ``hidden``), "val_kl": [held-out
+        KL before training and after each epoch] (empty without ``val_batches``), "best_epoch":
         epochs trained in the kept state, "steps": int, "seconds": float}``. The
         codebooks, scales and offsets end frozen in their storage dtypes, ready for
         ``wclust.save`` and the inference kernels.
@@ -479,14 +480,14 @@ def distill_(
     def held_out() -> float:
         return sum(float(kl(len(batches) + j)) for j in range(len(val))) / len(val)
 
-    kls, val_kls, steps, t_start = [], [], 0, time.perf_counter()
+    kls, val_kls, hid, steps, t_start = [], [], [], 0, time.perf_counter()
     best = (float("inf"), 0, None)  # (held-out KL, epoch, saved tensors)
     try:
         if val:
             val_kls.append(held_out())
             best = (val_kls[0], 0, [p.detach().clone() for p in trained])
         for epoch in range(epochs):
-            total, t0 = 0.0, time.perf_counter()
+            total, total_hid, t0 = 0.0, 0.0, time.perf_counter()
             for i in torch.randperm(len(batches), generator=gen).tolist():
                 out_kl, loss = losses(i)
                 opt.zero_grad(set_to_none=True)
@@ -497,18 +498,22 @@ def distill_(
                         p.clamp_(min=1e-8)
                 _zero_pruned_centroids(cws)
                 total += float(out_kl.detach())
+                total_hid += float((loss - out_kl).detach()) / hidden if hidden else 0.0
                 steps += 1
             kls.append(total / len(batches))
+            if hidden:
+                hid.append(total_hid / len(batches))
             if val:
                 val_kls.append(held_out())
                 if val_kls[-1] < best[0]:
                     best = (val_kls[-1], epoch + 1, [p.detach().clone() for p in trained])
             secs, held = time.perf_counter() - t0, val_kls[-1] if val else None
             logger.info(
-                "distillation epoch %d: mean KL %.4f, held-out %s (%.0f s)",
+                "distillation epoch %d: mean KL %.4f, held-out %s%s (%.0f s)",
                 epoch + 1,
                 kls[-1],
                 "-" if held is None else f"{held:.4f}",
+                f", hidden-state error {hid[-1]:.4f}" if hidden else "",
                 secs,
             )
             if log:
@@ -523,6 +528,7 @@ def distill_(
         freeze_codebooks_(model)
     return {
         "kl": kls,
+        "hidden": hid,
         "val_kl": val_kls,
         "best_epoch": best[1] if val else epochs,
         "steps": steps,
