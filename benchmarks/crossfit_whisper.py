@@ -53,9 +53,20 @@ def main() -> None:
     ap.add_argument("--methods", default="fit-4b-enc64-g128-fisher")
     ap.add_argument("--folds", type=int, default=2)
     ap.add_argument(
+        "--only-fold",
+        type=int,
+        help="screen: run this block only (0-based) and score its clips alone",
+    )
+    ap.add_argument(
         "--distill-epochs", type=int, default=0, help="distil a method that does not (epochs)"
     )
     ap.add_argument("--lr", type=float, default=3e-5, help="with --distill-epochs")
+    ap.add_argument(
+        "--distill-opts",
+        type=json.loads,
+        default={},
+        help="override a *-distill method's options, JSON: '{\"hidden\": 10}'",
+    )
     ap.add_argument("--fp32", action="store_true", help="also decode the fp32 model")
     ap.add_argument(
         "--pseudo-labels",
@@ -74,6 +85,10 @@ def main() -> None:
     task = get_task(base.task)
     clips = task.load_data(args.data, None, 1)
     blocks = folds(len(clips), args.folds)
+    scored = range(len(clips))
+    if args.only_fold is not None:
+        blocks = [blocks[args.only_fold]]
+        scored = blocks[0]
     refs = [c.text for c in clips]
     print(f"{len(clips)} clips, folds {[(b.start, b.stop) for b in blocks]}", flush=True)
     rows = {"names": [c.name for c in clips], "references": refs}
@@ -84,6 +99,11 @@ def main() -> None:
         rows["fp32"] = r["hypotheses"]
     for name in args.methods.split(","):
         method = get_method(name)
+        if args.distill_opts:
+            if method.distill is None:
+                raise SystemExit(f"--distill-opts: {name} does not distil")
+            method = dataclasses.replace(method, distill={**method.distill, **args.distill_opts})
+            name += " " + json.dumps(args.distill_opts)
         hyps: list[str | None] = [None] * len(clips)
         before: list[str | None] = [None] * len(clips)
         bits, secs = [], 0.0
@@ -119,18 +139,19 @@ def main() -> None:
             if args.out:  # partial: the folds done so far (None for the others)
                 Path(args.out).write_text(json.dumps({**rows, name + " (partial)": hyps}, indent=1))
         if args.distill_epochs and args.before:
-            s = wer_cer(refs, before)
+            s = wer_cer([refs[i] for i in scored], [before[i] for i in scored])
             rows[name] = before
             print(
                 f"{name} before distillation: WER {s['wer']:.2f}% CER {s['cer']:.2f}%", flush=True
             )
-        s = wer_cer(refs, hyps)
+        s = wer_cer([refs[i] for i in scored], [hyps[i] for i in scored])
         tag = f" + distill {args.distill_epochs} ep lr {args.lr:g}" if args.distill_epochs else ""
         tag += " (pseudo-labels)" if args.pseudo_labels else ""
         rows[name + tag] = hyps
         print(
             f"{name}{tag}: {max(bits):.3f} bits/weight, WER {s['wer']:.2f}% CER {s['cer']:.2f}% "
-            f"(all {len(clips)} clips, cross-fitted), compress {secs / len(blocks):.0f} s per fold",
+            f"({len(scored)} of {len(clips)} clips, cross-fitted), compress "
+            f"{secs / len(blocks):.0f} s per fold",
             flush=True,
         )
         if args.out:
