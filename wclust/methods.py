@@ -447,20 +447,13 @@ for _base, _opts in (
     ("fit-4b-enc64-g128-fisher", {"epochs": 2, "lr": 3e-5}),
     ("mixed-fit-4.25b-fisher", {"epochs": 2, "lr": 3e-5}),
     ("mixed-fit-3.25b-fisher", {"epochs": 8, "lr": 5e-5, "holdout": 0.2}),
-    (
-        "mixed-fit-3.25b-fisher",
-        {"epochs": 4, "lr": 5e-5, "holdout": 0.2, "speeds": (0.9, 1.1)},
-    ),
     ("mixed-fit-3.25b-fisher", {"epochs": 8, "lr": 5e-5, "holdout": 0.2, "hidden": 1.0}),
 ):
     _m = METHODS.get(_base)
     _held = f", best of {_opts['holdout']:.0%} held out" if "holdout" in _opts else ""
     _sp = ""
-    if "speeds" in _opts:
-        _sp += "-speeds"
-        _held += ", training clips also at speeds " + "/".join(f"{x:g}" for x in _opts["speeds"])
     if "hidden" in _opts:
-        _sp += "-hidden"
+        _sp = "-hidden"
         _held += f", every layer's output matched too (weight {_opts['hidden']:g})"
     _add(
         replace(

@@ -151,7 +151,6 @@ def test_distilling_methods_can_train_on_speed_perturbed_copies(
     method = dataclasses.replace(base, distill={"epochs": 1, "lr": 3e-5, "speeds": (0.9, 1.1)})
     apply_method(method, load_model(str(asr_model_dir)), calib_samples=load_audio_dir(two_clips))
     assert seen == [(6, 0)]  # the two clips at three speeds
-    assert get_method("mixed-fit-3.25b-distill-speeds").distill["speeds"] == (0.9, 1.1)
 
 
 def test_compare_refuses_distilling_methods_without_calibration_data(tmp_path):
