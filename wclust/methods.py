@@ -34,7 +34,8 @@ class CompareMethod:
     # distil the compressed model toward the original on the calibration data
     # (train.distill_ options, e.g. {"epochs": 2, "lr": 3e-5}, "holdout": the
     # fraction held out for early stopping, "speeds": also train on the training
-    # clips at these speeds); needs the user's real data
+    # clips at these speeds, "hidden": weight of matching every layer's output);
+    # needs the user's real data
     distill: dict | None = None
     # extra["gptq"]: options for gptq_refine_ ({"damp": float, "exclude": [globs]});
     # extra["candidates"]: allocate_bits candidates ((bits, group_size) pairs)
@@ -452,14 +453,14 @@ for _base, _opts in (
 ):
     _m = METHODS.get(_base)
     _held = f", best of {_opts['holdout']:.0%} held out" if "holdout" in _opts else ""
-    _sp = ""
+    _suffix = ""
     if "hidden" in _opts:
-        _sp = "-hidden"
+        _suffix = "-hidden"
         _held += f", every layer's output matched too (weight {_opts['hidden']:g})"
     _add(
         replace(
             _m,
-            name=_base.removesuffix("-fisher") + "-distill" + _sp,
+            name=_base.removesuffix("-fisher") + "-distill" + _suffix,
             label=_m.label + ", then distilled toward the original on the calibration data",
             distill=_opts,
             notes="calibrated and distilled (KL to the original, "

@@ -422,9 +422,14 @@ def distill_(
     teacher_mode = teacher.training
     teacher.eval()
 
+    def matched(i: int) -> bool:
+        """Whether item ``i`` also matches hidden states (training items only: the
+        held-out ones are scored by the output KL alone)."""
+        return bool(hidden) and i < len(batches)
+
     def inputs(i: int):
         x = _model_inputs(everything[i])
-        if hidden:
+        if matched(i):
             if not isinstance(x, dict):
                 raise ValueError("hidden-state matching needs dict inputs (keyword arguments)")
             x = {**x, "output_hidden_states": True}
@@ -434,7 +439,7 @@ def distill_(
     def target(i: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
         out = _forward(teacher, inputs(i))
         # bfloat16: half the memory, rounding far below the errors being matched
-        states = [h.detach().to(torch.bfloat16) for h in _hidden_states(out)] if hidden else []
+        states = [h.detach().to(torch.bfloat16) for h in _hidden_states(out)] if matched(i) else []
         return F.log_softmax(_logits(out).float(), -1), states
 
     def nbytes(t) -> int:
@@ -445,20 +450,20 @@ def distill_(
     if nbytes(first) * len(everything) <= cache_bytes:
         cache = [first] + [target(i) for i in range(1, len(everything))]
 
-    def losses(i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(output KL, training loss) of item ``i``."""
+    def losses(i: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(output KL, summed relative hidden-state error or None) of item ``i``."""
         tgt, tgt_states = cache[i] if cache is not None else target(i)
         out = _forward(model, inputs(i))
         kl = F.kl_div(
             F.log_softmax(_logits(out).float(), -1), tgt, log_target=True, reduction="batchmean"
         )
-        if not hidden:
-            return kl, kl
+        if not matched(i):
+            return kl, None
         rel = sum(
             (s.float() - t.float()).pow(2).mean() / t.float().pow(2).mean().clamp_min(1e-12)
             for s, t in zip(_hidden_states(out), tgt_states, strict=True)
         )
-        return kl, kl + hidden * rel
+        return kl, rel
 
     def kl(i: int) -> torch.Tensor:
         return losses(i)[0]
@@ -489,7 +494,8 @@ def distill_(
         for epoch in range(epochs):
             total, total_hid, t0 = 0.0, 0.0, time.perf_counter()
             for i in torch.randperm(len(batches), generator=gen).tolist():
-                out_kl, loss = losses(i)
+                out_kl, rel = losses(i)
+                loss = out_kl if rel is None else out_kl + hidden * rel
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -498,7 +504,7 @@ def distill_(
                         p.clamp_(min=1e-8)
                 _zero_pruned_centroids(cws)
                 total += float(out_kl.detach())
-                total_hid += float((loss - out_kl).detach()) / hidden if hidden else 0.0
+                total_hid += 0.0 if rel is None else float(rel.detach())
                 steps += 1
             kls.append(total / len(batches))
             if hidden:
