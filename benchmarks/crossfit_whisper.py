@@ -115,6 +115,14 @@ def main() -> None:
             student = copy.deepcopy(base)
             t0 = time.perf_counter()
             _, report = apply_method(method, student, calib_samples=calib)
+            for layer in report.layers:
+                if layer.row_split:  # where the allocator put the bits of a split layer
+                    ranges = ", ".join(
+                        f"{a}-{b}: {r['bits']}-bit/{r['group_size']}"
+                        for r in layer.row_split
+                        for a, b in [r["rows"]]
+                    )
+                    print(f"  {layer.name} rows {ranges}", flush=True)
             if args.distill_epochs and args.before:
                 with torch.inference_mode():
                     r = evaluate(student.model, base.processor, [clips[i] for i in block])

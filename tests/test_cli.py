@@ -148,6 +148,31 @@ def test_compress_with_target_bits_meets_the_budget(model_dir, tmp_path):
     assert r.returncode == 2 and "cannot be calibrated" in r.stderr.replace("\n", " ")
 
 
+def test_compress_with_row_split_chooses_bits_per_row_range(model_dir, tmp_path):
+    out = tmp_path / "rows.wclust"
+    emb = "model.decoder.embed_tokens"
+    args = ["--target-bits", "5", "--calibrate", "none", "--row-split", f"{emb}=100,200"]
+    r = wclust("compress", model_dir, "-o", out, *args)
+    assert r.returncode == 0, r.stderr[-2000:]
+    d = json.loads(wclust("inspect", out, "--json").stdout)
+    assert d["bits_per_weight"] <= 5
+    (layer,) = [x for x in d["layers"] if x["name"] == emb]
+    assert [x["rows"] for x in layer["row_split"]] == [[0, 100], [100, 200], [200, 300]]
+    assert layer["bits"] == max(x["bits"] for x in layer["row_split"])
+    import wclust as wc
+
+    m = wc.load(out)
+    assert m.model.decoder.embed_tokens.clustered.bounds == [0, 100, 200, 300]
+    r = wclust("inspect", out)
+    shown = "/".join(str(x["bits"]) for x in layer["row_split"])
+    assert r.returncode == 0 and shown in r.stdout
+    for bad in (f"{emb}", f"{emb}=a,b", "=100"):
+        r = wclust("compress", model_dir, "-o", out, "--row-split", bad)
+        assert r.returncode == 2 and "GLOB=ROW,ROW" in r.stderr.replace("\n", " ")
+    r = wclust("compress", model_dir, "-o", out, "--row-split", f"{emb}=200,100")
+    assert r.returncode == 2 and "above 200" in r.stderr.replace("\n", " ")
+
+
 def test_compress_layers_preset(model_dir, tmp_path):
     out = tmp_path / "attn.wclust"
     r = wclust("compress", model_dir, "-o", out, "--bits", "3", "--layers", "attention")

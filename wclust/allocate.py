@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .api import TENSOR_METHODS, _skip_reason, _weight_owners, layer_type
-from .config import ClusterConfig
+from .config import ClusterConfig, row_segments
 
 __all__ = ["GROUP_CANDIDATES", "WIDTHS", "allocate_bits"]
 
@@ -51,6 +51,9 @@ def allocate_bits(
             default ``WIDTHS``.
         progress: callback ``(layer name, index, total)``.
 
+    A layer with a ``row_split`` override chooses a setting for each of its row
+    ranges (``bits`` and ``summary`` name them ``layer[start:end]``).
+
     Returns:
         (config with one ``bits`` (and ``group_size``) override per selected layer,
         summary dict with the chosen widths (``bits``), group sizes (``group_size``,
@@ -71,6 +74,7 @@ def allocate_bits(
             fixed += t.numel() * t.element_size()
     cands = [c if isinstance(c, tuple) else (c, None) for c in candidates or WIDTHS]
     options: dict[str, list[tuple[tuple[int, int | None], int, float]]] = {}
+    splits: dict[str, list[tuple[str, int]]] = {}  # split layer: [(unit, until row)]
     for i, (w, owners) in enumerate(groups):
         name = owners[0][0]
         settings = cfg.for_layer(name)
@@ -86,21 +90,36 @@ def allocate_bits(
         sw = sample_weights.get(name)
         if sw is not None and layer_type(owners[0][1]) == "Conv1D":
             sw = sw.t()
-        opts = []
-        for b, gs in cands:
-            s = {**settings, "bits": b, "n_clusters": None}
-            if gs is not None:
-                s["group_size"] = gs
-            try:
-                cw, st = TENSOR_METHODS.get(s["method"])(data, s, sw, cfg.seed)
-            except ValueError:
-                continue
-            total_w = float(sw.double().sum()) if sw is not None else float(data.numel())
-            opts.append(((b, gs), cw.nbytes, st["mse"] * total_w))
-        if not opts:
+        units = [(name, data, sw, settings)]
+        if settings.get("row_split"):  # each row range chooses its own setting
+            units, n_rows = [], data.shape[0]
+            for seg in row_segments(settings, where=name):
+                a, e = seg["rows"]
+                e = n_rows if e is None else e
+                if not a < e <= n_rows:
+                    raise ValueError(f"{name}: row_split needs rows below {n_rows}, got {e}")
+                part_sw = sw[a:e] if sw is not None else None
+                units.append((f"{name}[{a}:{e}]", data[a:e], part_sw, seg))
+                splits.setdefault(name, []).append((f"{name}[{a}:{e}]", e))
+        unit_opts = {}
+        for unit, udata, usw, useg in units:
+            opts = []
+            for b, gs in cands:
+                s = {**useg, "bits": b, "n_clusters": None}
+                if gs is not None:
+                    s["group_size"] = gs
+                try:
+                    cw, st = TENSOR_METHODS.get(s["method"])(udata, s, usw, cfg.seed)
+                except ValueError:
+                    continue
+                total_w = float(usw.double().sum()) if usw is not None else float(udata.numel())
+                opts.append(((b, gs), cw.nbytes, st["mse"] * total_w))
+            unit_opts[unit] = sorted(opts, key=lambda o: (o[1], o[2]))
+        if not all(unit_opts.values()):
             fixed += w.numel() * w.element_size()
+            splits.pop(name, None)
             continue
-        options[name] = sorted(opts, key=lambda o: (o[1], o[2]))
+        options.update(unit_opts)
     budget = target_bits * total_numel / 8 - fixed
     choice = {n: 0 for n in options}
     used = sum(o[0][1] for o in options.values())
@@ -130,8 +149,24 @@ def allocate_bits(
     chosen = {n: options[n][j][0] for n, j in choice.items()}
     bits = {n: b for n, (b, _) in chosen.items()}
     overrides = dict(cfg.overrides)
+
+    def _setting(b, gs):
+        return {"bits": b} if gs is None else {"bits": b, "group_size": gs}
+
+    in_split = {u for units in splits.values() for u, _ in units}
     for n, (b, gs) in chosen.items():
-        overrides[n] = {"bits": b} if gs is None else {"bits": b, "group_size": gs}
+        if n not in in_split:
+            overrides[n] = {**overrides.get(n, {}), **_setting(b, gs)}
+    for n, units in splits.items():
+        user = cfg.for_layer(n)["row_split"]  # the user's ranges (their other fields kept)
+        split = [
+            {**seg, **_setting(*chosen[u])} for seg, (u, _) in zip(user, units[:-1], strict=True)
+        ]
+        overrides[n] = {
+            **overrides.get(n, {}),
+            **_setting(*chosen[units[-1][0]]),
+            "row_split": split,
+        }
     new_cfg = cfg.replace(overrides=overrides)
     summary = {
         "bits": bits,

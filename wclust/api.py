@@ -12,7 +12,13 @@ from torch import nn
 from .config import SUPPORTED_LAYER_TYPES, ClusterConfig
 from .core.codebook import cluster_tensor
 from .core.quantizers import nf4, rtn, scaled_kmeans
-from .nn.modules import ClusteredWeight, is_clustered, swap_weight, unswap_weight
+from .nn.modules import (
+    ClusteredWeight,
+    RowSplitWeight,
+    is_clustered,
+    swap_weight,
+    unswap_weight,
+)
 from .registry import Registry
 from .report.layers import CompressionReport, LayerReport
 
@@ -284,14 +290,17 @@ def _compress_weight(
     if sw is not None and transpose:
         sw = sw.t()
     t0 = time.perf_counter()
-    meta = {k: settings[k] for k in ("method", "granularity", "group_size", "codebook_dtype")}
     try:
-        cw, st = TENSOR_METHODS.get(settings["method"])(data, settings, sw, cfg.seed)
+        if settings.get("row_split"):
+            cw, st = _cluster_row_split(data, settings, sw, cfg.seed, name)
+        else:
+            cw, st = _cluster_settings(data, settings, sw, cfg.seed)
     except ValueError as e:
         entry.reason = f"cannot cluster: {e}"
         return entry, None
     cw.transpose = transpose
-    cw.meta = {**meta, **st}
+    if isinstance(cw, RowSplitWeight):
+        entry.row_split = st["row_split"]
     ms = _mean_square(data)
     entry.status = "clustered"
     entry.method = settings["method"]
@@ -299,7 +308,7 @@ def _compress_weight(
     entry.group_size = st.get("group_size")
     entry.codebook_dtype = st.get("codebook_dtype", settings["codebook_dtype"])
     entry.bits = cw.bits
-    entry.n_clusters = cw.codebook.shape[1]
+    entry.n_clusters = st["n_clusters_max"]
     entry.n_codebooks = cw.n_codebooks
     entry.distinct_values = st["distinct"]
     entry.mse = st["mse"]
@@ -307,6 +316,55 @@ def _compress_weight(
     entry.bytes_after = cw.nbytes
     entry.seconds = time.perf_counter() - t0
     return entry, cw
+
+
+def _cluster_settings(data, settings, sw, seed):
+    """One tensor clustered with one layer's settings: (ClusteredWeight, stats)."""
+    meta = {k: settings[k] for k in ("method", "granularity", "group_size", "codebook_dtype")}
+    cw, st = TENSOR_METHODS.get(settings["method"])(data, settings, sw, seed)
+    cw.meta = {**meta, **st}
+    st = {**st, "n_clusters_max": cw.codebook.shape[1]}
+    return cw, st
+
+
+def _cluster_row_split(data, settings, sw, seed, name):
+    """The rows of ``data`` clustered range by range (``row_split``), each range as
+    its own tensor: (RowSplitWeight, stats combined over the ranges, weighted)."""
+    from .config import row_segments
+
+    n_rows = data.shape[0]
+    parts, stats, split = [], [], []
+    for seg in row_segments(settings, where=name):
+        start, end = seg["rows"]
+        end = n_rows if end is None else end
+        if end > n_rows or start >= end:
+            raise ValueError(
+                f"row_split needs rows below {n_rows} (the weight's rows), got up to {max(start, end)}"
+            )
+        part_sw = sw[start:end] if sw is not None else None
+        cw, st = _cluster_settings(data[start:end], seg, part_sw, seed)
+        total = float(part_sw.double().sum()) if part_sw is not None else float(cw.numel)
+        parts.append(cw)
+        stats.append((st, total))
+        split.append(
+            {
+                "rows": [start, end],
+                "bits": cw.bits,
+                "group_size": st.get("group_size"),
+                "method": seg["method"],
+            }
+        )
+    weight = sum(t for _, t in stats) or 1.0
+    st = {
+        "mse": sum(s["mse"] * t for s, t in stats) / weight,
+        "distinct": max(s["distinct"] for s, _ in stats),
+        "n_clusters_max": max(s["n_clusters_max"] for s, _ in stats),
+        "granularity": stats[-1][0].get("granularity", settings["granularity"]),
+        "group_size": stats[-1][0].get("group_size"),
+        "row_split": split,
+    }
+    meta = {"method": settings["method"], "row_split": split}
+    return RowSplitWeight(parts, meta=meta), st
 
 
 def _mean_square(t: torch.Tensor, chunk: int = 1 << 22) -> float:

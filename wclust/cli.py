@@ -143,6 +143,15 @@ def compress(
             "changed together); held-out clips are not perturbed"
         ),
     ] = None,
+    row_split: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="GLOB=ROW,ROW,...: cluster the matching layer's rows in these ranges, each "
+            "with its own codebook (and, with --target-bits, its own bits and group size), "
+            "e.g. 'model.decoder.embed_tokens=4000,16000,32000': token ids follow BPE merge "
+            "order, so a token embedding's first rows are the frequent tokens (repeatable)"
+        ),
+    ] = None,
     include: Annotated[
         list[str] | None, typer.Option(help="module-name glob to cluster (repeatable)")
     ] = None,
@@ -211,6 +220,7 @@ def compress(
         include=preset.get("include", tuple(include or ("*",))),
         exclude=preset.get("exclude", tuple(exclude) if exclude is not None else DEFAULT_EXCLUDE),
         seed=seed,
+        overrides=_row_splits(row_split or []),
     )
     if entropy is not None and entropy not in ("huffman", "ans"):
         _fail(f"--entropy must be huffman or ans, got {entropy!r}")
@@ -412,6 +422,24 @@ def _available_memory() -> int:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def _row_splits(specs: list[str]) -> dict:
+    """``--row-split GLOB=ROW,ROW`` options as config overrides."""
+    out = {}
+    for spec in specs:
+        glob, eq, rows = spec.partition("=")
+        try:
+            ends = [int(r) for r in rows.split(",")]
+        except ValueError:
+            ends = []
+        if not (eq and glob and ends):
+            _fail(
+                f"--row-split {spec!r}: write GLOB=ROW,ROW,... with integer rows, e.g. "
+                "'model.decoder.embed_tokens=4000,16000'"
+            )
+        out[glob] = {"row_split": [{"until": r} for r in ends]}
+    return out
+
+
 def _should_stream(model: str, stream: bool | None, kind: str, target_bits) -> bool:
     from wclust.formats.checkpoint import find_safetensors
 
@@ -509,7 +537,9 @@ def _print_report(d: dict, max_rows: int | None = None, stored: dict | None = No
             r["type"],
             "x".join(map(str, r["shape"])),
             status if r["status"] == "clustered" else f"[yellow]{status}[/]",
-            str(r["bits"] or ""),
+            "/".join(str(x["bits"]) for x in r["row_split"])
+            if r.get("row_split")
+            else str(r["bits"] or ""),
             str(r["n_codebooks"] or ""),
             str(r["distinct_values"] or ""),
             f"{r['rel_error']:.2e}" if r["rel_error"] is not None else "",

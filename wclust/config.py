@@ -16,6 +16,7 @@ __all__ = [
     "ClusterConfig",
     "ConfigError",
     "layer_preset",
+    "row_segments",
 ]
 
 CONFIG_VERSION = 1
@@ -54,7 +55,10 @@ _LAYER_FIELDS = (
     "keep_zeros",
     "outliers",
     "skip",
+    "row_split",
 )
+# Fields a row range of a split layer may change (``row_split``).
+_SEGMENT_FIELDS = tuple(f for f in _LAYER_FIELDS if f not in ("skip", "row_split"))
 
 
 class ConfigError(ValueError):
@@ -82,7 +86,12 @@ class ClusterConfig:
         min_numel: weights with fewer elements are reported and left dense.
         overrides: ``{glob: {field: value}}`` applied in order to matching layers;
             fields: bits, n_clusters, granularity, group_size, method, init,
-            codebook_dtype, keep_zeros, skip.
+            codebook_dtype, keep_zeros, outliers, skip, and ``row_split``: a list
+            ``[{"until": row, field: value, ...}, ...]`` clustering the rows before
+            each ``until`` (of the (out, in) view; after the previous one) as their
+            own tensor with those fields changed, the rows after the last ``until``
+            with the layer's own settings (e.g. a token embedding's frequent rows at
+            more bits: ``{"row_split": [{"until": 16000, "bits": 4}], "bits": 3}``).
         seed: RNG seed.
     """
 
@@ -127,16 +136,16 @@ class ClusterConfig:
                     f"override for {pat!r} has unknown field(s) {sorted(unknown)}; "
                     f"allowed: {', '.join(_LAYER_FIELDS)}"
                 )
-            merged = {**self._layer_dict(), **ov}
-            if "bits" in ov and "n_clusters" not in ov:
-                merged["n_clusters"] = None
-            if "n_clusters" in ov and "bits" not in ov:
-                merged["bits"] = None
+            merged = _updated(self._layer_dict(), ov)
             _check_layer_settings(merged, where=f"override {pat!r}")
+            if ov.get("row_split") is not None:
+                for seg in row_segments(merged, where=f"override {pat!r}"):
+                    _check_layer_settings(seg, where=f"override {pat!r}, row_split")
 
     def _layer_dict(self) -> dict:
-        d = {f: getattr(self, f) for f in _LAYER_FIELDS if f != "skip"}
+        d = {f: getattr(self, f) for f in _LAYER_FIELDS if f not in ("skip", "row_split")}
         d["skip"] = False
+        d["row_split"] = None
         return d
 
     def selects(self, name: str) -> tuple[bool, str]:
@@ -153,11 +162,7 @@ class ClusterConfig:
         d = self._layer_dict()
         for pat, ov in self.overrides.items():
             if pat == name or fnmatch.fnmatchcase(name, pat):
-                d.update(ov)
-                if "bits" in ov and "n_clusters" not in ov:
-                    d["n_clusters"] = None
-                if "n_clusters" in ov and "bits" not in ov:
-                    d["bits"] = None
+                d = _updated(d, ov)
         return d
 
     def to_dict(self) -> dict:
@@ -184,6 +189,48 @@ class ClusterConfig:
 
     def replace(self, **changes) -> ClusterConfig:
         return replace(self, **changes)
+
+
+def _updated(d: dict, ov: dict) -> dict:
+    """``d`` with the fields of ``ov``; setting bits clears n_clusters and back."""
+    d = {**d, **ov}
+    if "bits" in ov and "n_clusters" not in ov:
+        d["n_clusters"] = None
+    if "n_clusters" in ov and "bits" not in ov:
+        d["bits"] = None
+    return d
+
+
+def row_segments(settings: dict, where: str = "row_split") -> list[dict]:
+    """A split layer's settings per row range: ``[{..., "rows": (start, end)}, ...]``,
+    the last range ending at None (the weight's last row); checked, with a message
+    that says how to write ``row_split``."""
+    split = settings.get("row_split")
+    fix = 'write it as [{"until": 16000, "bits": 4}, ...] with increasing "until" rows'
+    if not isinstance(split, (list, tuple)) or not split:
+        raise ConfigError(f"{where}: row_split must be a non-empty list; {fix}")
+    base = {k: v for k, v in settings.items() if k != "row_split"}
+    out, start = [], 0
+    for seg in split:
+        if not isinstance(seg, dict):
+            raise ConfigError(f"{where}: row_split item {seg!r} is not a dict; {fix}")
+        until = seg.get("until")
+        if type(until) is not int or until <= start:
+            raise ConfigError(
+                f"{where}: row_split 'until' must be an integer row above {start}, got "
+                f"{until!r}; {fix}"
+            )
+        unknown = set(seg) - {"until", *_SEGMENT_FIELDS}
+        if unknown:
+            raise ConfigError(
+                f"{where}: row_split item has unknown field(s) {sorted(unknown)}; allowed: "
+                f"until, {', '.join(_SEGMENT_FIELDS)}"
+            )
+        ov = {k: v for k, v in seg.items() if k != "until"}
+        out.append({**_updated(base, ov), "rows": (start, until)})
+        start = until
+    out.append({**base, "rows": (start, None)})
+    return out
 
 
 def _check_layer_settings(d: dict, where: str) -> None:

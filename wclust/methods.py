@@ -287,6 +287,24 @@ for t in (4.25, 3.25):
         )
     )
 
+# The same at 3.25 bits, the token embedding (Whisper's is 37% of the weights, tied to
+# the output projection) split into row ranges that choose their bits apart: token
+# ids follow BPE merge order, so low ids are the frequent tokens, which need 4 bits
+# where the rare rows take 3 (BENCHMARKS.md 1f screen).
+EMBED_ROW_SPLIT = {
+    "*embed_tokens": {"row_split": [{"until": 4000}, {"until": 16000}, {"until": 32000}]}
+}
+_add(
+    replace(
+        METHODS.get("mixed-fit-3.25b-fisher"),
+        name="mixed-fit-3.25b-rows-fisher",
+        label="k-means codebook per tensor, fitted scales, bits and group size (64/128) per "
+        "layer and per token-embedding row range (4k/16k/32k) for <= 3.25 bits/weight, "
+        "positional tables included, Fisher",
+        config=_C(group_size=64, method="scaled-fit", exclude=(), overrides=EMBED_ROW_SPLIT),
+    )
+)
+
 # Learned codebook per tensor over absmax-normalized groups of 64, started from the
 # NormalFloat table with -1/0/+1 kept (so it can only improve on NF4's weighted
 # error), weighted by Fisher: beats NF4 at equal size where plain k-means loses.
@@ -450,6 +468,7 @@ for _base, _opts in (
     ("mixed-fit-4.25b-fisher", {"epochs": 2, "lr": 3e-5}),
     ("mixed-fit-3.25b-fisher", {"epochs": 8, "lr": 5e-5, "holdout": 0.2}),
     ("mixed-fit-3.25b-fisher", {"epochs": 8, "lr": 5e-5, "holdout": 0.2, "hidden": 1.0}),
+    ("mixed-fit-3.25b-rows-fisher", {"epochs": 8, "lr": 5e-5, "holdout": 0.2, "hidden": 1.0}),
 ):
     _m = METHODS.get(_base)
     _held = f", best of {_opts['holdout']:.0%} held out" if "holdout" in _opts else ""

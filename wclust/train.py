@@ -28,7 +28,7 @@ from torch import nn
 
 from .api import clustered_weights
 from .core.packing import pack_codes
-from .nn.modules import ClusteredWeight
+from .nn.modules import ClusteredWeight, clustered_parts
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +40,8 @@ def _keeps_zero(cw: ClusteredWeight) -> bool:
 
 
 def _all_cws(model: nn.Module) -> list[ClusteredWeight]:
-    cws = [cw for cw, _ in clustered_weights(model).values()]
+    """Every ClusteredWeight of the model (a row split's parts one by one)."""
+    cws = [part for cw, _ in clustered_weights(model).values() for part in clustered_parts(cw)]
     if not cws:
         raise ValueError(
             "the model has no clustered weight to fine-tune; run wclust.compress_(model, cfg) first"
@@ -70,6 +71,8 @@ def trainable_codebooks_(model: nn.Module, *, scales: bool = False) -> list[nn.P
         ValueError: nothing in the model is clustered.
     """
     params, extra = [], []
+    for cw, _ in clustered_weights(model).values():
+        cw.set_cache(False)  # a row split's cached dense weight would hide the updates too
     for cw in _all_cws(model):
         if not isinstance(cw.codebook, nn.Parameter):
             cb = cw.codebook_float().detach().clone()  # (n_codebooks, n_clusters)

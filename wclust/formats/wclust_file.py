@@ -13,6 +13,9 @@ altered file is rejected. Tensors:
   code tables; pruned weights as a sparse index of coded gaps); the header entry's
   ``entropy`` says how. Such files have format version 2; files without entropy
   coding are still written as version 1, so older readers keep reading them.
+- a weight clustered in row ranges (``RowSplitWeight``) has ``parts`` in its header
+  entry, each stored like a clustered weight under ``clustered.<i>.part<j>.*`` with
+  its ``rows``; such files have format version 3.
 - every other parameter and buffer under its own module path; a tensor used under
   several names is stored once, the other names listed in ``aliases``.
 
@@ -35,11 +38,13 @@ import torch
 from torch import nn
 
 from ..api import _set_module, clustered_weights, layer_type
-from ..nn.modules import ClusteredWeight, base_class, swap_weight
+from ..nn.modules import ClusteredWeight, RowSplitWeight, base_class, swap_weight
 
 __all__ = ["FORMAT_VERSION", "FormatError", "load", "read_header", "save", "stored_bytes"]
 
-FORMAT_VERSION = 2  # 2: entropy-coded codes (only files that use them say 2)
+# 2: entropy-coded codes; 3: row-split weights (each file says the lowest version
+# that has what it uses, so older readers keep reading the rest)
+FORMAT_VERSION = 3
 MAX_HEADER_BYTES = 64 << 20
 # Largest clustered weight a header may declare (2**36 weights, 64 Gi): a bound on
 # what decoding may allocate, checked before any tensor is read.
@@ -152,8 +157,26 @@ def save(
     return writer.finish(header)
 
 
-def add_clustered(writer: FileWriter, key: str, cw: ClusteredWeight, owners, entropy) -> dict:
-    """Add one clustered weight's tensors to ``writer``; returns its header entry."""
+def add_clustered(writer: FileWriter, key: str, cw, owners, entropy) -> dict:
+    """Add one clustered weight's tensors to ``writer``; returns its header entry.
+    A row split stores each part as its own entry (``<key>.part<j>``) under
+    ``parts``, with its rows."""
+    if isinstance(cw, RowSplitWeight):
+        parts = []
+        for j, (part, start) in enumerate(zip(cw.parts, cw.bounds, strict=False)):
+            e = add_clustered(writer, f"{key}.part{j}", part, [], entropy)
+            for k in ("owners", "owner_types", "transpose"):
+                del e[k]
+            parts.append({**e, "rows": [start, start + part.shape[0]]})
+        return {
+            "key": key,
+            "owners": [n for n, _ in owners],
+            "owner_types": [base_class(m).__name__ for _, m in owners],
+            "shape": list(cw.shape),
+            "transpose": cw.transpose,
+            "meta": cw.meta,
+            "parts": parts,
+        }
     info = None
     if entropy is None:
         writer.add(f"{key}.codes", cw.packed_rows())
@@ -212,7 +235,7 @@ def make_header(model, entries, aliases, config, report, source, extra, entropy)
     """The JSON header of a .wclust file (see the module docstring)."""
     return {
         "format": "wclust",
-        "version": FORMAT_VERSION if entropy else 1,
+        "version": 3 if any("parts" in e for e in entries) else 2 if entropy else 1,
         "arch": _arch(model),
         "clustered": entries,
         "aliases": aliases,
@@ -447,19 +470,50 @@ def _check_header(path, header: dict) -> None:
         owners, types = e.get("owners"), e.get("owner_types")
         if not (_strs(owners) and _strs(types) and owners and len(owners) == len(types)):
             bad(f"{e['key']}: 'owners'/'owner_types' are not equal, non-empty lists of names")
-        shape, bits = e.get("shape"), e.get("bits")
-        if not (isinstance(shape, list) and all(type(s) is int and s >= 0 for s in shape)):
-            bad(f"{e['key']}: shape {shape!r} is not a list of non-negative integers")
-        if math.prod(shape) > MAX_NUMEL:
-            bad(f"{e['key']}: shape {shape} declares more than {MAX_NUMEL} weights")
-        if type(bits) is not int or not 1 <= bits <= 8:
-            bad(f"{e['key']}: bits {bits!r} is not an integer from 1 to 8")
-        if not isinstance(e.get("dtype"), str) or e["dtype"] not in _DTYPES:
-            bad(f"{e['key']}: unknown dtype {e.get('dtype')!r}")
         if not isinstance(e.get("transpose"), bool):
             bad(f"{e['key']}: transpose {e.get('transpose')!r} is not true or false")
-        if not isinstance(e.get("meta"), dict | None) or not isinstance(e.get("entropy", {}), dict):
-            bad(f"{e['key']}: 'meta'/'entropy' are not objects")
+        if "parts" not in e:
+            _check_tensor_entry(e, bad)
+            continue
+        shape, parts = e.get("shape"), e["parts"]
+        if not (
+            isinstance(parts, list) and len(parts) >= 2 and all(isinstance(p, dict) for p in parts)
+        ):
+            bad(f"{e['key']}: 'parts' is not a list of at least two objects")
+        if not (
+            isinstance(shape, list) and shape and all(type(s) is int and s >= 0 for s in shape)
+        ):
+            bad(f"{e['key']}: shape {shape!r} is not a list of non-negative integers")
+        start = 0
+        for j, p in enumerate(parts):
+            if p.get("key") != f"{e['key']}.part{j}":
+                bad(f"{e['key']}: part {j} has key {p.get('key')!r}")
+            _check_tensor_entry(p, bad)
+            rows = p.get("rows")
+            if (
+                not p["shape"]
+                or rows != [start, start + p["shape"][0]]
+                or p["shape"][1:] != shape[1:]
+            ):
+                bad(f"{p['key']}: rows {rows!r} and shape {p['shape']} do not continue the split")
+            start = rows[1]
+        if start != shape[0]:
+            bad(f"{e['key']}: parts cover {start} rows of {shape[0]}")
+
+
+def _check_tensor_entry(e: dict, bad) -> None:
+    """Shape, bits, dtype, meta of one stored clustered tensor (a weight or a part)."""
+    shape, bits = e.get("shape"), e.get("bits")
+    if not (isinstance(shape, list) and all(type(s) is int and s >= 0 for s in shape)):
+        bad(f"{e['key']}: shape {shape!r} is not a list of non-negative integers")
+    if math.prod(shape) > MAX_NUMEL:
+        bad(f"{e['key']}: shape {shape} declares more than {MAX_NUMEL} weights")
+    if type(bits) is not int or not 1 <= bits <= 8:
+        bad(f"{e['key']}: bits {bits!r} is not an integer from 1 to 8")
+    if not isinstance(e.get("dtype"), str) or e["dtype"] not in _DTYPES:
+        bad(f"{e['key']}: unknown dtype {e.get('dtype')!r}")
+    if not isinstance(e.get("meta"), dict | None) or not isinstance(e.get("entropy", {}), dict):
+        bad(f"{e['key']}: 'meta'/'entropy' are not objects")
 
 
 def read_header(path: str | os.PathLike) -> dict:
@@ -629,28 +683,19 @@ def _fill(model: nn.Module, header: dict, tensors: dict, cache: bool) -> None:
             if tuple(mod._parameters["weight"].shape) != want:
                 raise FormatError(f"{owner}: weight shape {want} does not match the model")
             owners.append((owner, mod))
-        _check_parts(key, e, tensors)
-        packed = _entropy_decode(key, e, tensors) if "entropy" in e else tensors[f"{key}.codes"]
-        cw = ClusteredWeight(
-            packed,
-            tensors[f"{key}.codebook"],
-            tensors.get(f"{key}.scale"),
-            shape,
-            int(e["bits"]),
-            _DTYPES[e["dtype"]],
-            bool(e["transpose"]),
-            e.get("meta"),
-            tensors.get(f"{key}.group_scale"),
-            tensors.get(f"{key}.group_offset"),
-            tensors.get(f"{key}.outlier_idx"),
-            tensors.get(f"{key}.outlier_val"),
-        )
-        if cw.codebook.shape[1] > (1 << cw.bits):
-            raise FormatError(f"{key}: more centroids than {cw.bits}-bit codes can address")
+        if "parts" in e:
+            parts = [_clustered_tensor(p, tensors, False) for p in e["parts"]]
+            try:
+                cw = RowSplitWeight(parts, bool(e["transpose"]), e.get("meta"))
+            except ValueError as err:
+                raise FormatError(f"{key}: {err}") from None
+        else:
+            cw = _clustered_tensor(e, tensors, bool(e["transpose"]))
         cw.set_cache(cache)
         for owner, mod in owners:
             _set_module(model, owner, swap_weight(mod, cw))
     keys = {e["key"] for e in header["clustered"]}
+    keys |= {p["key"] for e in header["clustered"] for p in e.get("parts", ())}
     placed: dict[str, torch.Tensor] = {}
     for name, t in tensors.items():
         if name.startswith("clustered."):
@@ -682,6 +727,30 @@ def _fill(model: nn.Module, header: dict, tensors: dict, cache: bool) -> None:
     ]
     if left:
         raise FormatError(f"file lacks tensors for {left[:5]}{' ...' if len(left) > 5 else ''}")
+
+
+def _clustered_tensor(e: dict, tensors: dict, transpose: bool) -> ClusteredWeight:
+    """One stored clustered tensor (a weight, or a part of a row split)."""
+    key = e["key"]
+    _check_parts(key, e, tensors)
+    packed = _entropy_decode(key, e, tensors) if "entropy" in e else tensors[f"{key}.codes"]
+    cw = ClusteredWeight(
+        packed,
+        tensors[f"{key}.codebook"],
+        tensors.get(f"{key}.scale"),
+        tuple(e["shape"]),
+        int(e["bits"]),
+        _DTYPES[e["dtype"]],
+        transpose,
+        e.get("meta"),
+        tensors.get(f"{key}.group_scale"),
+        tensors.get(f"{key}.group_offset"),
+        tensors.get(f"{key}.outlier_idx"),
+        tensors.get(f"{key}.outlier_val"),
+    )
+    if cw.codebook.shape[1] > (1 << cw.bits):
+        raise FormatError(f"{key}: more centroids than {cw.bits}-bit codes can address")
+    return cw
 
 
 def _place(model: nn.Module, kind: str, full: str, t: torch.Tensor):

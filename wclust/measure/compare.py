@@ -340,6 +340,7 @@ def _histogram(out: Path, model: str, resolved) -> None:
     clustering method, from its artifact."""
     from ..api import clustered_weights
     from ..formats import load
+    from ..nn.modules import RowSplitWeight
     from ..report.plots import histogram_plot
 
     safe = _safe_name(model)
@@ -354,7 +355,10 @@ def _histogram(out: Path, model: str, resolved) -> None:
 
         factory = architecture_for(model)
         cms = load(path, model_factory=factory)
-        cws = sorted(clustered_weights(cms).values(), key=lambda t: -t[0].numel)
+        cws = sorted(
+            (t for t in clustered_weights(cms).values() if not isinstance(t[0], RowSplitWeight)),
+            key=lambda t: -t[0].numel,
+        )  # one codebook shape to draw: a row split's parts have several
         if not cws:
             return
         cw, owners = cws[0]

@@ -24,7 +24,15 @@ from ..core.packing import pack_codes, packed_nbytes, unpack_codes
 if TYPE_CHECKING:
     import numpy as np
 
-__all__ = ["ClusteredWeight", "base_class", "is_clustered", "swap_weight", "unswap_weight"]
+__all__ = [
+    "ClusteredWeight",
+    "RowSplitWeight",
+    "base_class",
+    "clustered_parts",
+    "is_clustered",
+    "swap_weight",
+    "unswap_weight",
+]
 
 
 _LAYOUT_LOCK = threading.Lock()
@@ -533,6 +541,129 @@ class ClusteredWeight(nn.Module):
         return f"shape={self.shape}, bits={self.bits}, codebooks={self.n_codebooks}"
 
 
+class RowSplitWeight(nn.Module):
+    """A weight clustered in row ranges, each its own ``ClusteredWeight`` with its own
+    code width, codebook and scales (e.g. a token embedding whose frequent rows get
+    4-bit codes and the rare rest 3-bit ones). Rows are those of the (out, in)
+    clustered view; the parts, in row order, cover it exactly.
+
+    It answers what the compressed modules ask of a ``ClusteredWeight`` (``dense``,
+    ``rows``, ``matvec``, ``nbytes``, ...) by asking its parts: each part runs its own
+    kernel, and fine-tuning trains every part's codebook and scales.
+    """
+
+    def __init__(self, parts: list[ClusteredWeight], transpose: bool = False, meta=None):
+        super().__init__()
+        if len(parts) < 2:
+            raise ValueError("a row split needs at least two parts")
+        rest = parts[0].shape[1:]
+        if any(p.shape[1:] != rest or p.transpose for p in parts):
+            raise ValueError("row-split parts must share their trailing shape, untransposed")
+        if len({p.dtype for p in parts}) != 1:
+            raise ValueError("row-split parts must rebuild to one dtype")
+        self.parts = nn.ModuleList(parts)
+        self.shape = (sum(p.shape[0] for p in parts), *rest)
+        self.numel = math.prod(self.shape)
+        self.dtype = parts[0].dtype
+        self.transpose = bool(transpose)
+        self.meta = dict(meta or {})
+        self.cache = False
+        self._dense: torch.Tensor | None = None
+
+    @property
+    def bounds(self) -> list[int]:
+        """First row of each part, then the number of rows."""
+        out = [0]
+        for p in self.parts:
+            out.append(out[-1] + p.shape[0])
+        return out
+
+    @property
+    def bits(self) -> int:
+        """The widest part's code width (``bits_per_code`` gives the average)."""
+        return max(p.bits for p in self.parts)
+
+    @property
+    def bits_per_code(self) -> float:
+        return sum(p.bits * p.numel for p in self.parts) / self.numel
+
+    @property
+    def n_codebooks(self) -> int:
+        return sum(p.n_codebooks for p in self.parts)
+
+    @property
+    def n_clusters(self) -> int:
+        return max(p.codebook.shape[1] for p in self.parts)
+
+    def trainable(self) -> bool:
+        return any(p.trainable() for p in self.parts)
+
+    def dense(self) -> torch.Tensor:
+        if self._dense is not None:
+            return self._dense
+        w = torch.cat([p.dense() for p in self.parts], 0)
+        if self.transpose:
+            w = w.t()
+        if self.cache:
+            self._dense = w
+        return w
+
+    def codes(self) -> torch.Tensor:
+        """Unpacked codes of every part, in row order (widths may differ)."""
+        return torch.cat([p.codes() for p in self.parts], 0)
+
+    def rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """Rows ``idx`` of the (out, in) weight, each decoded by the part holding it."""
+        if self.transpose:
+            return self.dense()[idx]
+        b = torch.tensor(self.bounds, device=idx.device)
+        which = torch.bucketize(idx, b[1:], right=True)
+        out = None
+        for i, p in enumerate(self.parts):
+            sel = (which == i).nonzero(as_tuple=True)[0]
+            if not sel.numel():
+                continue
+            r = p.rows(idx[sel] - int(b[i]))
+            if out is None:
+                out = r.new_empty((idx.numel(), *r.shape[1:]))
+            out[sel] = r
+        if out is None:  # no rows asked for
+            return torch.empty((0, *self.shape[1:]), dtype=self.dtype, device=idx.device)
+        return out
+
+    def _plan(self) -> _Plan:
+        plans = [p._plan() for p in self.parts]
+        return _Plan(
+            all(q.lut_ok for q in plans),
+            all(q.fast for q in plans),
+            all(q.batched for q in plans),
+            None,
+            False,
+        )
+
+    def matvec(self, x: torch.Tensor, plan: _Plan | None = None) -> torch.Tensor:
+        """``W @ x``: each part's kernel gives its rows of the result."""
+        return torch.cat([p.matvec(x) for p in self.parts], -1)
+
+    def set_cache(self, enabled: bool) -> None:
+        self.cache = bool(enabled)
+        if not enabled:
+            self._dense = None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.parts)
+
+    def extra_repr(self) -> str:
+        return f"shape={self.shape}, rows={self.bounds}, bits={[p.bits for p in self.parts]}"
+
+
+def clustered_parts(cw) -> list[ClusteredWeight]:
+    """The ``ClusteredWeight``s a clustered weight is made of (itself, or a row
+    split's parts)."""
+    return list(cw.parts) if isinstance(cw, RowSplitWeight) else [cw]
+
+
 class _Plan(NamedTuple):
     lut_ok: bool  # matvec applies (see ClusteredWeight.lut_ok)
     fast: bool  # a fast kernel runs (tiled layout, or the AVX-512 register table)
@@ -632,7 +763,8 @@ class _ClusteredEmbeddingMixin(_ClusteredMixin):
             and self.max_norm is None
             and not torch.is_grad_enabled()
         ):
-            return cw.rows(ids.reshape(-1)).view(*ids.shape, -1)  # decode only those rows
+            # decode only those rows (embedding_dim, not -1: no ids is a valid lookup too)
+            return cw.rows(ids.reshape(-1)).view(*ids.shape, self.embedding_dim)
         # subclasses with their own forward (e.g. Whisper's positional embedding,
         # called with cache_length=...) see the decoded weight through the property
         return super().forward(ids, *args, **kwargs)

@@ -13,7 +13,8 @@ class LayerReport:
 
     ``name`` is the first owner module; ``shared_with`` lists other modules that
     use the same weight (tied embeddings). ``status`` is "clustered" or
-    "dense"; ``reason`` says why a weight stayed dense.
+    "dense"; ``reason`` says why a weight stayed dense. A weight clustered in row
+    ranges (``row_split``) reports its widest ``bits`` and lists each range.
     """
 
     name: str
@@ -36,6 +37,8 @@ class LayerReport:
     bytes_before: int = 0
     bytes_after: int = 0
     seconds: float = 0.0
+    # a row-split weight: [{"rows": [start, end], "bits": ..., "group_size": ...}, ...]
+    row_split: list | None = None
 
 
 @dataclass
