@@ -166,6 +166,10 @@ def test_compress_with_row_split_chooses_bits_per_row_range(model_dir, tmp_path)
     r = wclust("inspect", out)
     shown = "/".join(str(x["bits"]) for x in layer["row_split"])
     assert r.returncode == 0 and shown in r.stdout
+    # the streaming path (one tensor at a time) splits the same way
+    r = wclust("compress", model_dir, "-o", out, "--stream", "--row-split", f"{emb}=100")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert wc.load(out).model.decoder.embed_tokens.clustered.bounds == [0, 100, 300]
     for bad in (f"{emb}", f"{emb}=a,b", "=100"):
         r = wclust("compress", model_dir, "-o", out, "--row-split", bad)
         assert r.returncode == 2 and "GLOB=ROW,ROW" in r.stderr.replace("\n", " ")
