@@ -21,12 +21,12 @@ def portable_kernels(monkeypatch):
     monkeypatch.setattr(simd, "available", lambda: False)
 
 
-def tiny_whisper(seed: int = 0):
+def tiny_whisper(seed: int = 0, vocab_size: int = 300):
     from transformers import WhisperConfig, WhisperForConditionalGeneration
 
     torch.manual_seed(seed)
     cfg = WhisperConfig(
-        vocab_size=300,
+        vocab_size=vocab_size,
         d_model=64,
         encoder_layers=2,
         decoder_layers=2,

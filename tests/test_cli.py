@@ -177,6 +177,21 @@ def test_compress_with_row_split_chooses_bits_per_row_range(model_dir, tmp_path)
     assert r.returncode == 2 and "above 200" in r.stderr.replace("\n", " ")
 
 
+def test_target_bits_splits_a_large_token_embedding_by_default(tmp_path):
+    # token ids follow BPE merge order: the first 4,000 rows choose their bits apart
+    d = tmp_path / "vocab5k"
+    tiny_whisper(vocab_size=5000).save_pretrained(d)
+    out = tmp_path / "m.wclust"
+    emb = "model.decoder.embed_tokens"
+    for extra, ranges in (([], [[0, 4000], [4000, 5000]]), (["--row-split", "none"], None)):
+        r = wclust("compress", d, "-o", out, "--target-bits", "5", "--calibrate", "none", *extra)
+        assert r.returncode == 0, r.stderr[-2000:]
+        layers = json.loads(wclust("inspect", out, "--json").stdout)["layers"]
+        (layer,) = [x for x in layers if x["name"] == emb]
+        got = [x["rows"] for x in layer["row_split"]] if layer["row_split"] else None
+        assert got == ranges
+
+
 def test_compress_layers_preset(model_dir, tmp_path):
     out = tmp_path / "attn.wclust"
     r = wclust("compress", model_dir, "-o", out, "--bits", "3", "--layers", "attention")

@@ -13,6 +13,7 @@ dense, biases, norms), is spent.
 
 from __future__ import annotations
 
+import fnmatch
 from collections.abc import Callable
 
 import torch
@@ -21,13 +22,35 @@ from torch import nn
 from .api import TENSOR_METHODS, _skip_reason, _weight_owners, layer_type
 from .config import ClusterConfig, row_segments
 
-__all__ = ["GROUP_CANDIDATES", "WIDTHS", "allocate_bits"]
+__all__ = ["EMBED_ROWS", "GROUP_CANDIDATES", "WIDTHS", "allocate_bits", "token_embedding_split"]
 
 WIDTHS = (2, 3, 4, 5, 6, 8)  # default candidates: bits only
 
 # (bits, group size) settings for methods with per-group scales: the default of
 # ``wclust compress --target-bits`` (BENCHMARKS.md section 1e).
 GROUP_CANDIDATES = ((3, 128), (4, 128), (4, 64), (5, 64), (8, 64))
+
+
+# Where ``token_embedding_split`` cuts a token embedding: token ids follow BPE merge
+# order, so the first rows are the frequent tokens (BENCHMARKS.md 1g, session 10).
+EMBED_ROWS = (4000, 16000, 32000)
+
+
+def token_embedding_split(model: nn.Module, rows: tuple[int, ...] = EMBED_ROWS) -> dict:
+    """``row_split`` overrides for the model's token embeddings (modules named
+    ``*embed_tokens``, ``*word_embeddings``, ``*.wte``), cut at those of ``rows``
+    below their number of rows, so that ``allocate_bits`` can give the frequent
+    tokens' rows more bits than the rare ones'. Empty when none is large enough."""
+    out = {}
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.Embedding) or not any(
+            fnmatch.fnmatchcase(name, g) for g in ("*embed_tokens", "*word_embeddings", "*.wte")
+        ):
+            continue
+        cuts = [r for r in rows if r < mod.num_embeddings]
+        if cuts:
+            out[name] = {"row_split": [{"until": r} for r in cuts]}
+    return out
 
 
 def allocate_bits(

@@ -149,7 +149,9 @@ def compress(
             help="GLOB=ROW,ROW,...: cluster the matching layer's rows in these ranges, each "
             "with its own codebook (and, with --target-bits, its own bits and group size), "
             "e.g. 'model.decoder.embed_tokens=4000,16000,32000': token ids follow BPE merge "
-            "order, so a token embedding's first rows are the frequent tokens (repeatable)"
+            "order, so a token embedding's first rows are the frequent tokens (repeatable). "
+            "Default with --target-bits: token embeddings split at rows 4000, 16000, 32000; "
+            "'none': no split"
         ),
     ] = None,
     include: Annotated[
@@ -220,7 +222,7 @@ def compress(
         include=preset.get("include", tuple(include or ("*",))),
         exclude=preset.get("exclude", tuple(exclude) if exclude is not None else DEFAULT_EXCLUDE),
         seed=seed,
-        overrides=_row_splits(row_split or []),
+        overrides=_row_splits([r for r in row_split or [] if r != "none"]),
     )
     if entropy is not None and entropy not in ("huffman", "ans"):
         _fail(f"--entropy must be huffman or ans, got {entropy!r}")
@@ -253,6 +255,11 @@ def compress(
         return
     with console.status(f"loading {model} ..."):
         loaded = _run(load_model, model)
+    if target_bits is not None and not row_split:
+        from wclust.allocate import token_embedding_split
+
+        # the measured default (BENCHMARKS.md 1g): frequent token rows choose apart
+        cfg = cfg.replace(overrides={**token_embedding_split(loaded.model), **cfg.overrides})
     sample_weights = teacher = distill_batches = augment = None
     if distill_data is not None:
         import copy

@@ -12,7 +12,7 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass, field, replace
 
-from .allocate import GROUP_CANDIDATES
+from .allocate import EMBED_ROWS, GROUP_CANDIDATES
 from .config import ClusterConfig
 from .registry import METHODS
 
@@ -293,19 +293,18 @@ for t in (4.25, 3.25):
 # where the rare rows take 3 (BENCHMARKS.md 1f screen). Cross-fitted (1g, session 10):
 # 44.36% WER instead of 87.80% on the hard block before distillation; after it, 17.35%
 # against 17.66% for the unsplit "-distill-hidden" (within noise).
-EMBED_ROW_SPLIT = {
-    "*embed_tokens": {"row_split": [{"until": 4000}, {"until": 16000}, {"until": 32000}]}
-}
-_add(
-    replace(
-        METHODS.get("mixed-fit-3.25b-fisher"),
-        name="mixed-fit-3.25b-rows-fisher",
-        label="k-means codebook per tensor, fitted scales, bits and group size (64/128) per "
-        "layer and per token-embedding row range (4k/16k/32k) for <= 3.25 bits/weight, "
-        "positional tables included, Fisher",
-        config=_C(group_size=64, method="scaled-fit", exclude=(), overrides=EMBED_ROW_SPLIT),
+EMBED_ROW_SPLIT = {"*embed_tokens": {"row_split": [{"until": r} for r in EMBED_ROWS]}}
+for t in (4.25, 3.25):
+    _add(
+        replace(
+            METHODS.get(f"mixed-fit-{t}b-fisher"),
+            name=f"mixed-fit-{t}b-rows-fisher",
+            label="k-means codebook per tensor, fitted scales, bits and group size (64/128) "
+            f"per layer and per token-embedding row range (4k/16k/32k) for <= {t} "
+            "bits/weight, positional tables included, Fisher",
+            config=_C(group_size=64, method="scaled-fit", exclude=(), overrides=EMBED_ROW_SPLIT),
+        )
     )
-)
 
 # Learned codebook per tensor over absmax-normalized groups of 64, started from the
 # NormalFloat table with -1/0/+1 kept (so it can only improve on NF4's weighted

@@ -176,3 +176,15 @@ def test_fine_tuning_trains_every_part():
     wclust.train.freeze_codebooks_(m)
     assert all(not torch.equal(p.codebook, b) for p, b in zip(cw.parts, before, strict=True))
     assert not cw.trainable()
+
+
+def test_token_embedding_split_cuts_only_inside_the_table():
+    from tests.conftest import tiny_gpt2, tiny_whisper
+    from wclust.allocate import token_embedding_split
+
+    big = tiny_whisper(vocab_size=5000)
+    assert token_embedding_split(big) == {
+        "model.decoder.embed_tokens": {"row_split": [{"until": 4000}]}
+    }
+    assert token_embedding_split(tiny_whisper()) == {}  # 300 rows: nothing to cut
+    assert list(token_embedding_split(tiny_gpt2(), rows=(10,))) == ["transformer.wte"]
