@@ -19,8 +19,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .api import TENSOR_METHODS, _skip_reason, _weight_owners, layer_type
-from .config import ClusterConfig, row_segments
+from .api import TENSOR_METHODS, _row_ranges, _skip_reason, _weight_owners, layer_type
+from .config import ClusterConfig
 
 __all__ = ["EMBED_ROWS", "GROUP_CANDIDATES", "WIDTHS", "allocate_bits", "token_embedding_split"]
 
@@ -97,7 +97,7 @@ def allocate_bits(
             fixed += t.numel() * t.element_size()
     cands = [c if isinstance(c, tuple) else (c, None) for c in candidates or WIDTHS]
     options: dict[str, list[tuple[tuple[int, int | None], int, float]]] = {}
-    splits: dict[str, list[tuple[str, int]]] = {}  # split layer: [(unit, until row)]
+    splits: dict[str, list[str]] = {}  # split layer: its ranges' unit names
     for i, (w, owners) in enumerate(groups):
         name = owners[0][0]
         settings = cfg.for_layer(name)
@@ -115,15 +115,11 @@ def allocate_bits(
             sw = sw.t()
         units = [(name, data, sw, settings)]
         if settings.get("row_split"):  # each row range chooses its own setting
-            units, n_rows = [], data.shape[0]
-            for seg in row_segments(settings, where=name):
-                a, e = seg["rows"]
-                e = n_rows if e is None else e
-                if not a < e <= n_rows:
-                    raise ValueError(f"{name}: row_split needs rows below {n_rows}, got {e}")
-                part_sw = sw[a:e] if sw is not None else None
-                units.append((f"{name}[{a}:{e}]", data[a:e], part_sw, seg))
-                splits.setdefault(name, []).append((f"{name}[{a}:{e}]", e))
+            units = [
+                (f"{name}[{a}:{e}]", part, part_sw, seg)
+                for a, e, seg, part, part_sw in _row_ranges(data, sw, settings, name)
+            ]
+            splits[name] = [u for u, *_ in units]
         unit_opts = {}
         for unit, udata, usw, useg in units:
             opts = []
@@ -176,20 +172,14 @@ def allocate_bits(
     def _setting(b, gs):
         return {"bits": b} if gs is None else {"bits": b, "group_size": gs}
 
-    in_split = {u for units in splits.values() for u, _ in units}
+    in_split = {u for units in splits.values() for u in units}
     for n, (b, gs) in chosen.items():
         if n not in in_split:
             overrides[n] = {**overrides.get(n, {}), **_setting(b, gs)}
     for n, units in splits.items():
         user = cfg.for_layer(n)["row_split"]  # the user's ranges (their other fields kept)
-        split = [
-            {**seg, **_setting(*chosen[u])} for seg, (u, _) in zip(user, units[:-1], strict=True)
-        ]
-        overrides[n] = {
-            **overrides.get(n, {}),
-            **_setting(*chosen[units[-1][0]]),
-            "row_split": split,
-        }
+        split = [{**seg, **_setting(*chosen[u])} for seg, u in zip(user, units[:-1], strict=True)]
+        overrides[n] = {**overrides.get(n, {}), **_setting(*chosen[units[-1]]), "row_split": split}
     new_cfg = cfg.replace(overrides=overrides)
     summary = {
         "bits": bits,

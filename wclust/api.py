@@ -9,7 +9,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .config import SUPPORTED_LAYER_TYPES, ClusterConfig
+from .config import SUPPORTED_LAYER_TYPES, ClusterConfig, row_segments
 from .core.codebook import cluster_tensor
 from .core.quantizers import nf4, rtn, scaled_kmeans
 from .nn.modules import (
@@ -308,7 +308,7 @@ def _compress_weight(
     entry.group_size = st.get("group_size")
     entry.codebook_dtype = st.get("codebook_dtype", settings["codebook_dtype"])
     entry.bits = cw.bits
-    entry.n_clusters = st["n_clusters_max"]
+    entry.n_clusters = cw.n_clusters
     entry.n_codebooks = cw.n_codebooks
     entry.distinct_values = st["distinct"]
     entry.mse = st["mse"]
@@ -323,26 +323,31 @@ def _cluster_settings(data, settings, sw, seed):
     meta = {k: settings[k] for k in ("method", "granularity", "group_size", "codebook_dtype")}
     cw, st = TENSOR_METHODS.get(settings["method"])(data, settings, sw, seed)
     cw.meta = {**meta, **st}
-    st = {**st, "n_clusters_max": cw.codebook.shape[1]}
     return cw, st
 
 
-def _cluster_row_split(data, settings, sw, seed, name):
-    """The rows of ``data`` clustered range by range (``row_split``), each range as
-    its own tensor: (RowSplitWeight, stats combined over the ranges, weighted)."""
-    from .config import row_segments
-
+def _row_ranges(data, sw, settings, name):
+    """``(start, end, range settings, rows of data, rows of sw or None)`` for each
+    row range of a ``row_split`` layer (the (out, in) view ``data``), checked
+    against its number of rows."""
     n_rows = data.shape[0]
-    parts, stats, split = [], [], []
     for seg in row_segments(settings, where=name):
         start, end = seg["rows"]
         end = n_rows if end is None else end
         if end > n_rows or start >= end:
             raise ValueError(
-                f"row_split needs rows below {n_rows} (the weight's rows), got up to {max(start, end)}"
+                f"{name}: row_split needs rows below {n_rows} (the weight's rows), got up to "
+                f"{max(start, end)}"
             )
-        part_sw = sw[start:end] if sw is not None else None
-        cw, st = _cluster_settings(data[start:end], seg, part_sw, seed)
+        yield start, end, seg, data[start:end], sw[start:end] if sw is not None else None
+
+
+def _cluster_row_split(data, settings, sw, seed, name):
+    """The rows of ``data`` clustered range by range (``row_split``), each range as
+    its own tensor: (RowSplitWeight, stats combined over the ranges, weighted)."""
+    parts, stats, split = [], [], []
+    for start, end, seg, part, part_sw in _row_ranges(data, sw, settings, name):
+        cw, st = _cluster_settings(part, seg, part_sw, seed)
         total = float(part_sw.double().sum()) if part_sw is not None else float(cw.numel)
         parts.append(cw)
         stats.append((st, total))
@@ -358,7 +363,6 @@ def _cluster_row_split(data, settings, sw, seed, name):
     st = {
         "mse": sum(s["mse"] * t for s, t in stats) / weight,
         "distinct": max(s["distinct"] for s, _ in stats),
-        "n_clusters_max": max(s["n_clusters_max"] for s, _ in stats),
         "granularity": stats[-1][0].get("granularity", settings["granularity"]),
         "group_size": stats[-1][0].get("group_size"),
         "row_split": split,

@@ -159,24 +159,30 @@ def save(
 
 def add_clustered(writer: FileWriter, key: str, cw, owners, entropy) -> dict:
     """Add one clustered weight's tensors to ``writer``; returns its header entry.
-    A row split stores each part as its own entry (``<key>.part<j>``) under
+    A row split stores each part as its own tensor entry (``<key>.part<j>``) under
     ``parts``, with its rows."""
-    if isinstance(cw, RowSplitWeight):
-        parts = []
-        for j, (part, start) in enumerate(zip(cw.parts, cw.bounds, strict=False)):
-            e = add_clustered(writer, f"{key}.part{j}", part, [], entropy)
-            for k in ("owners", "owner_types", "transpose"):
-                del e[k]
-            parts.append({**e, "rows": [start, start + part.shape[0]]})
-        return {
-            "key": key,
-            "owners": [n for n, _ in owners],
-            "owner_types": [base_class(m).__name__ for _, m in owners],
-            "shape": list(cw.shape),
-            "transpose": cw.transpose,
-            "meta": cw.meta,
-            "parts": parts,
-        }
+    entry = {
+        "key": key,
+        "owners": [n for n, _ in owners],
+        "owner_types": [base_class(m).__name__ for _, m in owners],
+        "shape": list(cw.shape),
+        "transpose": cw.transpose,
+        "meta": cw.meta,
+    }
+    if not isinstance(cw, RowSplitWeight):
+        return {**entry, **_add_tensor(writer, key, cw, entropy)}
+    entry["parts"] = [
+        {**_add_tensor(writer, f"{key}.part{j}", part, entropy), "rows": [start, end]}
+        for j, (part, start, end) in enumerate(
+            zip(cw.parts, cw.bounds[:-1], cw.bounds[1:], strict=True)
+        )
+    ]
+    return entry
+
+
+def _add_tensor(writer: FileWriter, key: str, cw: ClusteredWeight, entropy) -> dict:
+    """Add one ClusteredWeight's codes, codebook and side tables; returns the header
+    fields that describe them (key, shape, bits, dtype, meta, entropy)."""
     info = None
     if entropy is None:
         writer.add(f"{key}.codes", cw.packed_rows())
@@ -195,12 +201,9 @@ def add_clustered(writer: FileWriter, key: str, cw, owners, entropy) -> dict:
             writer.add(f"{key}.{suffix}", t)
     return {
         "key": key,
-        "owners": [n for n, _ in owners],
-        "owner_types": [base_class(m).__name__ for _, m in owners],
         "shape": list(cw.shape),
         "bits": cw.bits,
         "dtype": _dtype_name(cw.dtype),
-        "transpose": cw.transpose,
         "meta": cw.meta,
         **({"entropy": info} if info is not None else {}),
     }

@@ -147,6 +147,11 @@ class ClusteredWeight(nn.Module):
     def n_codebooks(self) -> int:
         return self.codebook.shape[0]
 
+    @property
+    def n_clusters(self) -> int:
+        """Centroids per codebook."""
+        return self.codebook.shape[1]
+
     def codebook_float(self) -> torch.Tensor:
         cb = self.codebook.float()
         if self.codebook_scale is not None:
@@ -580,12 +585,8 @@ class RowSplitWeight(nn.Module):
 
     @property
     def bits(self) -> int:
-        """The widest part's code width (``bits_per_code`` gives the average)."""
+        """The widest part's code width."""
         return max(p.bits for p in self.parts)
-
-    @property
-    def bits_per_code(self) -> float:
-        return sum(p.bits * p.numel for p in self.parts) / self.numel
 
     @property
     def n_codebooks(self) -> int:
@@ -593,7 +594,8 @@ class RowSplitWeight(nn.Module):
 
     @property
     def n_clusters(self) -> int:
-        return max(p.codebook.shape[1] for p in self.parts)
+        """The largest part's centroids per codebook."""
+        return max(p.n_clusters for p in self.parts)
 
     def trainable(self) -> bool:
         return any(p.trainable() for p in self.parts)
@@ -607,10 +609,6 @@ class RowSplitWeight(nn.Module):
         if self.cache:
             self._dense = w
         return w
-
-    def codes(self) -> torch.Tensor:
-        """Unpacked codes of every part, in row order (widths may differ)."""
-        return torch.cat([p.codes() for p in self.parts], 0)
 
     def rows(self, idx: torch.Tensor) -> torch.Tensor:
         """Rows ``idx`` of the (out, in) weight, each decoded by the part holding it."""
@@ -645,10 +643,7 @@ class RowSplitWeight(nn.Module):
         """``W @ x``: each part's kernel gives its rows of the result."""
         return torch.cat([p.matvec(x) for p in self.parts], -1)
 
-    def set_cache(self, enabled: bool) -> None:
-        self.cache = bool(enabled)
-        if not enabled:
-            self._dense = None
+    set_cache = ClusteredWeight.set_cache  # the same ``cache`` / ``_dense`` pair
 
     @property
     def nbytes(self) -> int:
