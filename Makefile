@@ -22,6 +22,7 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check wclust tests benchmarks scripts
 	$(BIN)/ruff format --check wclust tests benchmarks scripts
+	$(BIN)/lint-imports
 
 test: $(STAMP) lint
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -p no:cacheprovider

@@ -31,11 +31,12 @@ from pathlib import Path
 
 import torch
 
-from wclust.methods import apply_method, get_method
+import wclust
 from wclust.models import load_model
-from wclust.tasks import get_task
+from wclust.recipes import resolve_method
+from wclust.stages.train import distill_
+from wclust.tasks import TaskData, get_task
 from wclust.tasks.asr import evaluate, wer_cer
-from wclust.train import distill_
 
 
 def folds(n: int, k: int) -> list[range]:
@@ -80,7 +81,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(2)
     logging.basicConfig(format="    %(message)s")
-    logging.getLogger("wclust.train").setLevel(logging.INFO)  # distillation epochs
+    logging.getLogger("wclust.stages.train").setLevel(logging.INFO)  # distillation epochs
     base = load_model(args.model)
     task = get_task(base.task)
     clips = task.load_data(args.data, None, 1)
@@ -98,11 +99,12 @@ def main() -> None:
         print(f"fp32: WER {r['wer']:.2f}% CER {r['cer']:.2f}%", flush=True)
         rows["fp32"] = r["hypotheses"]
     for name in args.methods.split(","):
-        method = get_method(name)
+        recipe = resolve_method(name).recipe
         if args.distill_opts:
-            if method.distill is None:
+            if recipe.distill is None:
                 raise SystemExit(f"--distill-opts: {name} does not distil")
-            method = dataclasses.replace(method, distill={**method.distill, **args.distill_opts})
+            opts = {k: tuple(v) if isinstance(v, list) else v for k, v in args.distill_opts.items()}
+            recipe = recipe.replace(distill=dataclasses.replace(recipe.distill, **opts))
             name += " " + json.dumps(args.distill_opts)
         hyps: list[str | None] = [None] * len(clips)
         before: list[str | None] = [None] * len(clips)
@@ -114,7 +116,7 @@ def main() -> None:
             torch.manual_seed(0)
             student = copy.deepcopy(base)
             t0 = time.perf_counter()
-            _, report = apply_method(method, student, calib_samples=calib)
+            report = wclust.compress_(student.model, recipe, TaskData(student, calib))
             for layer in report.layers:
                 if layer.row_split:  # where the allocator put the bits of a split layer
                     ranges = ", ".join(

@@ -1,7 +1,7 @@
 """Does distillation fine-tuning of the codebooks and scales help a compressed Whisper?
 
-An experiment (its result was negative: BENCHMARKS.md 1e); the distillation itself is
-``wclust.distill_`` (the library's, since session 8; run 1e used this script's own copy
+An experiment (its result was negative: docs/experiments, whisper-base quality log, 1e); the distillation itself is
+``wclust.distill_`` (the library's; run 1e used this script's own copy
 of the same loop, with the batch order drawn from torch's global generator).
 Compresses whisper-base with a compare method (Fisher from the built-in clips), then
 trains every clustered weight's codebook and per-group scales (codes fixed) and the
@@ -24,13 +24,14 @@ from pathlib import Path
 
 import torch
 
-from wclust.calibrate import calibrate
-from wclust.methods import apply_method, get_method
+import wclust
 from wclust.models import load_model
+from wclust.recipes import resolve_method
+from wclust.stages.calibrate import calibrate
+from wclust.stages.train import distill_
 from wclust.tasks import get_task
 from wclust.tasks.asr import evaluate, load_audio_dir
 from wclust.tasks.embed import builtin_sentences
-from wclust.train import distill_
 
 VOICES = ("awb", "rms", "slt", "kal16")  # flite's 16 kHz voices
 
@@ -60,13 +61,13 @@ def main() -> None:
     base = load_model("whisper-base")
     task = get_task(base.task)
     teacher = base.model.eval()
-    method = get_method(args.method)
+    recipe = resolve_method(args.method).recipe
     sw = None
-    if method.calibrate:
+    if recipe.calibration:
         calib = task.calibration_batches(teacher, base.processor, task.load_data(None, 16))
-        sw = calibrate(teacher, calib, kind=method.calibrate)
+        sw = calibrate(teacher, calib, kind=recipe.calibration.kind)
     student = copy.deepcopy(base)
-    _, report = apply_method(method, student, sample_weights=sw)
+    report = wclust.compress_(student.model, recipe, sample_weights=sw)
     print(f"{args.method}: {report.bits_per_weight:.3f} bits/weight", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         train = load_audio_dir(synthesize(args.clips, Path(tmp))) + task.load_data(None, None)

@@ -1,7 +1,7 @@
 """Could mixed bits *within* Whisper's tied embedding reach ~3 bits? A screen.
 
 The tied token embedding / output projection of whisper-base is 37% of its weights,
-and 3 bits for all of it broke decoding (BENCHMARKS.md 1e). Here only that matrix is
+and 3 bits for all of it broke decoding (docs/experiments, whisper-base quality log, 1e). Here only that matrix is
 replaced, by simulated ("fake") quantization: the learned per-tensor codebook with
 fitted scales (``scaled-fit``) per group of ``--group-size``, with the first
 ``--hi-rows`` token rows at ``--hi-bits`` and the other rows at ``--lo-bits`` (each

@@ -62,7 +62,7 @@ def mlp():
 
 
 def make_valid(d: Path) -> dict:
-    from wclust.prune import prune_
+    from wclust.stages.prune import prune_
 
     torch.manual_seed(0)
     m = Net()

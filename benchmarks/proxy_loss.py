@@ -11,7 +11,7 @@ compare``'s prepare step, Fisher computed once and reused), then reports for eac
 - optionally greedy WER/CER on a few clips (``--wer-clips``).
 
 Use it to choose what to measure with ``wclust compare``; the table in
-BENCHMARKS.md comes from ``compare``, not from this proxy.
+docs/results.md comes from ``compare``, not from this proxy.
 
     python benchmarks/proxy_loss.py --model whisper-base \\
         --data ../shared/data/speech/librispeech-test-other-100 --every 5 \\
@@ -29,9 +29,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-from wclust.calibrate import calibrate
-from wclust.methods import apply_method, get_method
+import wclust
 from wclust.models import load_model
+from wclust.recipes import resolve_method
+from wclust.stages.calibrate import calibrate
 from wclust.tasks import get_task
 
 
@@ -97,23 +98,26 @@ def main() -> None:
     fisher: dict[str, dict] = {}
     rows = []
     for name in args.methods.split(","):
-        method = get_method(name)
-        if args.set and method.config is not None:
-            method = dataclasses.replace(
-                method, config=method.config.replace(**json.loads(args.set))
+        recipe = resolve_method(name).recipe
+        if args.set and recipe is not None:
+            recipe = recipe.replace(
+                quantizer=dataclasses.replace(recipe.quantizer, **json.loads(args.set))
             )
         if args.set_method:
-            method = dataclasses.replace(method, **json.loads(args.set_method))
+            recipe = recipe.replace(**json.loads(args.set_method))
         loaded = copy.deepcopy(base)
         sw = None
-        if method.calibrate:
-            if method.calibrate not in fisher:
-                calib = task.load_data(None, method.calib_items)
+        cal = recipe.calibration if recipe is not None else None
+        if cal:
+            if cal.kind not in fisher:
+                calib = task.load_data(None, cal.items)
                 cb = task.calibration_batches(base.model, base.processor, calib)
-                fisher[method.calibrate] = calibrate(base.model, cb, kind=method.calibrate)
-            sw = fisher[method.calibrate]
+                fisher[cal.kind] = calibrate(base.model, cb, kind=cal.kind)
+            sw = fisher[cal.kind]
         t0 = time.perf_counter()
-        _, report = apply_method(method, loaded, sample_weights=sw)
+        report = wclust.compress_(
+            loaded.model, recipe or wclust.ClusterConfig(include=()), sample_weights=sw
+        )
         secs = time.perf_counter() - t0
         ce, kl = _scores(_logits(loaded.model, batches), ref, batches)
         row = {

@@ -2,7 +2,7 @@ import pytest
 
 import wclust
 from tests.conftest import tiny_gpt2
-from wclust.allocate import allocate_bits
+from wclust.stages.allocate import allocate_bits
 
 
 @pytest.mark.parametrize("target", [5.0, 7.0])

@@ -3,7 +3,7 @@ import torch
 
 import wclust
 from tests.conftest import tiny_gpt2
-from wclust.calibrate import calibrate
+from wclust.stages.calibrate import calibrate
 
 
 def _batches(n=3):
@@ -78,14 +78,25 @@ def test_outlier_config_errors(bad):
         wclust.ClusterConfig(**bad)
 
 
-def test_encoder_first_method_plans_groups_and_positional_bits():
-    # fit-4b-enc64-g128-fisher: groups of 64 in Whisper's encoder, 128 elsewhere,
-    # positional tables clustered at 6 bits (not left fp32); nothing silently skipped.
+# A per-layer recipe (JSON form): groups of 64 in Whisper's encoder, 128 elsewhere,
+# positional tables at 6 bits (the recipe old results call fit-4b-enc64-g128-fisher).
+ENC64 = {
+    "quantizer": {"kind": "scaled", "group_size": 128, "fit": "fit"},
+    "exclude": [],
+    "overrides": {
+        "model.encoder.layers.*": {"group_size": 64},
+        "model.encoder.conv*": {"group_size": 64},
+        "*embed_positions*": {"bits": 6, "group_size": 64},
+    },
+}
+
+
+def test_encoder_first_recipe_plans_groups_and_positional_bits():
+    # nothing silently skipped
     from tests.conftest import tiny_whisper
-    from wclust.methods import get_method
 
     m = tiny_whisper()
-    report = wclust.compress_(m, get_method("fit-4b-enc64-g128-fisher").config)
+    report = wclust.compress_(m, ENC64)
     layers = {e.name: e for e in report.layers}
     assert layers["model.encoder.layers.0.fc1"].group_size == 64
     assert layers["model.encoder.conv2"].group_size == 64
@@ -96,13 +107,22 @@ def test_encoder_first_method_plans_groups_and_positional_bits():
     assert not [e for e in report.layers if e.status != "clustered"]
 
 
-def test_encoder_five_decoder_three_bit_methods_plan_bits_per_group():
-    # fit-enc5g64-dec3g128-fisher: 5-bit encoder, 3-bit decoder self-attention and
-    # MLP, 4-bit cross-attention and embedding, 6-bit positional tables.
+def test_encoder_five_decoder_three_bit_recipe_plans_bits_per_group():
+    # 5-bit encoder, 3-bit decoder self-attention and MLP, 4-bit cross-attention and
+    # embedding, 6-bit positional tables (old results: fit-enc5g64-dec3g128-fisher).
     from tests.conftest import tiny_whisper
-    from wclust.methods import get_method
 
-    report = wclust.compress_(tiny_whisper(), get_method("fit-enc5g64-dec3g128-fisher").config)
+    recipe = {
+        **ENC64,
+        "overrides": {
+            "model.encoder.layers.*": {"bits": 5, "group_size": 64},
+            "model.encoder.conv*": {"bits": 5, "group_size": 64},
+            "model.decoder.layers.*.self_attn.*": {"bits": 3, "group_size": 128},
+            "model.decoder.layers.*.fc*": {"bits": 3, "group_size": 128},
+            "*embed_positions*": {"bits": 6, "group_size": 64},
+        },
+    }
+    report = wclust.compress_(tiny_whisper(), recipe)
     layers = {e.name: (e.bits, e.group_size) for e in report.layers}
     assert layers["model.encoder.layers.0.fc1"] == (5, 64)
     assert layers["model.encoder.conv1"] == (5, 64)

@@ -130,6 +130,8 @@ def test_compress_with_target_bits_meets_the_budget(model_dir, tmp_path):
         "10",
         "--calibrate",
         "none",
+        "--method",
+        "exact",
         "--codebook-dtype",
         "float16",
     )

@@ -9,7 +9,8 @@ from torch import nn
 
 import wclust
 from tests.conftest import tiny_whisper
-from wclust.api import clustered_weights
+from wclust.nn.owners import clustered_weights
+from wclust.recipes import Distill, KMeans
 
 
 def whisper_batches(n=6, seed=0):
@@ -179,28 +180,31 @@ def test_early_stopping_keeps_the_best_held_out_state(clustered_pair):
 
 
 def test_augmented_batches_train_but_are_never_held_out(clustered_pair):
-    """``distill_reported_``'s augment gets the training positions only; its batches
-    count as training items."""
-    from wclust.methods import distill_reported_
-
-    teacher, clustered = clustered_pair
-    student = copy.deepcopy(clustered)
+    """The pipeline asks the data to augment the training positions only; the
+    augmented batches count as training items."""
+    teacher, _ = clustered_pair
     batches, asked = whisper_batches(5), []
 
-    def augment(positions):
-        asked.append(list(positions))
-        return whisper_batches(2 * len(positions), seed=7)
+    class Data:
+        def batches(self, model):
+            return batches
 
-    report = wclust.compress_(copy.deepcopy(teacher), wclust.ClusterConfig(bits=2, exclude=()))
-    done = distill_reported_(
-        student, teacher, batches, report, holdout=0.2, augment=augment, epochs=1, lr=1e-3
+        def augment(self, positions, speeds, teacher):
+            asked.append((list(positions), speeds))
+            return whisper_batches(2 * len(positions), seed=7)
+
+    recipe = wclust.Recipe(
+        quantizer=KMeans(bits=2),
+        exclude=(),
+        distill=Distill(epochs=1, lr=1e-3, holdout=0.2, speeds=(0.9, 1.1)),
     )
-    assert asked == [[0, 1, 2, 3]]  # every 5th (position 4) held out, not augmented
-    assert (done["items"], done["held_out"], done["steps"]) == (12, 1, 12)
+    report = wclust.compress_(copy.deepcopy(teacher), recipe, Data())
+    assert asked == [([0, 1, 2, 3], (0.9, 1.1))]  # every 5th (position 4) held out
+    assert (report.distill["items"], report.distill["held_out"]) == (12, 1)
 
 
 def _hidden_error(teacher, student, batches):
-    from wclust.train import _hidden_states
+    from wclust.stages.train import _hidden_states
 
     total = 0.0
     with torch.no_grad():

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import wclust
-from wclust.gptq import collect_hessians, gptq_codes, gptq_refine_
+from wclust.stages.gptq import collect_hessians, gptq_codes, gptq_refine_
 
 
 def correlated_inputs(n=512, d=128, seed=0):

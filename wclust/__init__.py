@@ -4,15 +4,16 @@ Light to import: torch and numpy only; transformers, numba and the measurement
 code are imported where they are used.
 """
 
-from .api import compress_, model_nbytes, strip
+from .api import model_nbytes, strip
 from .config import ClusterConfig, ConfigError
 from .core import ClusteredTensor, cluster_tensor
 from .formats import FormatError, load, read_header, save
 from .formats.checkpoint import CheckpointError
-from .prune import prune_, remove_masks_
+from .recipes import Recipe, compress_, get_recipe
 from .report.layers import CompressionReport, LayerReport
+from .stages.prune import prune_, remove_masks_
+from .stages.train import distill_, finetune, freeze_codebooks_, split_holdout, trainable_codebooks_
 from .stream import compress_checkpoint
-from .train import distill_, finetune, freeze_codebooks_, split_holdout, trainable_codebooks_
 
 __version__ = "0.1.0"
 
@@ -24,6 +25,7 @@ __all__ = [
     "ConfigError",
     "FormatError",
     "LayerReport",
+    "Recipe",
     "__version__",
     "cluster_tensor",
     "compress_checkpoint",
@@ -31,6 +33,7 @@ __all__ = [
     "distill_",
     "finetune",
     "freeze_codebooks_",
+    "get_recipe",
     "load",
     "model_nbytes",
     "prune_",

@@ -9,7 +9,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .config import SUPPORTED_LAYER_TYPES, ClusterConfig, row_segments
+from .config import ClusterConfig, row_segments
 from .core.codebook import cluster_tensor
 from .core.quantizers import nf4, rtn, scaled_kmeans
 from .nn.modules import (
@@ -19,45 +19,11 @@ from .nn.modules import (
     swap_weight,
     unswap_weight,
 )
+from .nn.owners import clustered_weights, layer_type, set_module, weight_owners
 from .registry import Registry
 from .report.layers import CompressionReport, LayerReport
 
 __all__ = ["clustered_weights", "compress_", "layer_type", "model_nbytes", "strip"]
-
-
-def layer_type(module: nn.Module) -> str | None:
-    """The supported layer type name a module is (subclasses count), or None."""
-    for cls in type(module).__mro__:
-        if cls.__name__ in SUPPORTED_LAYER_TYPES and (
-            cls.__module__.startswith("torch.nn") or cls.__name__ == "Conv1D"
-        ):
-            return cls.__name__
-    return None
-
-
-def _weight_owners(model: nn.Module) -> list[tuple[nn.Parameter, list[tuple[str, nn.Module]]]]:
-    """Every `weight` parameter of a supported layer with all modules that use it."""
-    groups: dict[int, tuple[nn.Parameter, list]] = {}
-    for name, mod in model.named_modules(remove_duplicate=False):
-        w = mod._parameters.get("weight") if layer_type(mod) else None
-        if w is None:
-            continue
-        groups.setdefault(id(w), (w, []))[1].append((name, mod))
-    out = []
-    for w, owners in groups.values():
-        seen, uniq = set(), []
-        for name, mod in owners:  # a module reachable by two paths appears twice
-            if (name, id(mod)) not in seen:
-                seen.add((name, id(mod)))
-                uniq.append((name, mod))
-        out.append((w, uniq))
-    return out
-
-
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    parent._modules[child] = new
 
 
 def _distinct_codes(codes: torch.Tensor, n_cb: int, k: int, chunk: int = 1 << 22) -> int:
@@ -193,6 +159,7 @@ def compress_(
     *,
     sample_weights: dict[str, torch.Tensor] | None = None,
     progress: Callable[[str, int, int], None] | None = None,
+    _memo: dict | None = None,
 ) -> CompressionReport:
     """Cluster the selected layer weights of ``model`` in place.
 
@@ -221,21 +188,21 @@ def compress_(
             raise ValueError(f"{name} is already clustered; compress the original model")
         if "weight_orig" in mod._parameters:  # torch.nn.utils.prune reparametrization
             raise ValueError(
-                f"{name} still has a pruning mask; call wclust.prune.remove_masks_(model) "
+                f"{name} still has a pruning mask; call wclust.stages.prune.remove_masks_(model) "
                 "before compress_"
             )
     if next(model.parameters(), None) is None:
         raise ValueError(f"the model ({type(model).__name__}) has no parameters to cluster")
-    groups = _weight_owners(model)
+    groups = weight_owners(model)
     layer_params = {id(w) for w, _ in groups}
     for i, (w, owners) in enumerate(groups):
         if progress:
             progress(owners[0][0], i, len(groups))
-        entry, cw = _compress_weight(w, owners, cfg, sample_weights.get(owners[0][0]))
+        entry, cw = _compress_weight(w, owners, cfg, sample_weights.get(owners[0][0]), memo=_memo)
         report.layers.append(entry)
         if cw is not None:
             for owner_name, owner in owners:
-                _set_module(model, owner_name, swap_weight(owner, cw))
+                set_module(model, owner_name, swap_weight(owner, cw))
     _count_other(model, report, layer_params)
     report.seconds = time.perf_counter() - t_start
     return report
@@ -247,11 +214,13 @@ def _compress_weight(
     cfg: ClusterConfig,
     sw: torch.Tensor | None,
     materialize: Callable[[], torch.Tensor] | None = None,
+    memo: dict | None = None,
 ) -> tuple[LayerReport, ClusteredWeight | None]:
     """Cluster one layer weight (used by all ``owners``) as ``cfg`` says.
 
     ``materialize``, if given, returns the weight's values once it is known to be
-    clustered (``w`` may then be a meta tensor: the streaming path).
+    clustered (``w`` may then be a meta tensor: the streaming path). ``memo`` holds
+    clusterings already computed (by ``allocate_bits``), keyed by :func:`memo_key`.
 
     Returns:
         (its report entry, the ClusteredWeight or None when it stays dense; the
@@ -292,9 +261,9 @@ def _compress_weight(
     t0 = time.perf_counter()
     try:
         if settings.get("row_split"):
-            cw, st = _cluster_row_split(data, settings, sw, cfg.seed, name)
+            cw, st = _cluster_row_split(data, settings, sw, cfg.seed, name, memo)
         else:
-            cw, st = _cluster_settings(data, settings, sw, cfg.seed)
+            cw, st = _cluster_settings(data, settings, sw, cfg.seed, name, memo)
     except ValueError as e:
         entry.reason = f"cannot cluster: {e}"
         return entry, None
@@ -318,10 +287,17 @@ def _compress_weight(
     return entry, cw
 
 
-def _cluster_settings(data, settings, sw, seed):
+def memo_key(unit: str, settings: dict) -> tuple:
+    """The key of one layer's (or row range's, ``unit`` = ``name[a:b]``) clustering
+    with ``settings``: equal keys give equal results (the seed is the config's)."""
+    return (unit, tuple(sorted((k, repr(v)) for k, v in settings.items() if k != "rows")))
+
+
+def _cluster_settings(data, settings, sw, seed, unit: str = "", memo: dict | None = None):
     """One tensor clustered with one layer's settings: (ClusteredWeight, stats)."""
     meta = {k: settings[k] for k in ("method", "granularity", "group_size", "codebook_dtype")}
-    cw, st = TENSOR_METHODS.get(settings["method"])(data, settings, sw, seed)
+    hit = memo.pop(memo_key(unit, settings), None) if memo else None
+    cw, st = hit or TENSOR_METHODS.get(settings["method"])(data, settings, sw, seed)
     cw.meta = {**meta, **st}
     return cw, st
 
@@ -342,12 +318,12 @@ def _row_ranges(data, sw, settings, name):
         yield start, end, seg, data[start:end], sw[start:end] if sw is not None else None
 
 
-def _cluster_row_split(data, settings, sw, seed, name):
+def _cluster_row_split(data, settings, sw, seed, name, memo=None):
     """The rows of ``data`` clustered range by range (``row_split``), each range as
     its own tensor: (RowSplitWeight, stats combined over the ranges, weighted)."""
     parts, stats, split = [], [], []
     for start, end, seg, part, part_sw in _row_ranges(data, sw, settings, name):
-        cw, st = _cluster_settings(part, seg, part_sw, seed)
+        cw, st = _cluster_settings(part, seg, part_sw, seed, f"{name}[{start}:{end}]", memo)
         total = float(part_sw.double().sum()) if part_sw is not None else float(cw.numel)
         parts.append(cw)
         stats.append((st, total))
@@ -428,17 +404,6 @@ def _count_other(model: nn.Module, report: CompressionReport, layer_params: set[
                 report.other_bytes += nbytes  # buffers: bytes, not weights
 
 
-def clustered_weights(
-    model: nn.Module,
-) -> dict[int, tuple[ClusteredWeight, list[tuple[str, nn.Module]]]]:
-    """``{id(cw): (cw, [(owner name, owner module), ...])}`` for a clustered model."""
-    out: dict[int, tuple[ClusteredWeight, list]] = {}
-    for name, mod in model.named_modules(remove_duplicate=False):
-        if is_clustered(mod):
-            out.setdefault(id(mod.clustered), (mod.clustered, []))[1].append((name, mod))
-    return out
-
-
 def strip(model: nn.Module, inplace: bool = False) -> nn.Module:
     """A plain model with dense weights (at most k distinct values per codebook).
 
@@ -453,7 +418,7 @@ def strip(model: nn.Module, inplace: bool = False) -> nn.Module:
                 param = plain.weight
             else:
                 plain._parameters["weight"] = param
-            _set_module(m, name, plain)
+            set_module(m, name, plain)
     return m
 
 

@@ -57,11 +57,23 @@ def compress(
         typer.Argument(help="built-in name (see `wclust models`), HF hub id or local HF directory"),
     ],
     output: Annotated[Path, typer.Option("--output", "-o", help="the .wclust file to write")],
-    bits: Annotated[int, typer.Option(help="code width: 2**bits clusters per codebook")] = 4,
+    recipe: Annotated[
+        str | None,
+        typer.Option(
+            help="a preset (`wclust recipes`), a spec string (e.g. 'scaled:bits=3+fisher'), "
+            "a recipe .json file, or a .wclust file whose recipe to make again; not with "
+            "the quantizer and stage options below"
+        ),
+    ] = None,
+    bits: Annotated[
+        int | None, typer.Option(help="code width: 2**bits clusters per codebook (default 4)")
+    ] = None,
     n_clusters: Annotated[
         int | None, typer.Option(help="clusters per codebook (instead of --bits)")
     ] = None,
-    granularity: Annotated[str, typer.Option(help="tensor | channel | group")] = "channel",
+    granularity: Annotated[
+        str | None, typer.Option(help="tensor | channel | group (default channel)")
+    ] = None,
     group_size: Annotated[
         int | None, typer.Option(help="elements per codebook for --granularity group")
     ] = None,
@@ -76,15 +88,18 @@ def compress(
         ),
     ] = None,
     init: Annotated[
-        str, typer.Option(help="Lloyd init: linear | density | random | kmeans++")
-    ] = "kmeans++",
+        str | None, typer.Option(help="Lloyd init: linear | density | random | kmeans++")
+    ] = None,
     codebook_dtype: Annotated[
-        str, typer.Option(help="float32 | float16 | bfloat16 | int8")
-    ] = "float32",
-    keep_zeros: Annotated[bool, typer.Option(help="pruned (zero) weights stay zero")] = False,
+        str | None, typer.Option(help="float32 | float16 | bfloat16 | int8")
+    ] = None,
+    keep_zeros: Annotated[
+        bool | None, typer.Option("--keep-zeros", help="pruned (zero) weights stay zero")
+    ] = None,
     outliers: Annotated[
-        float, typer.Option(help="fraction of weights kept exactly (dense-and-sparse), e.g. 0.005")
-    ] = 0.0,
+        float | None,
+        typer.Option(help="fraction of weights kept exactly (dense-and-sparse), e.g. 0.005"),
+    ] = None,
     target_bits: Annotated[
         float | None,
         typer.Option(
@@ -117,24 +132,25 @@ def compress(
     distill_items: Annotated[
         int | None, typer.Option(help="distillation items (default: all of --distill-data)")
     ] = None,
-    distill_epochs: Annotated[int, typer.Option(help="passes over --distill-data")] = 2,
+    distill_epochs: Annotated[int | None, typer.Option(help="passes over --distill-data")] = None,
     distill_holdout: Annotated[
-        float,
+        float | None,
         typer.Option(
             help="fraction of --distill-data held out: the epoch with the lowest KL on it "
             "is kept (0: none held out, the last epoch is kept)"
         ),
-    ] = 0.0,
+    ] = None,
     distill_lr: Annotated[
-        float, typer.Option(help="learning rate of codebooks and scales (norms, biases: /10)")
-    ] = 3e-5,
+        float | None,
+        typer.Option(help="learning rate of codebooks and scales (norms, biases: /10)"),
+    ] = None,
     distill_hidden: Annotated[
-        float,
+        float | None,
         typer.Option(
             help="weight of matching every layer's output (relative squared error to the "
             "original's, summed over layers) next to the output KL; 0: the output KL alone"
         ),
-    ] = 0.0,
+    ] = None,
     distill_speeds: Annotated[
         str | None,
         typer.Option(
@@ -168,7 +184,7 @@ def compress(
         list[str] | None,
         typer.Option(help="module-name glob to keep dense (repeatable; replaces the defaults)"),
     ] = None,
-    seed: Annotated[int, typer.Option(help="RNG seed")] = 0,
+    seed: Annotated[int | None, typer.Option(help="RNG seed")] = None,
     entropy: Annotated[
         str | None,
         typer.Option(help="entropy-code the codes in the file: huffman | ans (default: none)"),
@@ -184,168 +200,141 @@ def compress(
         ),
     ] = None,
 ):
-    """Cluster a model's weights and write a .wclust file."""
-    import wclust
-    from wclust.config import DEFAULT_EXCLUDE, layer_preset
-    from wclust.models import load_model
+    """Compress a model as a recipe says and write a .wclust file.
 
-    if layers is not None and (include or exclude is not None):
-        _fail(
-            "--layers sets the include/exclude globs; give either --layers or --include/--exclude"
-        )
-    preset = _run(layer_preset, layers) if layers is not None else {}
-    candidates = None
-    if method is None:
-        # With a budget, the best measured recipe (BENCHMARKS.md section 1e): per-tensor
-        # codebooks with fitted per-group scales, Fisher-weighted, bits and scale-group
-        # size chosen per layer, positional tables included in the budget.
-        method = "scaled-fit" if target_bits is not None else "exact"
-        if target_bits is not None:
-            if group_size is None:
-                from wclust.allocate import GROUP_CANDIDATES
+    The recipe is a preset, a spec string or a file (--recipe), or is made from the
+    quantizer and stage options; `wclust inspect --json FILE` shows it again.
+    """
+    from wclust.recipes.flags import QUANTIZER_FLAGS, STAGE_FLAGS, recipe_from_flags
 
-                candidates = GROUP_CANDIDATES
-            group_size = group_size or 64
-            if exclude is None and layers is None:
-                exclude = []
-    cfg = _run(
-        wclust.ClusterConfig,
-        bits=None if n_clusters else bits,
-        n_clusters=n_clusters,
-        granularity=granularity,
-        group_size=group_size,
-        method=method,
-        init=init,
-        codebook_dtype=codebook_dtype,
-        keep_zeros=keep_zeros,
-        outliers=outliers,
-        include=preset.get("include", tuple(include or ("*",))),
-        exclude=preset.get("exclude", tuple(exclude) if exclude is not None else DEFAULT_EXCLUDE),
-        seed=seed,
-        overrides=_row_splits([r for r in row_split or [] if r != "none"]),
-    )
+    flags = {
+        "bits": bits,
+        "n_clusters": n_clusters,
+        "granularity": granularity,
+        "group_size": group_size,
+        "method": method,
+        "init": init,
+        "codebook_dtype": codebook_dtype,
+        "keep_zeros": keep_zeros,
+        "outliers": outliers,
+        "target_bits": target_bits,
+        "calibrate": calibrate,
+        "calib_items": calib_items,
+        "distill_epochs": distill_epochs,
+        "distill_lr": distill_lr,
+        "distill_holdout": distill_holdout,
+        "distill_hidden": distill_hidden,
+        "distill_speeds": _speeds(distill_speeds) or None,
+        "distill_items": distill_items,
+        "row_split": _row_splits(row_split),
+        "layers": layers,
+        "include": include or None,
+        "exclude": exclude,
+        "seed": seed,
+    }
+    assert set(flags) == set(QUANTIZER_FLAGS + STAGE_FLAGS)
     if entropy is not None and entropy not in ("huffman", "ans"):
         _fail(f"--entropy must be huffman or ans, got {entropy!r}")
     if output.exists() and output.is_dir():
         _fail(f"{output} is a directory; give a file name such as {output / 'model.wclust'}")
-    kind = calibrate or ("fisher" if target_bits else "none")
-    if kind not in ("fisher", "activation", "none"):
-        _fail(f"--calibrate must be fisher, activation or none, got {kind!r}")
-    if distill_data is not None:
-        if stream:
-            _fail("--distill-data needs the whole model in memory; drop --stream")
-        if distill_epochs < 1 or not distill_lr > 0:
-            _fail("--distill-epochs must be >= 1 and --distill-lr positive")
-        if not 0 <= distill_holdout < 1:
-            _fail(f"--distill-holdout must be in [0, 1), got {distill_holdout}")
-        if not distill_hidden >= 0:
-            _fail(f"--distill-hidden must be >= 0, got {distill_hidden}")
-        if distill_items is not None and distill_items < 1:
-            _fail("--distill-items must be positive")
-    speeds = _speeds(distill_speeds)
-    if speeds and distill_data is None:
-        _fail("--distill-speeds needs --distill-data")
     for flag, d in (("--distill-data", distill_data), ("--calib-data", calib_data)):
         if d is not None and ":" not in d and not Path(d).exists():
             _fail(f"{flag} {d}: no such file or folder")
-    if calib_items is not None and calib_items < 1:
-        _fail("--calib-items must be positive")
-    if _should_stream(model, False if distill_data else stream, kind, target_bits):
-        _compress_streaming(model, output, cfg, entropy)
+    if distill_data is not None and calib_data is not None and distill_data != calib_data:
+        _fail(
+            "calibration and distillation run on one data set: give --distill-data alone "
+            "(it is the calibration data too)"
+        )
+    if recipe is not None:
+        given = [k for k, v in flags.items() if v is not None]
+        if given:
+            _fail(
+                f"--recipe sets everything the model goes through; drop --{given[0].replace('_', '-')}"
+                " (or write it into the recipe)"
+            )
+        the_recipe = _run(_recipe_source, recipe)
+        if distill_data is not None and the_recipe.distill is None:
+            _fail(f"recipe {recipe} does not distil; drop --distill-data or use one that does")
+    else:
+        the_recipe = _run(recipe_from_flags, flags, distill=distill_data is not None)
+    data_dir = distill_data or calib_data
+    if _should_stream(model, stream, the_recipe):
+        _compress_streaming(model, output, the_recipe.cluster_config(), entropy)
         return
+    _compress_recipe(model, output, the_recipe, data_dir, entropy)
+
+
+def _recipe_source(text: str):
+    """``--recipe``: a preset, spec, JSON file, or the recipe stored in a .wclust file."""
+    from wclust.recipes import Recipe, get_recipe
+
+    if text.endswith(".wclust"):
+        import wclust
+
+        stored = wclust.read_header(text).get("recipe")
+        if not stored:
+            raise ValueError(f"{text} was not made by a recipe (written by an older wclust)")
+        return Recipe.from_dict(stored)
+    return get_recipe(text)
+
+
+def _compress_recipe(model: str, output: Path, recipe, data_dir: str | None, entropy) -> None:
+    """Load, run the recipe's pipeline with a live display of its stages, save."""
+    import wclust
+    from wclust.models import load_model
+
     with console.status(f"loading {model} ..."):
         loaded = _run(load_model, model)
-    if target_bits is not None and not row_split:
-        from wclust.allocate import token_embedding_split
-
-        # the measured default (BENCHMARKS.md 1g): frequent token rows choose apart
-        cfg = cfg.replace(overrides={**token_embedding_split(loaded.model), **cfg.overrides})
-    sample_weights = teacher = distill_batches = augment = None
-    if distill_data is not None:
-        import copy
-
-        distill_samples, distill_batches = _task_batches(
-            loaded, distill_data, distill_items, "distil"
-        )
-        teacher = copy.deepcopy(loaded.model)  # the original, before clustering
-        if speeds:
-            from wclust.methods import augmented_batches
-            from wclust.tasks import get_task
-
-            augment = _run(
-                augmented_batches,
-                get_task(loaded.task),
-                teacher,
-                loaded.processor,
-                distill_samples,
-                speeds,
-            )
-    if kind != "none":
-        batches = (
-            distill_batches
-            if distill_data is not None and calib_data is None and calib_items is None
-            else _task_batches(loaded, calib_data, calib_items or 16, "calibrate")[1]
-        )
-        where = calib_data or distill_data or "built-in data"
-        with console.status(f"calibrating ({kind}) on {where} ..."):
-            from wclust.calibrate import calibrate as _calibrate_model
-
-            sample_weights = _run(_calibrate_model, loaded.model, batches, kind=kind)
+    data = None
+    if recipe.calibration or recipe.gptq or recipe.distill:
+        data = _task_data(loaded, data_dir, recipe)
     with _layer_progress() as prog:
-        task = prog.add_task("", total=None, stage="clustering")
+        task = prog.add_task("", total=None, stage="starting")
 
-        def tick(name, i, n):
-            prog.update(task, completed=i, total=n, description=name)
+        def tick(stage, name, i, n):
+            prog.update(task, completed=i, total=n, description=name, stage=stage)
 
-        if target_bits is not None:
-            from wclust.allocate import allocate_bits
+        def log(line):
+            prog.console.print(line)
+            prog.update(task, completed=0, total=None, description="", stage="next stage")
 
-            prog.update(task, stage="choosing bits")
-            cfg, _ = _run(
-                allocate_bits,
-                loaded.model,
-                target_bits,
-                cfg,
-                sample_weights=sample_weights,
-                progress=tick,
-                candidates=candidates,
-            )
-            prog.update(task, stage="clustering")
-        report = _run(
-            wclust.compress_, loaded.model, cfg, sample_weights=sample_weights, progress=tick
-        )
-    extra = None
-    if teacher is not None:
-        extra = _distill(
-            loaded.model,
-            teacher,
-            distill_batches,
-            report,
-            distill_data,
-            distill_holdout,
-            distill_epochs,
-            distill_lr,
-            augment,
-            speeds,
-            distill_hidden,
-        )
-        del teacher
+        report = _run(wclust.compress_, loaded.model, recipe, data, progress=tick, log=log)
     source = model if not Path(model).exists() else str(Path(model).resolve())
+    extra = None
+    if report.distill is not None:
+        extra = {"distill": {"data": str(data_dir), **report.distill}}
     _run(
         wclust.save,
         loaded.model,
         output,
         report=report,
-        config=cfg,
+        config=report.config,
         source=source,
         extra=extra,
         entropy=entropy,
     )
     _print_report(report.to_dict(), max_rows=12)
-    spent = f"{report.seconds:.1f} s of clustering"
-    if extra:
-        spent += f", {extra['distill']['seconds']:.0f} s of distillation"
-    console.print(f"wrote {output} ({output.stat().st_size / 1e6:.2f} MB) in {spent}")
+    stages = ", ".join(f"{k} {v:.1f} s" for k, v in report.stages.items())
+    console.print(f"wrote {output} ({output.stat().st_size / 1e6:.2f} MB); {stages}")
+
+
+def _task_data(loaded, data_dir: str | None, recipe):
+    """The calibration/distillation data of the loaded model's task (default: its
+    built-in calibration data), as the pipeline's ``data``."""
+    from wclust.tasks import TaskData
+
+    verb = "distilled" if recipe.distill else "calibrated"
+    if loaded.task is None:
+        _fail(
+            f"no task is known for {loaded.name}, so it cannot be {verb}; use a recipe without data"
+        )
+    n = None
+    if recipe.distill is None:
+        n = recipe.calibration.items if recipe.calibration else 16
+    elif recipe.distill.items is not None:
+        n = recipe.distill.items
+    with console.status(f"reading {data_dir or 'built-in calibration data'} ..."):
+        return _run(TaskData.load, loaded, data_dir, n)
 
 
 def _speeds(text: str | None) -> tuple[float, ...]:
@@ -359,50 +348,6 @@ def _speeds(text: str | None) -> tuple[float, ...]:
     if any(not x > 0 or x == 1 for x in speeds):
         _fail(f"--distill-speeds must be positive factors other than 1, got {text!r}")
     return speeds
-
-
-def _distill(
-    model, teacher, batches, report, data, holdout, epochs, lr, augment, speeds, hidden
-) -> dict:
-    """``compress --distill-data``: distil in place; returns the file's metadata."""
-    from wclust.methods import distill_reported_
-
-    with console.status("distilling ...") as st:
-
-        def log(epoch, kl, val, secs):
-            held = f", held-out {val:.4f}" if val is not None else ""
-            console.print(f"distillation epoch {epoch + 1}: mean KL {kl:.4f}{held} ({secs:.0f} s)")
-            st.update(f"distilling: epoch {epoch + 2} of {epochs} ...")
-
-        done = _run(
-            distill_reported_,
-            model,
-            teacher,
-            batches,
-            report,
-            holdout=holdout,
-            augment=augment,
-            epochs=epochs,
-            lr=lr,
-            hidden=hidden,
-            log=log,
-        )
-    return {
-        "distill": {
-            "data": str(data),
-            "items": done["items"],
-            "held_out": done["held_out"],
-            "speeds": list(speeds),
-            "hidden": hidden,
-            "hidden_error": done["hidden"],
-            "epochs": epochs,
-            "kept_epoch": done["best_epoch"],
-            "lr": lr,
-            "kl": done["kl"],
-            "val_kl": done["val_kl"],
-            "seconds": round(done["seconds"], 1),
-        }
-    }
 
 
 def _layer_progress():
@@ -429,8 +374,13 @@ def _available_memory() -> int:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def _row_splits(specs: list[str]) -> dict:
-    """``--row-split GLOB=ROW,ROW`` options as config overrides."""
+def _row_splits(specs: list[str] | None) -> dict | str | None:
+    """``--row-split GLOB=ROW,ROW`` options as ``{glob: [row, ...]}``; "none" for
+    ``--row-split none``; None when not given."""
+    if not specs:
+        return None
+    if specs == ["none"]:
+        return "none"
     out = {}
     for spec in specs:
         glob, eq, rows = spec.partition("=")
@@ -443,18 +393,19 @@ def _row_splits(specs: list[str]) -> dict:
                 f"--row-split {spec!r}: write GLOB=ROW,ROW,... with integer rows, e.g. "
                 "'model.decoder.embed_tokens=4000,16000'"
             )
-        out[glob] = {"row_split": [{"until": r} for r in ends]}
+        out[glob] = ends
     return out
 
 
-def _should_stream(model: str, stream: bool | None, kind: str, target_bits) -> bool:
+def _should_stream(model: str, stream: bool | None, recipe) -> bool:
     from wclust.formats.checkpoint import find_safetensors
 
     if stream is False:
         return False
     files = _run(find_safetensors, model) if Path(model).exists() else None
+    needs_model = recipe.calibration or recipe.budget or recipe.distill or recipe.prune
     if stream is None:
-        if files is None or kind != "none" or target_bits is not None:
+        if files is None or needs_model:
             return False
         # float32 in memory: a bf16/fp16 checkpoint doubles.
         need, avail = 2 * sum(f.stat().st_size for f in files), _available_memory()
@@ -470,8 +421,11 @@ def _should_stream(model: str, stream: bool | None, kind: str, target_bits) -> b
             f"--stream needs a local safetensors checkpoint (a .safetensors file or a folder "
             f"with model.safetensors or model.safetensors.index.json); {model} is not one"
         )
-    if kind != "none" or target_bits is not None:
-        _fail("--target-bits and --calibrate need the whole model in memory; drop --stream")
+    if needs_model:
+        _fail(
+            "a budget (--target-bits), calibration, pruning and distillation need the whole "
+            "model in memory; drop --stream"
+        )
     return True
 
 
@@ -494,29 +448,6 @@ def _compress_streaming(model: str, output: Path, cfg, entropy: str | None) -> N
         f"wrote {output} ({output.stat().st_size / 1e6:.2f} MB) in {report.seconds:.1f} s, "
         "one tensor at a time"
     )
-
-
-def _task_batches(loaded, data: str | None, items: int | None, what: str) -> tuple[list, list]:
-    """The task's data items for ``data`` (None: its built-in data) and their model
-    inputs, to calibrate on or distil on (``what``)."""
-    from wclust.tasks import calibration_data, get_task
-
-    flag = "--calibrate none" if what == "calibrate" else "no --distill-data"
-    verb = "calibrated" if what == "calibrate" else "distilled"
-    if loaded.task is None:
-        _fail(f"no task is known for {loaded.name}, so it cannot be {verb}; use {flag}")
-    task = get_task(loaded.task)
-    if task.calibration_batches is None:
-        _fail(f"task {loaded.task!r} has no data a model can be {verb} on; use {flag}")
-    with console.status(f"reading {data or 'built-in data'} ..."):
-        samples = _run(calibration_data, task, data, items)
-        try:
-            return samples, list(task.calibration_batches(loaded.model, loaded.processor, samples))
-        except (AttributeError, TypeError, ValueError) as e:
-            _fail(
-                f"{loaded.name} cannot be {verb}: its processor does not fit task "
-                f"{loaded.task!r} ({e}); use {flag}"
-            )
 
 
 def _print_report(d: dict, max_rows: int | None = None, stored: dict | None = None) -> None:
@@ -620,6 +551,7 @@ def _inspect(file: Path, as_json: bool, gzip: bool) -> None:
         "file_bits_per_weight": 8 * sizes["file_bytes"] / max(numel, 1),
         **sizes,
         "totals": report["totals"],
+        "recipe": header.get("recipe"),
         "config": header.get("config"),
         "extra": header.get("extra") or {},
         "layers": [
@@ -639,6 +571,8 @@ def _inspect(file: Path, as_json: bool, gzip: bool) -> None:
     _print_report(report, stored=stored if stored["coders"] else None)
     extra = f", gzip {sizes['gzip_bytes'] / 1e6:.2f} MB" if gzip else ""
     out.print(f"file {sizes['file_bytes'] / 1e6:.2f} MB{extra}; source: {header.get('source')}")
+    if isinstance(summary["recipe"], dict):
+        out.print(f"recipe: {escape(_recipe_text(summary['recipe']))}")
     d = summary["extra"].get("distill")
     if isinstance(d, dict):
         out.print(
@@ -646,6 +580,17 @@ def _inspect(file: Path, as_json: bool, gzip: bool) -> None:
             + (f" incl. speeds {d['speeds']}" if d.get("speeds") else "")
             + f", {d.get('epochs')} epochs, lr {d.get('lr')}): mean KL per epoch {d.get('kl')}"
         )
+
+
+def _recipe_text(d: dict) -> str:
+    """A stored recipe as its spec string, or as JSON where it has per-layer overrides."""
+    from wclust.config import ConfigError
+    from wclust.recipes import Recipe
+
+    try:
+        return Recipe.from_dict(d).spec()
+    except ConfigError:
+        return json.dumps(d)
 
 
 def _stored_sizes(file: Path, header: dict, report: dict) -> dict:
@@ -684,7 +629,11 @@ def compare(
         ),
     ] = None,
     methods: Annotated[
-        str | None, typer.Option(help="comma-separated method names (see `wclust methods`)")
+        str | None,
+        typer.Option(
+            help="comma-separated presets (`wclust recipes`), baselines (fp32, int8-dynamic, "
+            "torchao-int8wo, torchao-int4wo), recipe spec strings or .json files"
+        ),
     ] = None,
     output: Annotated[Path, typer.Option("--output", "-o", help="results folder")] = Path(
         "results"
@@ -694,15 +643,15 @@ def compare(
     calib_data: Annotated[
         str | None,
         typer.Option(
-            help="data the calibrated methods (Fisher, GPTQ) calibrate on and the *-distill "
-            "methods train on, in --data's format and apart from it (default: the task's "
-            "built-in data; the *-distill methods need it)"
+            help="data the calibrated recipes (Fisher, GPTQ) calibrate on and the distilling "
+            "ones train on, in --data's format and apart from it (default: the task's "
+            "built-in calibration data)"
         ),
     ] = None,
     calib_items: Annotated[
         int | None,
         typer.Option(
-            help="calibration items (default: each method's own, 16; *-distill methods: all)"
+            help="calibration items (default: each recipe's own, 16; distilling recipes: all)"
         ),
     ] = None,
     threads: Annotated[int, typer.Option(help="torch threads when measuring")] = 2,
@@ -733,25 +682,14 @@ def compare(
 
     With no options: whisper-tiny.en on the built-in clips with a handful of methods.
     """
-    import wclust.methods
     from wclust.measure.compare import run_compare
     from wclust.measure.executors import get_executor
+    from wclust.recipes import DEFAULT_COMPARE, resolve_method, split_methods
     from wclust.report.table import print_table
 
-    names = (
-        [m.strip() for m in methods.split(",") if m.strip()]
-        if methods
-        else list(wclust.methods.DEFAULT_METHODS)
-    )
+    names = split_methods(methods) if methods else list(DEFAULT_COMPARE)
     for n in names:
-        _run(wclust.methods.get_method, n)
-    real = [n for n in names if wclust.methods.needs_real_data(wclust.methods.get_method(n))]
-    if real and calib_data is None:
-        _fail(
-            f"{', '.join(real)} distil on the calibration data, which must be real data of "
-            "the model's domain (distilling on the built-in synthetic clips made Whisper "
-            "worse): give --calib-data DIR (kept apart from --data)"
-        )
+        _run(resolve_method, n)
     if data is not None and ":" not in data and not Path(data).exists():
         _fail(f"--data {data}: no such file or folder")
     if every < 1 or (limit is not None and limit < 1) or threads < 1:
@@ -780,10 +718,21 @@ def compare(
         ) as prog,
         closing(runner),
     ):
+        # each row is prepared, then measured (baselines share the original's file)
+        cells = len(names) + len({n for n in names if _run(resolve_method, n).runtime is None})
         task = prog.add_task(f"{model}: starting", total=None)
+        started: list[float] = []
 
         def event(method, stage):
-            prog.update(task, description=f"{model}: {method}: {stage}")
+            import time
+
+            started.append(time.monotonic())
+            k = len(started)
+            left = ""
+            if k > 1:
+                per = (started[-1] - started[0]) / (k - 1)
+                left = f", ~{max(0.0, per * (cells - k + 1)) / 60:.0f} min left"
+            prog.update(task, description=f"[{k}/{cells}{left}] {model}: {method}: {stage}")
 
         rows, meta = _run(
             run_compare,
@@ -818,14 +767,30 @@ def _same_data(a: str, b: str) -> bool:
     return Path(a).resolve() == Path(b).resolve()
 
 
-@app.command("methods")
-def list_methods():
-    """List the methods `wclust compare` can run."""
-    import wclust.methods  # noqa: F401  (registers the names)
-    from wclust.registry import METHODS
+@app.command("recipes")
+def list_recipes(
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+):
+    """List the named recipes (presets) and baselines `compress --recipe` and
+    `compare --methods` accept; any other recipe is a spec string or a JSON file."""
+    from wclust.recipes import BASELINES, PRESETS, get_recipe
 
-    for name in METHODS.names():
-        out.print(f"{name:28s} {METHODS.help(name)}")
+    if as_json:
+        rows = [
+            {"name": n, "kind": "recipe", "spec": PRESETS.get(n).spec, "help": PRESETS.help(n)}
+            for n in PRESETS.names()
+        ]
+        rows += [
+            {"name": n, "kind": "baseline", "spec": None, "help": BASELINES.help(n)}
+            for n in BASELINES.names()
+        ]
+        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+        return
+    for n in PRESETS.names():
+        out.print(f"{n:20s} {escape(PRESETS.help(n))}", highlight=False)
+        out.print(f"{'':20s} [dim]{escape(get_recipe(n).spec())}[/]", highlight=False)
+    for n in BASELINES.names():
+        out.print(f"{n:20s} {escape(BASELINES.help(n))} (baseline, compare only)", highlight=False)
 
 
 @app.command()
@@ -838,23 +803,9 @@ def models():
         out.print(f"{name:20s} {MODELS.help(name)}")
 
 
-def quiet_third_party() -> None:
-    """torchao (imported by transformers when installed) and torch log warnings about
-    optional GPU libraries at import; they are noise on a CPU machine."""
-    import logging
-    import os
-
-    for name in ("torchao", "torch.utils._pytree", "torchao.kernel.intmm"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    # Before torch loads OpenMP: a short spin (see wclust/kernels/__init__.py).
-    from .kernels import openmp_env_defaults
-
-    os.environ.update(openmp_env_defaults(os.environ))
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
 def main() -> None:
+    from ._env import quiet_third_party
+
     quiet_third_party()
     app()
 

@@ -26,7 +26,7 @@ CONFIG_VERSION = 1
 SUPPORTED_LAYER_TYPES = ("Linear", "Conv1d", "Conv2d", "Embedding", "Conv1D")
 
 # Positional tables are excluded by default: they are few bytes and clustering
-# them hurts (shown in BENCHMARKS.md). Visible in every report; override freely.
+# them hurts (docs/experiments, whisper-base quality log). Visible in every report; override freely.
 DEFAULT_EXCLUDE = ("*embed_positions*", "*position_embeddings*", "*.wpe")
 
 # Per-tensor methods (implemented in api.TENSOR_METHODS): clustering, and the
@@ -256,6 +256,16 @@ def _check_layer_settings(d: dict, where: str) -> None:
     if d["method"] not in METHODS:
         raise ConfigError(
             f"{where}: method {d['method']!r} is unknown; choose {', '.join(METHODS)}"
+        )
+    if d["method"] == "nf4" and d.get("bits") not in (None, 4):
+        raise ConfigError(
+            f"{where}: nf4 has a fixed 4-bit table, got bits={d['bits']}; for other widths use "
+            "a learned codebook (method scaled-lloyd) or rtn"
+        )
+    if d["method"] not in _CLUSTER_METHODS and d.get("codebook_dtype", "float32") != "float32":
+        raise ConfigError(
+            f"{where}: method {d['method']} keeps a float32 codebook and fp16 scales; "
+            "codebook_dtype works with methods exact and kmeans"
         )
     if d["init"] not in INITS:
         raise ConfigError(f"{where}: init {d['init']!r} is unknown; choose {', '.join(INITS)}")

@@ -1,4 +1,4 @@
-"""Name -> implementation registries (model sources, compare methods, tasks, executors).
+"""Name -> implementation registries (model sources, tasks, executors).
 
 Everything the CLI can name is registered here by the module that implements it;
 lookups of unknown names fail with the list of known ones.
@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
-__all__ = ["Registry", "MODELS", "METHODS", "TASKS", "EXECUTORS"]
+__all__ = ["Registry", "MODELS", "TASKS", "EXECUTORS"]
 
 T = TypeVar("T")
 
@@ -50,6 +50,5 @@ class Registry(Generic[T]):
 
 
 MODELS: Registry[Callable] = Registry("model")
-METHODS: Registry = Registry("method")
 TASKS: Registry = Registry("task")
 EXECUTORS: Registry = Registry("executor")

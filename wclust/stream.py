@@ -5,7 +5,7 @@ architecture on the meta device (parameters without storage; buffers real), then
 each layer weight reads that one tensor from the safetensors checkpoint, clusters it
 exactly as ``compress_`` would, appends the result to a spill file and lets it go.
 Peak memory is set by the largest tensor (times the clustering method's working
-factor, see BENCHMARKS.md), not by the model. The file it writes equals what
+factor, see docs/experiments), not by the model. The file it writes equals what
 ``compress_`` + ``save`` write for the same model and config (tested).
 """
 
@@ -19,10 +19,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .api import _compress_weight, _count_other, _weight_owners
+from .api import _compress_weight, _count_other
 from .config import ClusterConfig
 from .formats.checkpoint import CheckpointError, SafetensorsCheckpoint
 from .formats.wclust_file import FileWriter, add_clustered, make_header, plain_tensors
+from .nn.owners import weight_owners
 from .report.layers import CompressionReport
 
 __all__ = ["compress_checkpoint", "skeleton"]
@@ -136,7 +137,7 @@ def compress_checkpoint(
     report = CompressionReport()
     writer = FileWriter(output, spill=True)
     try:
-        groups = _weight_owners(model)
+        groups = weight_owners(model)
         entries, clustered = [], set()
         for i, (w, owners) in enumerate(groups):
             if progress:

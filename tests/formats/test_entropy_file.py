@@ -8,7 +8,7 @@ from torch import nn
 
 import wclust
 import wclust.formats.wclust_file as wf
-from wclust.prune import prune_
+from wclust.stages.prune import prune_
 
 
 def pruned_mlp(seed: int = 0) -> nn.Module:

@@ -25,7 +25,7 @@ import wclust
 import wclust.formats.wclust_file as wf
 from tests.conftest import small_cnn, tiny_gpt2
 from wclust.cli import app
-from wclust.prune import prune_
+from wclust.stages.prune import prune_
 
 SETTINGS = settings(
     max_examples=60,

@@ -27,7 +27,7 @@ def test_compare_cli_end_to_end(asr_model_dir, tmp_path):
             "--model",
             str(asr_model_dir),
             "--methods",
-            "fp32,cluster-4b-channel,nf4-g64,int8-dynamic",
+            "fp32,kmeans-4b-channel,nf4,int8-dynamic",
             "--limit",
             "2",
             "--threads",
@@ -43,7 +43,7 @@ def test_compare_cli_end_to_end(asr_model_dir, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
     rows = {row["method"]: row for row in res["rows"]}
-    assert set(rows) == {"fp32", "cluster-4b-channel", "nf4-g64", "int8-dynamic"}
+    assert set(rows) == {"fp32", "kmeans-4b-channel", "nf4", "int8-dynamic"}
     for row in rows.values():
         assert "error" not in row, row
         assert set(row["quality"]) == {"wer", "cer"}
@@ -52,8 +52,8 @@ def test_compare_cli_end_to_end(asr_model_dir, tmp_path):
     assert rows["fp32"]["bits_per_weight"] == pytest.approx(32, abs=0.01)
     # the clustered model really holds fewer bytes than the original
     # (d_model 64: per-channel fp32 codebooks add 8 bits per weight here)
-    assert rows["cluster-4b-channel"]["model_tensor_mb"] < rows["fp32"]["model_tensor_mb"] / 2
-    assert rows["nf4-g64"]["bits_per_weight"] < 6
+    assert rows["kmeans-4b-channel"]["model_tensor_mb"] < rows["fp32"]["model_tensor_mb"] / 2
+    assert rows["nf4"]["bits_per_weight"] < 6
     assert rows["int8-dynamic"]["gzip_mb"] is None  # no safe file format: not faked
     table = (out / "table.md").read_text()
     assert "| Model | Method |" in table and table.count("\n| ") >= 5
@@ -96,7 +96,7 @@ def test_prepare_calibrates_on_the_given_data(asr_model_dir, two_clips, tmp_path
     from wclust.measure import worker
 
     calib = two_clips
-    spec = {"model": str(asr_model_dir), "method": "cluster-4b-channel-fisher"}
+    spec = {"model": str(asr_model_dir), "method": "kmeans:bits=4+fisher"}
     p = worker.prepare({**spec, "artifact": str(tmp_path / "a.wclust"), "calib_data": str(calib)})
     assert p["calib_data"] == str(calib) and p["bits_per_weight"] < 32
     (calib / "transcripts.tsv").write_text("file\ttext\nmissing.wav\thello\n")
@@ -104,23 +104,23 @@ def test_prepare_calibrates_on_the_given_data(asr_model_dir, two_clips, tmp_path
         worker.prepare({**spec, "artifact": str(tmp_path / "b.wclust"), "calib_data": str(calib)})
 
 
-def test_distilling_methods_train_on_the_calibration_data(asr_model_dir, two_clips, tmp_path):
+def test_distilling_recipes_train_on_the_calibration_data(asr_model_dir, two_clips, tmp_path):
     import wclust
     from wclust.measure import worker
-    from wclust.methods import apply_method, get_method
-    from wclust.models import load_model
 
-    method = get_method("fit-4b-enc64-g128-distill")
-    with pytest.raises(ValueError, match="--calib-data"):  # never on the built-in clips
-        apply_method(method, load_model(str(asr_model_dir)))
-    spec = {"model": str(asr_model_dir), "method": method.name, "calib_data": str(two_clips)}
+    distilled = "scaled:fit=fit,group_size=128+fisher+distill"
+    spec = {"model": str(asr_model_dir), "method": distilled, "calib_data": str(two_clips)}
     art = tmp_path / "d.wclust"
     worker.prepare({**spec, "artifact": str(art)})
-    layers = wclust.read_header(art)["report"]["layers"]
+    header = wclust.read_header(art)
+    layers = header["report"]["layers"]
     assert {x["method"] for x in layers if x["status"] == "clustered"} == {"scaled-fit+distill"}
+    assert header["recipe"]["distill"]["epochs"] == 2
     # the same recipe undistilled gives other codebooks, the same codes
     plain = tmp_path / "p.wclust"
-    worker.prepare({**spec, "method": "fit-4b-enc64-g128-fisher", "artifact": str(plain)})
+    worker.prepare(
+        {**spec, "method": "scaled:fit=fit,group_size=128+fisher", "artifact": str(plain)}
+    )
     from safetensors.torch import load_file
 
     a, b = load_file(str(art)), load_file(str(plain))
@@ -130,36 +130,24 @@ def test_distilling_methods_train_on_the_calibration_data(asr_model_dir, two_cli
     assert all(torch.equal(a[k], b[k]) for k in a if k.endswith(".packed"))
 
 
-def test_distilling_methods_can_train_on_speed_perturbed_copies(
+def test_distilling_recipes_can_train_on_speed_perturbed_copies(
     asr_model_dir, two_clips, monkeypatch
 ):
-    import dataclasses
-
-    import wclust.train
-    from wclust.methods import apply_method, get_method
+    import wclust
+    import wclust.stages.train
     from wclust.models import load_model
-    from wclust.tasks.asr import load_audio_dir
+    from wclust.tasks import TaskData
 
-    seen, real = [], wclust.train.distill_
+    seen, real = [], wclust.stages.train.distill_
 
     def spy(model, teacher, batches, **kw):
         seen.append((len(batches), len(kw["val_batches"])))
         return real(model, teacher, batches, **kw)
 
-    monkeypatch.setattr(wclust.train, "distill_", spy)
-    base = get_method("fit-4b-enc64-g128-distill")
-    method = dataclasses.replace(base, distill={"epochs": 1, "lr": 3e-5, "speeds": (0.9, 1.1)})
-    apply_method(method, load_model(str(asr_model_dir)), calib_samples=load_audio_dir(two_clips))
+    monkeypatch.setattr(wclust.stages.train, "distill_", spy)
+    loaded = load_model(str(asr_model_dir))
+    data = TaskData.load(loaded, str(two_clips))
+    recipe = "scaled:fit=fit,group_size=128+fisher+distill:epochs=1,speeds=0.9|1.1"
+    report = wclust.compress_(loaded.model, recipe, data)
     assert seen == [(6, 0)]  # the two clips at three speeds
-
-
-def test_compare_refuses_distilling_methods_without_calibration_data(tmp_path):
-    r = subprocess.run(
-        [sys.executable, "-m", "wclust.cli", "compare", "--methods", "fp32,mixed-fit-3.25b-distill"]
-        + ["-o", str(tmp_path / "o")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert r.returncode == 2 and "--calib-data" in r.stderr
-    assert not (tmp_path / "o").exists()
+    assert report.distill["items"] == 6 and set(report.stages) >= {"calibrate", "distill"}

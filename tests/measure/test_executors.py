@@ -13,8 +13,9 @@ from typer.testing import CliRunner
 from wclust.cli import app
 from wclust.measure.compare import run_compare
 from wclust.measure.executors import RAY_MISSING, LocalExecutor, get_executor
+from wclust.recipes import resolve_method
 
-METHODS = ["fp32", "cluster-3b-channel-attn"]
+METHODS = ["fp32", "kmeans-3b-channel"]
 # measured, so they differ from run to run; everything else must be identical
 TIMINGS = {
     "compress_s",
@@ -131,9 +132,9 @@ def test_phases_and_reuse(local_run, bert_dir, tmp_path):
     # other calibration data: uncalibrated methods are still reused, calibrated ones
     # are prepared again
     arts = Path(out) / "artifacts"
-    kept = next(arts.glob("*.cluster-3b-channel-attn.wclust"))
+    kept = next(arts.glob("*.kmeans-3b-channel.wclust"))
     fisher = kept.with_name(
-        kept.name.replace("cluster-3b-channel-attn", "cluster-4b-channel-fisher")
+        kept.name.replace("kmeans-3b-channel", resolve_method("kmeans:bits=4+fisher").artifact_name)
     )
     fisher.write_bytes(kept.read_bytes())
     meta = kept.with_suffix(".prepare.json").read_text()
@@ -141,7 +142,7 @@ def test_phases_and_reuse(local_run, bert_dir, tmp_path):
     rec = Recorder()
     run_compare(
         str(bert_dir),
-        [*METHODS, "cluster-4b-channel-fisher"],
+        [*METHODS, "kmeans:bits=4+fisher"],
         out,
         limit=4,
         threads=1,

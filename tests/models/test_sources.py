@@ -19,8 +19,8 @@ from wclust.models import (
     load_processor,
 )
 from wclust.models.packaged import ModelPackageMissing, package_dir
+from wclust.models.preprocess import ImagePreprocess
 from wclust.registry import MODELS
-from wclust.tasks.vision import ImagePreprocess
 
 TEST_SOURCE = "test-tiny-classifier"
 
@@ -173,7 +173,7 @@ def test_registries_import_light():
     import sys
 
     code = (
-        "import sys, wclust, wclust.models, wclust.tasks, wclust.methods; "
+        "import sys, wclust, wclust.models, wclust.tasks, wclust.recipes; "
         "heavy = [m for m in ('transformers', 'numba', 'skimage', 'sklearn', 'gguf') "
         "if m in sys.modules]; print(heavy)"
     )

@@ -5,10 +5,10 @@ import torch
 from torch import nn
 
 import wclust
-from wclust.allocate import allocate_bits
 from wclust.config import ConfigError
 from wclust.formats.wclust_file import FormatError
 from wclust.nn import RowSplitWeight
+from wclust.stages.allocate import allocate_bits
 
 SPLIT = [{"until": 30, "bits": 4}, {"until": 60, "bits": 5}]
 
@@ -166,21 +166,21 @@ def test_fine_tuning_trains_every_part():
     wclust.compress_(m, split_config())
     cw = m[0].clustered
     before = [p.codebook.detach().clone() for p in cw.parts]
-    params = wclust.train.trainable_codebooks_(m, scales=True)
+    params = wclust.stages.train.trainable_codebooks_(m, scales=True)
     assert len(params) == 6  # a codebook and a scale tensor per part
     opt = torch.optim.Adam(params, lr=1e-2)
     x = torch.randint(0, 100, (8,))
     loss = m(x).square().mean()
     loss.backward()
     opt.step()
-    wclust.train.freeze_codebooks_(m)
+    wclust.stages.train.freeze_codebooks_(m)
     assert all(not torch.equal(p.codebook, b) for p, b in zip(cw.parts, before, strict=True))
     assert not cw.trainable()
 
 
 def test_token_embedding_split_cuts_only_inside_the_table():
     from tests.conftest import tiny_gpt2, tiny_whisper
-    from wclust.allocate import token_embedding_split
+    from wclust.stages.allocate import token_embedding_split
 
     big = tiny_whisper(vocab_size=5000)
     assert token_embedding_split(big) == {

@@ -31,7 +31,7 @@ HEADER = (
 def _row(**kw):
     row = {
         "model": "whisper-base",
-        "method": "cluster-4b-channel",
+        "method": "kmeans-4b-channel",
         "label": "k-means 4-bit per channel (exact)",
         "family": "clustering",
         "bits_per_weight": 4.5,
@@ -222,7 +222,7 @@ def test_csv_round_trip(tmp_path):
     assert "quality" not in cols
     assert cols[:4] == ["model", "method", "label", "family"]
     assert {"quality_wer", "quality_cer", "quality_extra", "error"} <= set(cols)
-    assert back[1]["method"] == "cluster-4b-channel"
+    assert back[1]["method"] == "kmeans-4b-channel"
     assert float(back[1]["bits_per_weight"]) == 4.5
     assert float(back[1]["quality_wer"]) == 10.42 and float(back[1]["quality_cer"]) == 3.8
     assert int(back[1]["n_clips"]) == 100

@@ -3,9 +3,9 @@ import pytest
 import torch
 
 from tests.tasks.conftest import tiny_classifier
+from wclust.models.preprocess import ImagePreprocess
 from wclust.tasks import get_task
 from wclust.tasks.vision import (
-    ImagePreprocess,
     compare_logits,
     label_index,
     load_images,

@@ -30,7 +30,7 @@ MAX_CLUSTERS = 256
 # with more distinct values (large fp32 tensors clustered per tensor) are first
 # reduced to this many equal-count runs of the sorted values, solved exactly, then
 # polished by Lloyd on the full data (which never increases the error).
-# BENCHMARKS.md measures the effect.
+# docs/experiments measure the effect.
 EXACT_MAX_POINTS = 1 << 16
 # Rows of codebooks are clustered in batches of at most this many elements (a single
 # codebook larger than this is one batch).

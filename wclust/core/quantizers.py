@@ -192,20 +192,41 @@ def fit_scales(
         q = t[_nearest(rows / s[:, None], t)] * s[:, None]
         return ((q - rows) ** 2 * w).sum(1)
 
-    best_s = amax.half().float()
-    best = err_of(best_s)
-    for f in grid:
-        s = (amax * f).clamp_min(1e-12).half().float()
-        e = err_of(s)
-        better = e < best
-        best = torch.where(better, e, best)
-        best_s = torch.where(better, s, best_s)
+    # candidates (groups, 1 + len(grid)): the absmax, then each fraction of it
+    cand = torch.stack(
+        [amax.half().float()] + [(amax * f).clamp_min(1e-12).half().float() for f in grid], 1
+    )
+    errs = _grid_errors(rows, w, t, cand)
+    best_s, best = cand[:, 0], errs[:, 0]
+    for j in range(1, cand.shape[1]):  # in grid order, a later one only if strictly better
+        better = errs[:, j] < best
+        best = torch.where(better, errs[:, j], best)
+        best_s = torch.where(better, cand[:, j], best_s)
     tq = t[_nearest(rows / best_s[:, None], t)]
     den = (w * tq * tq).sum(1)
     ls = torch.where(den > 0, (w * rows * tq).sum(1) / den.clamp_min(1e-30), best_s)
     ls = ls.abs().clamp_min(1e-12).half().float()
     e = err_of(ls)
     return torch.where(e < best, ls, best_s).half()
+
+
+def _grid_errors(
+    rows: torch.Tensor, w: torch.Tensor, table: torch.Tensor, cand: torch.Tensor
+) -> torch.Tensor:
+    """(groups, n) weighted squared error of each group at each candidate scale, codes
+    nearest in ``table``: one fused pass per group (numba, compiled once and cached
+    on disk) instead of a full-size temporary per candidate."""
+    from ._scales import grid_errors
+
+    mids = (0.5 * (table[1:] + table[:-1])).float().contiguous()
+    out = grid_errors(
+        rows.float().contiguous().numpy(),
+        w.float().expand_as(rows).contiguous().numpy(),
+        table.float().contiguous().numpy(),
+        mids.numpy(),
+        cand.float().contiguous().numpy(),
+    )
+    return torch.from_numpy(out).float()
 
 
 def scaled_kmeans(

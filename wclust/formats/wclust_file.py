@@ -37,8 +37,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..api import _set_module, clustered_weights, layer_type
 from ..nn.modules import ClusteredWeight, RowSplitWeight, base_class, swap_weight
+from ..nn.owners import clustered_weights, layer_type, set_module
 
 __all__ = ["FORMAT_VERSION", "FormatError", "load", "read_header", "save", "stored_bytes"]
 
@@ -243,6 +243,8 @@ def make_header(model, entries, aliases, config, report, source, extra, entropy)
         "clustered": entries,
         "aliases": aliases,
         "config": config.to_dict() if config is not None else None,
+        # the recipe that made the file (wclust compress --recipe FILE makes it again)
+        "recipe": report.recipe if report is not None else None,
         "report": report.to_dict() if report is not None else None,
         "source": source,
         "extra": extra or {},
@@ -696,7 +698,7 @@ def _fill(model: nn.Module, header: dict, tensors: dict, cache: bool) -> None:
             cw = _clustered_tensor(e, tensors, bool(e["transpose"]))
         cw.set_cache(cache)
         for owner, mod in owners:
-            _set_module(model, owner, swap_weight(mod, cw))
+            set_module(model, owner, swap_weight(mod, cw))
     keys = {e["key"] for e in header["clustered"]}
     keys |= {p["key"] for e in header["clustered"] for p in e.get("parts", ())}
     placed: dict[str, torch.Tensor] = {}

@@ -6,7 +6,7 @@
 # working on (4-bit Whisper tiny.en: 16.5 s per clip instead of 2.7); passive
 # waiting (no spin) costs ~50 us to wake the numba threads on every small matvec.
 # A short spin keeps back-to-back kernel calls warm without the fight (measured in
-# BENCHMARKS.md section 4: faster 4-bit Whisper decoding, fp32 unchanged).
+# docs/experiments, LUT kernel log: faster 4-bit Whisper decoding, fp32 unchanged).
 SPIN_ENV = {"GOMP_SPINCOUNT": "10000"}
 
 

@@ -114,15 +114,16 @@ def run_compare(
     Returns:
         (rows, meta). Failed cells are rows with ``error`` set.
     """
-    from ..methods import get_method
+    from ..recipes import resolve_method
     from ..tasks import get_task
 
     out = Path(out_dir)
     art_dir = out / "artifacts"
     art_dir.mkdir(parents=True, exist_ok=True)
-    resolved = [get_method(m) for m in methods]  # unknown names fail before any work
+    resolved = [resolve_method(m) for m in methods]  # unknown names fail before any work
     if "fp32" not in methods and any(m.runtime for m in resolved):
-        resolved.insert(0, get_method("fp32"))
+        resolved.insert(0, resolve_method("fp32"))
+    by_base = {m.artifact_name: m for m in resolved if not m.runtime}
     executor = executor if executor is not None else LocalExecutor()
     safe = _safe_name(model)
     meta = {
@@ -149,20 +150,26 @@ def run_compare(
     def artifact(base: str) -> Path:
         return art_dir / f"{safe}.{base}.wclust"
 
-    bases = list(dict.fromkeys("fp32" if m.runtime else m.name for m in resolved))
+    bases = list(dict.fromkeys("fp32" if m.runtime else m.artifact_name for m in resolved))
     prepared: dict[str, dict] = {}
     for base in bases:
         meta_path = artifact(base).with_suffix(".prepare.json")
         if reuse and artifact(base).exists() and meta_path.exists():
             kept = json.loads(meta_path.read_text())
-            m = get_method(base)
-            same = (kept.get("calib_data"), kept.get("calib_items")) == (calib_data, calib_items)
-            if same or not (m.calibrate or m.gptq):  # else calibrated on other data: again
+            m = by_base.get(base) or resolve_method("fp32")
+            same_data = (kept.get("calib_data"), kept.get("calib_items")) == (
+                calib_data,
+                calib_items,
+            )
+            same_recipe = kept.get("recipe") == (m.recipe.to_dict() if m.recipe else None)
+            if same_recipe and (same_data or not m.calibrated):  # else made again
                 prepared[base] = kept
     todo = [b for b in bases if b not in prepared]
 
     def prepared_one(i: int, result: dict) -> None:
         if result.get("ok"):  # kept at once: an interrupted run resumes with --reuse
+            m = by_base.get(todo[i])
+            result = {**result, "recipe": m.recipe.to_dict() if m and m.recipe else None}
             artifact(todo[i]).with_suffix(".prepare.json").write_text(json.dumps(result))
 
     results = executor.map(
@@ -171,6 +178,9 @@ def run_compare(
                 "mode": "prepare",
                 "model": model,
                 "method": b,
+                "recipe": by_base[b].recipe.to_dict()
+                if b in by_base and by_base[b].recipe
+                else None,
                 "artifact": str(artifact(b)),
                 "threads": threads,
                 "calib_data": calib_data,
@@ -184,7 +194,7 @@ def run_compare(
     prepared.update(zip(todo, results, strict=True))
 
     rows: dict[int, dict] = {}
-    preps = [prepared["fp32" if m.runtime else m.name] for m in resolved]
+    preps = [prepared["fp32" if m.runtime else m.artifact_name] for m in resolved]
     for i, (m, prep) in enumerate(zip(resolved, preps, strict=True)):
         if not prep.get("ok"):
             rows[i] = {**_row_head(model, m), "error": prep.get("error")}
@@ -218,7 +228,7 @@ def run_compare(
             specs.append(
                 {
                     "mode": "measure",
-                    "artifact": str(artifact("fp32" if m.runtime else m.name)),
+                    "artifact": str(artifact("fp32" if m.runtime else m.artifact_name)),
                     "source": model,
                     "task": task_name,
                     "data": data or task.default_data(),
@@ -254,6 +264,7 @@ def _row_head(model: str, m) -> dict:
     return {
         "model": model,
         "method": m.name,
+        "recipe": m.spec,
         "label": m.label,
         "family": m.family,
         "notes": m.notes,
@@ -338,17 +349,19 @@ def _write(rows, out: Path, meta: dict, plots: bool, model: str, resolved) -> No
 def _histogram(out: Path, model: str, resolved) -> None:
     """Weight histogram with centroids for the largest clustered layer of the first
     clustering method, from its artifact."""
-    from ..api import clustered_weights
     from ..formats import load
     from ..nn.modules import RowSplitWeight
+    from ..nn.owners import clustered_weights
     from ..report.plots import histogram_plot
 
     safe = _safe_name(model)
     orig_path = out / "artifacts" / f"{safe}.fp32.wclust"
+    from ..recipes import KMeans
+
     for m in resolved:
-        if m.config is None or m.config.method not in ("exact", "kmeans"):
+        if m.recipe is None or not isinstance(m.recipe.quantizer, KMeans):
             continue
-        path = out / "artifacts" / f"{safe}.{m.name}.wclust"
+        path = out / "artifacts" / f"{safe}.{m.artifact_name}.wclust"
         if not path.exists():
             continue
         from ..models import architecture_for

@@ -92,55 +92,47 @@ def cell_resources(spec: dict) -> dict:
 
 
 def _apply_runtime(model, runtime: str):
-    import torch
+    from wclust.recipes import BASELINES
 
-    if runtime == "torch-dynamic-int8":
-        return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
-    if runtime in ("torchao-int8wo", "torchao-int4wo"):
-        try:
-            from torchao.quantization import (
-                Int4WeightOnlyConfig,
-                Int8WeightOnlyConfig,
-                quantize_,
-            )
-        except ImportError as e:
-            raise RuntimeError(
-                f"torchao is not installed: pip install 'wclust[bench]' ({e})"
-            ) from None
-        cfg = (
-            Int8WeightOnlyConfig()
-            if runtime == "torchao-int8wo"
-            else Int4WeightOnlyConfig(group_size=128)
-        )
-        quantize_(model, cfg, filter_fn=lambda m, n: isinstance(m, torch.nn.Linear))
-        return model
-    raise ValueError(f"unknown runtime transform {runtime!r}")
+    return BASELINES.get(runtime).apply(model)
 
 
 def prepare(spec: dict) -> dict:
+    """Load the source model, run the cell's recipe (none: the original as it is),
+    save the artifact, measure its sizes."""
     import wclust
+    from wclust.config import ClusterConfig
     from wclust.measure.sizes import file_sizes
-    from wclust.methods import apply_method, get_method
     from wclust.models import load_model
+    from wclust.recipes import Recipe
 
-    method = get_method(spec["method"])
+    if "recipe" in spec:
+        recipe = Recipe.from_dict(spec["recipe"]) if spec["recipe"] else None
+    else:  # a name: a preset, a spec string or a JSON file
+        from wclust.recipes import resolve_method
+
+        recipe = resolve_method(spec["method"]).recipe
     loaded = load_model(spec["model"])
     calib_data, calib_items = spec.get("calib_data"), spec.get("calib_items")
-    calib = None
-    if (calib_data or calib_items) and (method.calibrate or method.gptq or method.distill):
-        from wclust.tasks import calibration_data, get_task
+    data = None
+    if recipe is not None and (recipe.calibration or recipe.gptq or recipe.distill):
+        from wclust.tasks import TaskData
 
-        task = get_task(loaded.task)
-        # a distilling method trains on all of the user's data unless told otherwise
-        default = None if method.distill and calib_data else method.calib_items
-        calib = calibration_data(task, calib_data, calib_items or default)
+        if recipe.distill is not None:
+            limit = calib_items  # a distilling recipe trains on all of the data by default
+        else:
+            limit = calib_items or (recipe.calibration.items if recipe.calibration else 16)
+        data = TaskData.load(loaded, calib_data, limit)
     t0 = time.perf_counter()
-    cfg, report = apply_method(method, loaded, calib_samples=calib)
-    compress_s = time.perf_counter() - t0 if method.config else 0.0
-    wclust.save(loaded.model, spec["artifact"], report=report, config=cfg, source=spec["model"])
+    report = wclust.compress_(loaded.model, recipe or ClusterConfig(include=()), data)
+    compress_s = time.perf_counter() - t0 if recipe is not None else 0.0
+    wclust.save(
+        loaded.model, spec["artifact"], report=report, config=report.config, source=spec["model"]
+    )
     sizes = file_sizes(spec["artifact"])
     return {
         "compress_s": compress_s,
+        "stages": report.stages,
         "bits_per_weight": report.bits_per_weight,
         "ratio": report.ratio,
         "numel": report.numel,
@@ -243,7 +235,7 @@ def measure(spec: dict) -> dict:
 
 
 def main() -> None:
-    from wclust.cli import quiet_third_party
+    from wclust._env import quiet_third_party
 
     quiet_third_party()
     spec = json.loads(sys.stdin.read())

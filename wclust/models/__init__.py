@@ -236,7 +236,7 @@ def _torchvision_processor(spec: str):
 
     weights = torchvision.models.get_model_weights(spec.removeprefix(TORCHVISION_PREFIX))
     tf = weights.DEFAULT.transforms()
-    from ..tasks.vision import ImagePreprocess
+    from .preprocess import ImagePreprocess
 
     size = tf.crop_size[0] if isinstance(tf.crop_size, list | tuple) else tf.crop_size
     resize = tf.resize_size[0] if isinstance(tf.resize_size, list | tuple) else tf.resize_size

@@ -139,7 +139,7 @@ def efficientnet_lite0_architecture() -> nn.Module:
 
 
 def _eff_processor(model=None):
-    from ..tasks.vision import ImagePreprocess
+    from .preprocess import ImagePreprocess
 
     return ImagePreprocess(size=224, resize=256, mean=LITE_MEAN, std=LITE_STD)
 

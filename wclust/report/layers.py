@@ -54,6 +54,14 @@ class CompressionReport:
     other_numel: int = 0
     other_bytes: int = 0
     seconds: float = 0.0
+    # seconds per pipeline stage ({"calibrate": 41.2, "allocate": 60.3, ...})
+    stages: dict = field(default_factory=dict)
+    # the recipe that made it (Recipe.to_dict), None when only clustered by a config
+    recipe: dict | None = None
+    # what distillation did (items, epochs kept, KL), None without it
+    distill: dict | None = None
+    # the ClusterConfig the clustering stage ran (after the bit budget): not serialized
+    config: object = field(default=None, repr=False, compare=False)
 
     @property
     def clustered(self) -> list[LayerReport]:
@@ -85,6 +93,9 @@ class CompressionReport:
             "other_numel": self.other_numel,
             "other_bytes": self.other_bytes,
             "seconds": self.seconds,
+            "stages": dict(self.stages),
+            "recipe": self.recipe,
+            "distill": self.distill,
             "totals": {
                 "numel": self.numel,
                 "bytes_before": self.bytes_before,
@@ -100,7 +111,15 @@ class CompressionReport:
     def from_dict(cls, d: dict) -> CompressionReport:
         names = set(LayerReport.__dataclass_fields__)
         layers = [LayerReport(**{k: v for k, v in r.items() if k in names}) for r in d["layers"]]
-        return cls(layers, int(d["other_numel"]), int(d["other_bytes"]), float(d.get("seconds", 0)))
+        return cls(
+            layers,
+            int(d["other_numel"]),
+            int(d["other_bytes"]),
+            float(d.get("seconds", 0)),
+            dict(d.get("stages") or {}),
+            d.get("recipe"),
+            d.get("distill"),
+        )
 
     def summary(self) -> str:
         return (

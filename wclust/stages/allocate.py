@@ -19,20 +19,21 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .api import TENSOR_METHODS, _row_ranges, _skip_reason, _weight_owners, layer_type
-from .config import ClusterConfig
+from ..api import TENSOR_METHODS, _row_ranges, _skip_reason, memo_key
+from ..config import ClusterConfig
+from ..nn.owners import layer_type, weight_owners
 
 __all__ = ["EMBED_ROWS", "GROUP_CANDIDATES", "WIDTHS", "allocate_bits", "token_embedding_split"]
 
 WIDTHS = (2, 3, 4, 5, 6, 8)  # default candidates: bits only
 
 # (bits, group size) settings for methods with per-group scales: the default of
-# ``wclust compress --target-bits`` (BENCHMARKS.md section 1e).
+# ``wclust compress --target-bits`` (docs/experiments, whisper-base quality log, 1e).
 GROUP_CANDIDATES = ((3, 128), (4, 128), (4, 64), (5, 64), (8, 64))
 
 
 # Where ``token_embedding_split`` cuts a token embedding: token ids follow BPE merge
-# order, so the first rows are the frequent tokens (BENCHMARKS.md 1g, session 10).
+# order, so the first rows are the frequent tokens (docs/experiments, whisper-base quality log, 1g).
 EMBED_ROWS = (4000, 16000, 32000)
 
 
@@ -61,6 +62,7 @@ def allocate_bits(
     sample_weights: dict[str, torch.Tensor] | None = None,
     candidates: tuple[int | tuple[int, int], ...] | None = None,
     progress: Callable[[str, int, int], None] | None = None,
+    memo: dict | None = None,
 ) -> tuple[ClusterConfig, dict]:
     """Choose bits per layer so the whole model averages at most ``target_bits``.
 
@@ -73,6 +75,9 @@ def allocate_bits(
             (for methods with per-group scales: fewer, larger groups cost less);
             default ``WIDTHS``.
         progress: callback ``(layer name, index, total)``.
+        memo: if given, filled with the clustering of each layer (or row range) at the
+            setting chosen for it, keyed as ``compress_(..., _memo=memo)`` looks it
+            up, so the clustering stage does not compute it again.
 
     A layer with a ``row_split`` override chooses a setting for each of its row
     ranges (``bits`` and ``summary`` name them ``layer[start:end]``).
@@ -88,7 +93,7 @@ def allocate_bits(
     """
     cfg = config or ClusterConfig()
     sample_weights = sample_weights or {}
-    groups = _weight_owners(model)
+    groups = weight_owners(model)
     total_numel = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     layer_ids = {id(w) for w, _ in groups}
     fixed = 0  # bytes of everything that is not a selected layer weight
@@ -97,6 +102,7 @@ def allocate_bits(
             fixed += t.numel() * t.element_size()
     cands = [c if isinstance(c, tuple) else (c, None) for c in candidates or WIDTHS]
     options: dict[str, list[tuple[tuple[int, int | None], int, float]]] = {}
+    tried: dict = {}  # (unit, setting) -> (memo key, ClusteredWeight, stats)
     splits: dict[str, list[str]] = {}  # split layer: its ranges' unit names
     for i, (w, owners) in enumerate(groups):
         name = owners[0][0]
@@ -133,6 +139,8 @@ def allocate_bits(
                     continue
                 total_w = float(usw.double().sum()) if usw is not None else float(udata.numel())
                 opts.append(((b, gs), cw.nbytes, st["mse"] * total_w))
+                if memo is not None:
+                    tried[unit, (b, gs)] = (memo_key(unit, s), cw, st)
             unit_opts[unit] = sorted(opts, key=lambda o: (o[1], o[2]))
         if not all(unit_opts.values()):
             fixed += w.numel() * w.element_size()
@@ -166,6 +174,11 @@ def allocate_bits(
         used += options[n][jj][1] - options[n][choice[n]][1]
         choice[n] = jj
     chosen = {n: options[n][j][0] for n, j in choice.items()}
+    if memo is not None:
+        for n, setting in chosen.items():
+            key, cw, st = tried[n, setting]
+            memo[key] = (cw, st)
+    tried.clear()
     bits = {n: b for n, (b, _) in chosen.items()}
     overrides = dict(cfg.overrides)
 

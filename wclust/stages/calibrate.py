@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from .api import _weight_owners, layer_type
+from ..nn.owners import layer_type, weight_owners
 
 __all__ = ["calibrate", "input_sums"]
 
@@ -46,7 +46,7 @@ def calibrate(
     """
     if kind not in ("fisher", "activation"):
         raise ValueError(f"kind must be 'fisher' or 'activation', got {kind!r}")
-    groups = _weight_owners(model)
+    groups = weight_owners(model)
     if kind == "fisher":
         return _fisher(model, batches, loss_fn, groups)
     return _activation(model, batches, groups)

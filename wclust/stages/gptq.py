@@ -20,9 +20,9 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from .api import _weight_owners, clustered_weights, layer_type
+from ..core.packing import pack_codes
+from ..nn.owners import clustered_weights, layer_type, weight_owners
 from .calibrate import input_sums
-from .core.packing import pack_codes
 
 __all__ = ["collect_hessians", "gptq_codes", "gptq_refine_"]
 
@@ -32,7 +32,7 @@ def collect_hessians(model: nn.Module, batches: Iterable) -> dict[str, torch.Ten
     by a Linear (or transformers Conv1D) layer; each batch is passed as
     ``model(**batch)``."""
     mods = {}
-    for _w, owners in _weight_owners(model):
+    for _w, owners in weight_owners(model):
         linear = [m for _, m in owners if layer_type(m) in ("Linear", "Conv1D")]
         if linear:  # one Linear owner per weight is enough
             mods[owners[0][0]] = linear[0]

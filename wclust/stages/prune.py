@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune as tprune
 
-from .api import _weight_owners
+from ..nn.owners import weight_owners
 
 __all__ = ["has_masks", "prune_", "remove_masks_", "sparsity"]
 
@@ -62,7 +62,7 @@ def prune_(
             raise ValueError(f"amount must be in [0, 1), got {a}")
     groups = [
         (w, owners)
-        for w, owners in _weight_owners(model)
+        for w, owners in weight_owners(model)
         if include is None or include(owners[0][0])
     ]
     if mask:
@@ -117,10 +117,10 @@ def remove_masks_(model: nn.Module) -> int:
 def sparsity(model: nn.Module) -> dict[str, float]:
     """``{module name: fraction of exact zeros}`` of every supported layer weight
     (clustered weights included: their rebuilt values are counted)."""
-    from .api import clustered_weights
+    from ..nn.owners import clustered_weights
 
     out = {}
-    for w, owners in _weight_owners(model):
+    for w, owners in weight_owners(model):
         out[owners[0][0]] = float((w == 0).float().mean())
     for cw, owners in clustered_weights(model).values():
         with torch.no_grad():

@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .api import clustered_weights
-from .core.packing import pack_codes
-from .nn.modules import ClusteredWeight, clustered_parts
+from ..core.packing import pack_codes
+from ..nn.modules import ClusteredWeight, clustered_parts
+from ..nn.owners import clustered_weights
 
 logger = logging.getLogger(__name__)
 
@@ -356,7 +356,7 @@ def distill_(
     from the teacher's output distribution to the student's, summed over the output
     positions and averaged over the batch (for Whisper: next-token distributions,
     teacher-forced on the reference transcript). No labels are used, so any data of
-    the model's domain serves; use real data, not synthetic (BENCHMARKS.md 1e/1g:
+    the model's domain serves; use real data, not synthetic (docs/experiments, whisper-base quality log, 1e/1g:
     distilling Whisper on synthesized speech made it worse, on 50 real clips it
     brought a 4.22-bit model from +1.7 to +0.4 WER of fp32). Dropout is off (``eval``
     mode) throughout.

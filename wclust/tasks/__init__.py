@@ -15,7 +15,7 @@ from typing import Any
 
 from ..registry import TASKS
 
-__all__ = ["Task", "calibration_data", "get_task"]
+__all__ = ["Task", "TaskData", "calibration_data", "get_task"]
 
 
 @dataclass(frozen=True)
@@ -43,15 +43,15 @@ class Task:
 
 
 def _asr_load(path: str | None, limit: int | None = None, every: int = 1):
-    from .asr import builtin_clips_dir, load_audio_dir
+    from .asr import builtin_eval_dir, load_audio_dir
 
-    return load_audio_dir(path or builtin_clips_dir(), limit=limit, every=every)
+    return load_audio_dir(path or builtin_eval_dir(), limit=limit, every=every)
 
 
 def _asr_load_calibration(path: str | None, limit: int | None = None):
-    from .asr import builtin_clips_dir, load_audio_dir
+    from .asr import builtin_calibration_dir, load_audio_dir
 
-    return load_audio_dir(path or builtin_clips_dir(), limit=limit, transcripts=False)
+    return load_audio_dir(path or builtin_calibration_dir(), limit=limit, transcripts=False)
 
 
 def _asr_augment(data, speeds):
@@ -77,9 +77,9 @@ def _asr_eval(model, processor, data) -> dict:
 
 
 def _asr_default():
-    from .asr import builtin_clips_dir
+    from .asr import builtin_eval_dir
 
-    return str(builtin_clips_dir())
+    return str(builtin_eval_dir())
 
 
 def _asr_calib(model, processor, data):
@@ -190,3 +190,58 @@ def calibration_data(task: Task, path: str | None, limit: int | None = None):
     read by ``task.load_calibration`` where the task allows unlabelled data (speech
     without transcripts), else by ``task.load_data``."""
     return (task.load_calibration or task.load_data)(path, limit)
+
+
+class TaskData:
+    """A task's calibration/distillation items as ``wclust.compress_``'s ``data``:
+    model inputs made when the pipeline asks (labels for unlabelled speech come from
+    the original model, before anything is compressed).
+
+    Args:
+        loaded: a ``wclust.models.LoadedModel`` (its processor and task).
+        items: the task's data items (as ``calibration_data`` returns them).
+    """
+
+    def __init__(self, loaded, items):
+        if loaded.task is None:
+            raise ValueError(f"no task is known for {loaded.name}, so it has no data to use")
+        self.task = get_task(loaded.task)
+        if self.task.calibration_batches is None:
+            raise ValueError(
+                f"task {loaded.task!r} has no loss to calibrate or distil with; use a recipe "
+                "without calibration or distillation"
+            )
+        self.processor = loaded.processor
+        self.name = loaded.name
+        self.items = items
+
+    @classmethod
+    def load(cls, loaded, path: str | None, limit: int | None = None) -> TaskData:
+        """The items of ``path`` (None: the task's built-in calibration data)."""
+        task = get_task(loaded.task) if loaded.task else None
+        if task is None:
+            raise ValueError(f"no task is known for {loaded.name}, so it has no data to use")
+        return cls(loaded, calibration_data(task, path, limit))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def batches(self, model) -> list:
+        try:
+            return list(self.task.calibration_batches(model, self.processor, self.items))
+        except (AttributeError, TypeError) as e:
+            raise ValueError(
+                f"{self.name}'s processor does not fit task {self.task.name!r} ({e}); use a "
+                "recipe without calibration or distillation"
+            ) from None
+
+    def augment(self, positions: list[int], speeds, teacher) -> list:
+        """Model inputs of more items made from those at ``positions`` (speech: played
+        at ``speeds``); labels, where missing, from ``teacher``."""
+        if self.task.augment is None:
+            raise ValueError(
+                f"task {self.task.name!r} has no data augmentation; drop the speeds (they are "
+                "for speech recognition)"
+            )
+        more = self.task.augment([self.items[i] for i in positions], tuple(speeds))
+        return list(self.task.calibration_batches(teacher, self.processor, more))

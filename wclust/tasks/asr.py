@@ -66,8 +66,22 @@ class AudioSample:
 
 
 def builtin_clips_dir() -> Path:
-    """Returns the folder of the packaged test clips (FLAC files + transcripts.tsv)."""
+    """Returns the folder of the packaged synthetic clips (24 FLAC files +
+    transcripts.tsv): quick checks that need speech with known text."""
     return _DATA_DIR / "clips"
+
+
+def builtin_eval_dir() -> Path:
+    """Returns the folder of the packaged evaluation clips: 100 real LibriSpeech
+    test-other utterances (10 speakers) with their reference transcripts (CC BY 4.0)."""
+    return _DATA_DIR / "speech" / "test-other"
+
+
+def builtin_calibration_dir() -> Path:
+    """Returns the folder of the packaged calibration clips: 251 real LibriSpeech
+    train-clean-100 utterances, one per speaker, none shared with the evaluation
+    clips, without transcripts (the original model's transcripts stand in)."""
+    return _DATA_DIR / "speech" / "train-clean" / "clips"
 
 
 def read_audio(path: str | Path) -> np.ndarray:
