@@ -275,3 +275,63 @@ def test_compress_distils_on_clips_without_transcripts(asr_model_dir, two_clips,
     )
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads(wclust("inspect", out, "--json").stdout)["extra"]["distill"]["items"] == 2
+
+
+# A path longer than any terminal: 6 folders of 50 characters, and one name of 300
+# characters (longer than file systems allow: the OS refuses to look it up).
+LONG_PATH = "/tmp/" + "/".join(["d" * 50] * 6) + "/nope"
+LONG_NAME = "/tmp/" + "n" * 300
+
+
+ONE_LINE_CASES = [
+    (["compress", "m", "-o", "x.wclust", "--distill-data", LONG_PATH], "no such file"),
+    (["compress", "m", "-o", "x.wclust", "--distill-data", LONG_NAME], "no such file"),
+    (["compress", "m", "-o", "x.wclust", "--calib-data", LONG_PATH], "no such file"),
+    (["inspect", LONG_PATH + ".wclust"], "no such file"),
+    (["inspect", LONG_NAME + ".wclust"], "no such file"),
+    (["compress", LONG_NAME, "-o", "x.wclust"], "too long"),
+    (["compress", "m", "-o", "x.wclust", "--layers", LONG_NAME], "layer preset"),
+    (["compress", "m", "-o", "x.wclust", "--" + "x" * 300], "No such option"),
+]
+
+# Runs the entry point once per case in one process (one import, not eight), stderr a
+# pipe-like stream as in CI; prints [exit code, stderr] per case as JSON.
+_DRIVER = """
+import contextlib, io, json, sys
+from wclust.cli import main
+res = []
+for args in json.loads(sys.argv[1]):
+    sys.argv = ["wclust", *args]
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            main()
+            code = 0
+        except SystemExit as e:
+            code = e.code
+    res.append([code, err.getvalue()])
+print(json.dumps(res))
+"""
+
+
+def test_errors_are_one_line_whatever_the_path_length():
+    # COLUMNS=80: what rich assumes when stderr is not a terminal (CI, a pipe)
+    r = subprocess.run(
+        [sys.executable, "-c", _DRIVER, json.dumps([a for a, _ in ONE_LINE_CASES])],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**ENV, "COLUMNS": "80"},
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    for (args, match), (code, stderr) in zip(ONE_LINE_CASES, json.loads(r.stdout), strict=True):
+        assert code == 2, (args, stderr[-2000:])
+        assert "Traceback" not in stderr
+        errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1, stderr
+        (line,) = errors
+        assert match in line
+        given = next(a for a in args if len(a) > 300)
+        assert given.removesuffix(".wclust").lstrip("-") in line  # the whole path, unbroken
+        # nothing of the message spills onto further lines
+        assert stderr.rstrip("\n").endswith(line), stderr

@@ -36,10 +36,30 @@ _USER_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
-def _fail(msg: str) -> None:
+def _error_line(prefix: str, msg: str) -> None:
+    """Print ``prefix`` (markup) and ``msg`` (plain text) as one line on stderr.
+
+    soft_wrap: rich would break the line at the console width (80 columns when stderr
+    is not a terminal, e.g. a long path in CI); a terminal wraps it for the eye, and
+    a log or a grep keeps one line. Newlines inside ``msg`` are joined too.
+    """
     # escaped: messages hold brackets that are not markup, e.g. pip install 'wclust[ray]'
-    console.print(f"[bold red]error:[/] {escape(msg)}", highlight=False, markup=True)
+    text = str(msg).replace("\n", " ")
+    console.print(f"{prefix} {escape(text)}", highlight=False, markup=True, soft_wrap=True)
+
+
+def _fail(msg: str) -> None:
+    _error_line("[bold red]error:[/]", msg)
     raise typer.Exit(2)
+
+
+def _exists(path) -> bool:
+    """Whether a user-given path exists; False where the OS refuses to look (e.g. a
+    name longer than the file system allows), as that path cannot exist."""
+    try:
+        return Path(path).exists()
+    except OSError:
+        return False
 
 
 def _run(fn, *args, **kwargs):
@@ -246,7 +266,7 @@ def compress(
     if speeds and distill_data is None:
         _fail("--distill-speeds needs --distill-data")
     for flag, d in (("--distill-data", distill_data), ("--calib-data", calib_data)):
-        if d is not None and ":" not in d and not Path(d).exists():
+        if d is not None and ":" not in d and not _exists(d):
             _fail(f"{flag} {d}: no such file or folder")
     if calib_items is not None and calib_items < 1:
         _fail("--calib-items must be positive")
@@ -452,7 +472,7 @@ def _should_stream(model: str, stream: bool | None, kind: str, target_bits) -> b
 
     if stream is False:
         return False
-    files = _run(find_safetensors, model) if Path(model).exists() else None
+    files = _run(find_safetensors, model) if _exists(model) else None
     if stream is None:
         if files is None or kind != "none" or target_bits is not None:
             return False
@@ -596,7 +616,7 @@ def _inspect(file: Path, as_json: bool, gzip: bool) -> None:
     from wclust.formats import read_header
     from wclust.measure.sizes import file_sizes
 
-    if not file.exists():
+    if not _exists(file):
         _fail(f"{file}: no such file")
     header = _run(read_header, file)
     sizes = file_sizes(file, gzip=gzip)
@@ -752,14 +772,14 @@ def compare(
             "the model's domain (distilling on the built-in synthetic clips made Whisper "
             "worse): give --calib-data DIR (kept apart from --data)"
         )
-    if data is not None and ":" not in data and not Path(data).exists():
+    if data is not None and ":" not in data and not _exists(data):
         _fail(f"--data {data}: no such file or folder")
     if every < 1 or (limit is not None and limit < 1) or threads < 1:
         _fail("--every, --limit and --threads must be positive")
     if calib_items is not None and calib_items < 1:
         _fail("--calib-items must be positive")
     if calib_data is not None:
-        if ":" not in calib_data and not Path(calib_data).exists():
+        if ":" not in calib_data and not _exists(calib_data):
             _fail(f"--calib-data {calib_data}: no such file or folder")
         if data is not None and _same_data(calib_data, data):
             _fail(
@@ -805,7 +825,7 @@ def compare(
     print_table(rows, out)
     failed = [r for r in rows if r.get("error")]
     for r in failed:
-        console.print(f"[red]{r['method']} failed:[/] {r['error']}", highlight=False)
+        _error_line(f"[red]{escape(r['method'])} failed:[/]", r["error"])
     console.print(f"results in {output}/ (table.md, results.csv, results.json, plots)")
     if failed:
         raise typer.Exit(1)
@@ -855,8 +875,33 @@ def quiet_third_party() -> None:
 
 
 def main() -> None:
+    """The ``wclust`` entry point: every error ends as one line on stderr."""
     quiet_third_party()
-    app()
+    try:
+        code = app(standalone_mode=False)
+    except typer.Abort:
+        _error_line("[bold red]error:[/]", "aborted")
+        code = 1
+    except typer.TyperException as e:  # click's usage errors (typer vendors click)
+        if type(e).__name__ == "NoArgsIsHelpError":
+            text = e.format_message()  # typer's rich help prints itself and returns ""
+            if text:
+                out.print(text, highlight=False, markup=False)
+            sys.exit(2)
+        ctx = getattr(e, "ctx", None)
+        if ctx is not None:
+            # click's usage line and hint, then the error on one line (typer's boxed
+            # panel wraps it at 80 columns)
+            usage = f"{ctx.get_usage()}\nTry '{ctx.command_path} --help' for help."
+            console.print(usage, highlight=False, markup=False, soft_wrap=True)
+        _error_line("[bold red]error:[/]", e.format_message())
+        code = getattr(e, "exit_code", 2)
+    except OSError as e:
+        # the file system refused a path the user gave (name too long, no permission,
+        # disk full): what it said, on one line
+        _error_line("[bold red]error:[/]", str(e))
+        code = 2
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":
