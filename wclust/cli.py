@@ -787,6 +787,11 @@ def compare(
                 "items would flatter the calibrated rows; give data kept apart from them "
                 "(benchmarks/crossfit_whisper.py cross-fits one set in folds)"
             )
+    from wclust.models import resolve_model
+
+    # before any cell: an unknown model is one error line, not a table of failed rows
+    with console.status(f"looking up {model} ..."):
+        _run(resolve_model, model)
     runner = _run(get_executor, executor, address)
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
