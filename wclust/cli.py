@@ -879,6 +879,12 @@ def quiet_third_party() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+try:  # typer >= 0.2x vendors click: its errors derive from TyperException
+    _CLICK_ERRORS: type[Exception] = typer.TyperException
+except AttributeError:  # older typer raises click's own
+    from click import ClickException as _CLICK_ERRORS
+
+
 def main() -> None:
     """The ``wclust`` entry point: every error ends as one line on stderr."""
     quiet_third_party()
@@ -887,7 +893,7 @@ def main() -> None:
     except typer.Abort:
         _error_line("[bold red]error:[/]", "aborted")
         code = 1
-    except typer.TyperException as e:  # click's usage errors (typer vendors click)
+    except _CLICK_ERRORS as e:  # click's usage errors
         if type(e).__name__ == "NoArgsIsHelpError":
             text = e.format_message()  # typer's rich help prints itself and returns ""
             if text:
