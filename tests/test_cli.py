@@ -2,6 +2,7 @@ import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 
@@ -10,14 +11,34 @@ from tests.conftest import tiny_whisper
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
 
 
-def wclust(*args, timeout=300):
-    return subprocess.run(
-        [sys.executable, "-m", "wclust.cli", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=ENV,
-    )
+def wclust(*args, timeout=300, process=False):
+    """Runs the CLI: in this process (the command functions, as ``wclust`` runs them,
+    without paying the imports again each time), or with ``process=True`` as its own
+    ``python -m wclust.cli`` process, the real entry point.
+
+    Returns:
+        An object with ``returncode``, ``stdout`` and ``stderr``.
+    """
+    if process:
+        return subprocess.run(
+            [sys.executable, "-m", "wclust.cli", *map(str, args)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=ENV,
+        )
+    from typer.testing import CliRunner
+
+    from wclust.cli import app
+
+    r = CliRunner().invoke(app, [str(a) for a in args])
+    if r.exception is not None and not isinstance(r.exception, SystemExit):
+        # what the process would print: the traceback, on stderr
+        import traceback
+
+        tb = "".join(traceback.format_exception(r.exception))
+        return SimpleNamespace(returncode=1, stdout=r.stdout, stderr=r.stderr + tb)
+    return SimpleNamespace(returncode=r.exit_code, stdout=r.stdout, stderr=r.stderr)
 
 
 @pytest.fixture(scope="module")
@@ -29,10 +50,13 @@ def model_dir(tmp_path_factory):
 
 def test_compress_then_inspect_json(model_dir, tmp_path):
     out = tmp_path / "m.wclust"
-    r = wclust("compress", model_dir, "-o", out, "--bits", "3", "--exclude", "*conv1*")
+    # as its own process: the installed entry point, end to end
+    r = wclust(
+        "compress", model_dir, "-o", out, "--bits", "3", "--exclude", "*conv1*", process=True
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert out.is_file()
-    r = wclust("inspect", out, "--json", "--gzip")
+    r = wclust("inspect", out, "--json", "--gzip", process=True)
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
     assert 3 < d["bits_per_weight"] < 32
