@@ -8,10 +8,11 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test install lint clean
 
-$(STAMP): pyproject.toml
+# constraints.txt: the versions the tests pass with (pyproject.toml gives the ranges)
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[all]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[all]'
 	touch $(STAMP)
 
 install: $(STAMP)

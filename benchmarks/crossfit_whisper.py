@@ -11,7 +11,7 @@ decodes that block. The hypotheses of all blocks are scored together, so the WER
 cover all clips, same decoding and counting as ``wclust compare``.
 
     python benchmarks/crossfit_whisper.py --data ../shared/data/speech/librispeech-test-other-100 \\
-        --methods fit-4b-enc64-g128-fisher,mixed-fit-4.25b-fisher
+        --methods budget-4.25,nf4
     # distillation on the calibration block (KL to fp32), as `wclust compare --calib-data` does:
     python benchmarks/crossfit_whisper.py --data ../shared/data/speech/librispeech-test-other-100 \
         --methods fit-4b-enc64-g128-distill

@@ -15,7 +15,7 @@ docs/results.md comes from ``compare``, not from this proxy.
 
     python benchmarks/proxy_loss.py --model whisper-base \\
         --data ../shared/data/speech/librispeech-test-other-100 --every 5 \\
-        --methods nf4-g64,cluster-4b-channel,scaled-4b-g64
+        --methods nf4,kmeans-4b-channel,scaled-4b
 """
 
 from __future__ import annotations

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import os
 
-import pytest
-import torch
-from torch import nn
-
+# Before torch and numba load OpenMP: the short spin the wclust command sets
+# (wclust.kernels.SPIN_ENV). With the default spin, idle OpenMP threads keep the cores
+# busy between calls: on a loaded 2-core machine in-process tests then ran far slower.
+if "OMP_WAIT_POLICY" not in os.environ:
+    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@ import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 
@@ -10,14 +11,34 @@ from tests.conftest import tiny_whisper
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
 
 
-def wclust(*args, timeout=300):
-    return subprocess.run(
-        [sys.executable, "-m", "wclust.cli", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=ENV,
-    )
+def wclust(*args, timeout=300, process=False):
+    """Runs the CLI: in this process (the command functions, as ``wclust`` runs them,
+    without paying the imports again each time), or with ``process=True`` as its own
+    ``python -m wclust.cli`` process, the real entry point.
+
+    Returns:
+        An object with ``returncode``, ``stdout`` and ``stderr``.
+    """
+    if process:
+        return subprocess.run(
+            [sys.executable, "-m", "wclust.cli", *map(str, args)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=ENV,
+        )
+    from typer.testing import CliRunner
+
+    from wclust.cli import app
+
+    r = CliRunner().invoke(app, [str(a) for a in args])
+    if r.exception is not None and not isinstance(r.exception, SystemExit):
+        # what the process would print: the traceback, on stderr
+        import traceback
+
+        tb = "".join(traceback.format_exception(r.exception))
+        return SimpleNamespace(returncode=1, stdout=r.stdout, stderr=r.stderr + tb)
+    return SimpleNamespace(returncode=r.exit_code, stdout=r.stdout, stderr=r.stderr)
 
 
 @pytest.fixture(scope="module")
@@ -29,10 +50,13 @@ def model_dir(tmp_path_factory):
 
 def test_compress_then_inspect_json(model_dir, tmp_path):
     out = tmp_path / "m.wclust"
-    r = wclust("compress", model_dir, "-o", out, "--bits", "3", "--exclude", "*conv1*")
+    # as its own process: the installed entry point, end to end
+    r = wclust(
+        "compress", model_dir, "-o", out, "--bits", "3", "--exclude", "*conv1*", process=True
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert out.is_file()
-    r = wclust("inspect", out, "--json", "--gzip")
+    r = wclust("inspect", out, "--json", "--gzip", process=True)
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
     assert 3 < d["bits_per_weight"] < 32
@@ -277,3 +301,63 @@ def test_compress_distils_on_clips_without_transcripts(asr_model_dir, two_clips,
     )
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads(wclust("inspect", out, "--json").stdout)["extra"]["distill"]["items"] == 2
+
+
+# A path longer than any terminal: 6 folders of 50 characters, and one name of 300
+# characters (longer than file systems allow: the OS refuses to look it up).
+LONG_PATH = "/tmp/" + "/".join(["d" * 50] * 6) + "/nope"
+LONG_NAME = "/tmp/" + "n" * 300
+
+
+ONE_LINE_CASES = [
+    (["compress", "m", "-o", "x.wclust", "--distill-data", LONG_PATH], "no such file"),
+    (["compress", "m", "-o", "x.wclust", "--distill-data", LONG_NAME], "no such file"),
+    (["compress", "m", "-o", "x.wclust", "--calib-data", LONG_PATH], "no such file"),
+    (["inspect", LONG_PATH + ".wclust"], "no such file"),
+    (["inspect", LONG_NAME + ".wclust"], "no such file"),
+    (["compress", LONG_NAME, "-o", "x.wclust"], "too long"),
+    (["compress", "m", "-o", "x.wclust", "--layers", LONG_NAME], "layer preset"),
+    (["compress", "m", "-o", "x.wclust", "--" + "x" * 300], "No such option"),
+]
+
+# Runs the entry point once per case in one process (one import, not eight), stderr a
+# pipe-like stream as in CI; prints [exit code, stderr] per case as JSON.
+_DRIVER = """
+import contextlib, io, json, sys
+from wclust.cli import main
+res = []
+for args in json.loads(sys.argv[1]):
+    sys.argv = ["wclust", *args]
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            main()
+            code = 0
+        except SystemExit as e:
+            code = e.code
+    res.append([code, err.getvalue()])
+print(json.dumps(res))
+"""
+
+
+def test_errors_are_one_line_whatever_the_path_length():
+    # COLUMNS=80: what rich assumes when stderr is not a terminal (CI, a pipe)
+    r = subprocess.run(
+        [sys.executable, "-c", _DRIVER, json.dumps([a for a, _ in ONE_LINE_CASES])],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**ENV, "COLUMNS": "80"},
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    for (args, match), (code, stderr) in zip(ONE_LINE_CASES, json.loads(r.stdout), strict=True):
+        assert code == 2, (args, stderr[-2000:])
+        assert "Traceback" not in stderr
+        errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1, stderr
+        (line,) = errors
+        assert match in line
+        given = next(a for a in args if len(a) > 300)
+        assert given.removesuffix(".wclust").lstrip("-") in line  # the whole path, unbroken
+        # nothing of the message spills onto further lines
+        assert stderr.rstrip("\n").endswith(line), stderr

@@ -36,10 +36,30 @@ _USER_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
-def _fail(msg: str) -> None:
+def _error_line(prefix: str, msg: str) -> None:
+    """Print ``prefix`` (markup) and ``msg`` (plain text) as one line on stderr.
+
+    soft_wrap: rich would break the line at the console width (80 columns when stderr
+    is not a terminal, e.g. a long path in CI); a terminal wraps it for the eye, and
+    a log or a grep keeps one line. Newlines inside ``msg`` are joined too.
+    """
     # escaped: messages hold brackets that are not markup, e.g. pip install 'wclust[ray]'
-    console.print(f"[bold red]error:[/] {escape(msg)}", highlight=False, markup=True)
+    text = str(msg).replace("\n", " ")
+    console.print(f"{prefix} {escape(text)}", highlight=False, markup=True, soft_wrap=True)
+
+
+def _fail(msg: str) -> None:
+    _error_line("[bold red]error:[/]", msg)
     raise typer.Exit(2)
+
+
+def _exists(path) -> bool:
+    """Whether a user-given path exists; False where the OS refuses to look (e.g. a
+    name longer than the file system allows), as that path cannot exist."""
+    try:
+        return Path(path).exists()
+    except OSError:
+        return False
 
 
 def _run(fn, *args, **kwargs):
@@ -238,7 +258,7 @@ def compress(
     if output.exists() and output.is_dir():
         _fail(f"{output} is a directory; give a file name such as {output / 'model.wclust'}")
     for flag, d in (("--distill-data", distill_data), ("--calib-data", calib_data)):
-        if d is not None and ":" not in d and not Path(d).exists():
+        if d is not None and ":" not in d and not _exists(d):
             _fail(f"{flag} {d}: no such file or folder")
     if distill_data is not None and calib_data is not None and distill_data != calib_data:
         _fail(
@@ -402,7 +422,7 @@ def _should_stream(model: str, stream: bool | None, recipe) -> bool:
 
     if stream is False:
         return False
-    files = _run(find_safetensors, model) if Path(model).exists() else None
+    files = _run(find_safetensors, model) if _exists(model) else None
     needs_model = recipe.calibration or recipe.budget or recipe.distill or recipe.prune
     if stream is None:
         if files is None or needs_model:
@@ -527,7 +547,7 @@ def _inspect(file: Path, as_json: bool, gzip: bool) -> None:
     from wclust.formats import read_header
     from wclust.measure.sizes import file_sizes
 
-    if not file.exists():
+    if not _exists(file):
         _fail(f"{file}: no such file")
     header = _run(read_header, file)
     sizes = file_sizes(file, gzip=gzip)
@@ -690,14 +710,14 @@ def compare(
     names = split_methods(methods) if methods else list(DEFAULT_COMPARE)
     for n in names:
         _run(resolve_method, n)
-    if data is not None and ":" not in data and not Path(data).exists():
+    if data is not None and ":" not in data and not _exists(data):
         _fail(f"--data {data}: no such file or folder")
     if every < 1 or (limit is not None and limit < 1) or threads < 1:
         _fail("--every, --limit and --threads must be positive")
     if calib_items is not None and calib_items < 1:
         _fail("--calib-items must be positive")
     if calib_data is not None:
-        if ":" not in calib_data and not Path(calib_data).exists():
+        if ":" not in calib_data and not _exists(calib_data):
             _fail(f"--calib-data {calib_data}: no such file or folder")
         if data is not None and _same_data(calib_data, data):
             _fail(
@@ -705,6 +725,11 @@ def compare(
                 "items would flatter the calibrated rows; give data kept apart from them "
                 "(benchmarks/crossfit_whisper.py cross-fits one set in folds)"
             )
+    from wclust.models import resolve_model
+
+    # before any cell: an unknown model is one error line, not a table of failed rows
+    with console.status(f"looking up {model} ..."):
+        _run(resolve_model, model)
     runner = _run(get_executor, executor, address)
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
@@ -754,7 +779,7 @@ def compare(
     print_table(rows, out)
     failed = [r for r in rows if r.get("error")]
     for r in failed:
-        console.print(f"[red]{r['method']} failed:[/] {r['error']}", highlight=False)
+        _error_line(f"[red]{escape(r['method'])} failed:[/]", r["error"])
     console.print(f"results in {output}/ (table.md, results.csv, results.json, plots)")
     if failed:
         raise typer.Exit(1)
@@ -803,11 +828,42 @@ def models():
         out.print(f"{name:20s} {MODELS.help(name)}")
 
 
+try:  # typer >= 0.2x vendors click: its errors derive from TyperException
+    _CLICK_ERRORS: type[Exception] = typer.TyperException
+except AttributeError:  # older typer raises click's own
+    from click import ClickException as _CLICK_ERRORS
+
+
 def main() -> None:
+    """The ``wclust`` entry point: every error ends as one line on stderr."""
     from ._env import quiet_third_party
 
     quiet_third_party()
-    app()
+    try:
+        code = app(standalone_mode=False)
+    except typer.Abort:
+        _error_line("[bold red]error:[/]", "aborted")
+        code = 1
+    except _CLICK_ERRORS as e:  # click's usage errors
+        if type(e).__name__ == "NoArgsIsHelpError":
+            text = e.format_message()  # typer's rich help prints itself and returns ""
+            if text:
+                out.print(text, highlight=False, markup=False)
+            sys.exit(2)
+        ctx = getattr(e, "ctx", None)
+        if ctx is not None:
+            # click's usage line and hint, then the error on one line (typer's boxed
+            # panel wraps it at 80 columns)
+            usage = f"{ctx.get_usage()}\nTry '{ctx.command_path} --help' for help."
+            console.print(usage, highlight=False, markup=False, soft_wrap=True)
+        _error_line("[bold red]error:[/]", e.format_message())
+        code = getattr(e, "exit_code", 2)
+    except OSError as e:
+        # the file system refused a path the user gave (name too long, no permission,
+        # disk full): what it said, on one line
+        _error_line("[bold red]error:[/]", str(e))
+        code = 2
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

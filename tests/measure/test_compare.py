@@ -62,34 +62,26 @@ def test_compare_cli_end_to_end(asr_model_dir, tmp_path):
     assert res["meta"]["machine"]["torch"].startswith("2.")
 
 
+def _cli(*args):
+    """The CLI in this process (these fail before any work: no imports to pay again)."""
+    from typer.testing import CliRunner
+
+    from wclust.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
 def test_unknown_method_fails_fast(tmp_path):
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "wclust.cli",
-            "compare",
-            "--methods",
-            "fp32,nope",
-            "-o",
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert r.returncode == 2 and "unknown method 'nope'" in r.stderr
+    r = _cli("compare", "--methods", "fp32,nope", "-o", tmp_path)
+    assert r.exit_code == 2 and "unknown method 'nope'" in r.stderr
 
 
 def test_compare_refuses_to_calibrate_on_the_evaluation_data(tmp_path):
-    r = subprocess.run(
-        [sys.executable, "-m", "wclust.cli", "compare", "--methods", "fp32"]
-        + ["--data", str(tmp_path), "--calib-data", str(tmp_path / "."), "-o", str(tmp_path / "o")],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    r = _cli(
+        *("compare", "--methods", "fp32", "--data", tmp_path),
+        *("--calib-data", tmp_path / ".", "-o", tmp_path / "o"),
     )
-    assert r.returncode == 2 and "are the same" in r.stderr.replace("\n", " ")
+    assert r.exit_code == 2 and "are the same" in r.stderr.replace("\n", " ")
 
 
 def test_prepare_calibrates_on_the_given_data(asr_model_dir, two_clips, tmp_path):

@@ -149,7 +149,7 @@ def test_phases_and_reuse(local_run, bert_dir, tmp_path):
         plots=False,
         reuse=True,
         executor=rec,
-        calib_data="elsewhere",
+        calib_data=str(tmp_path),  # other data than the kept artifacts
     )
     assert rec.batches[0] == ["prepare"]
     fisher.unlink()

@@ -145,17 +145,19 @@ def test_markdown_header_and_rows():
         "Method": "k-means 4-bit per channel (exact)",
         "Bits/weight": "4.50",
         "Ratio": "7.10×",
-        "Inference time (CPU, ms)": "812 (med 790, 500–1200)",
+        # ratios to the original (fp32) row: 40/290, 35.2/270
+        "Inference time (CPU, ms)": "812 (1.00×; med 790, 500–1200)",
         "Inference time (GPU, ms)": "n/a",
-        "RAM: model tensors (MB)": "40.0",
-        "RAM: process peak (MB)": "900",
+        "RAM: model tensors (MB)": "40.0 (0.14×)",
+        "RAM: process peak (MB)": "900 (1.00×)",
         "VRAM (MB)": "n/a",
         "Quality": "3.80% CER, 10.42% WER",
-        "Size in .gz (MB)": "35.2",
+        "Size in .gz (MB)": "35.2 (0.13×)",
         "Compress time (s)": "12.3",
     }
     assert orig["Bits/weight"] == "32.00" and orig["Ratio"] == "1.00×"
-    assert orig["Compress time (s)"] == "n/a" and orig["RAM: model tensors (MB)"] == "290"
+    assert orig["Compress time (s)"] == "n/a" and orig["RAM: model tensors (MB)"] == "290 (1.00×)"
+    # the original has no GPU time: no ratio to show
     assert int8["Inference time (GPU, ms)"] == "95.3" and int8["VRAM (MB)"] == "410"
     assert int8["Size in .gz (MB)"] == "n/a"
 
@@ -186,7 +188,8 @@ def test_print_table_renders_same_cells():
     print_table(rows, console, title="t")
     out = console.file.getvalue()
     assert "RAM: process peak (MB)" in out
-    assert "812 (med 790, 500–1200)" in out and "3.80% CER, 10.42% WER" in out
+    assert "812 (1.00×; med 790, 500–1200)" in out and "3.80% CER, 10.42% WER" in out
+    assert "Fastest: fp32" in out  # the reading follows the table
     assert "[bold]x[/bold]" in out  # labels are text, not rich markup
 
 
@@ -352,3 +355,92 @@ def test_quality_str_task_metrics():
     q = {"cos_sim": 0.999871, "cos_min": 0.98, "nn_recall": 96.5}
     assert quality_str(q) == "cos 0.99987, min cos 0.9800, NN@1 96.5%"
     assert quality_str({"top1_agree": 62.5, "kl_div": 0.4127}) == "top-1 agree 62.5%, KL 4.13e-01"
+
+
+# ---- the reading under the table ------------------------------------------------------
+
+
+def _asr(method, bits, wer, ms, **kw):
+    return {
+        "model": "m",
+        "method": method,
+        "label": method,
+        "bits_per_weight": bits,
+        "latency_ms_mean": ms,
+        "quality": {"wer": wer, "cer": wer / 3},
+        **kw,
+    }
+
+
+def _asr_rows():
+    return [
+        _asr("fp32", 32.0, 10.0, 800.0),
+        _asr("nf4-g64", 4.5, 11.0, 500.0),
+        _asr("cluster-4b-channel", 4.25, 10.4, 600.0),
+        _asr("cluster-3b-channel", 3.25, 10.6, 450.0),  # 0.6 worse: not "within +0.5"
+        _asr("fit-3b", 3.0, 13.0, 700.0),  # fewer bits than NF4 but worse
+        _asr("int8-dynamic", 8.1, 10.1, 300.0),  # the fastest, more bits than NF4
+        {"model": "m", "method": "broken", "error": "boom"},
+    ]
+
+
+def test_reading_finds_smallest_fastest_and_rows_beating_nf4():
+    lines = T.reading(_asr_rows())
+    assert lines == [
+        "Smallest within +0.5 of the original's 10.00% WER: cluster-4b-channel, 4.25 bits "
+        "per weight (7.5× fewer than the original), 10.40% WER.",
+        "Fastest: int8-dynamic, 300 ms mean on CPU, 0.38× the original's, 10.10% WER.",
+        "Better than NF4 on WER at equal or fewer bits per weight: cluster-4b-channel "
+        "(4.25 bits, 10.40% WER) beats nf4-g64 (4.50 bits, 11.00% WER); cluster-3b-channel "
+        "(3.25 bits, 10.60% WER) beats nf4-g64 (4.50 bits, 11.00% WER).",
+    ]
+
+
+def test_reading_says_plainly_when_nothing_beats_nf4_or_is_near_the_original():
+    rows = [_asr("fp32", 32.0, 10.0, 800.0), _asr("nf4-g64", 4.5, 11.0, 500.0)]
+    rows += [_asr("cluster-3b", 3.0, 12.0, 450.0), _asr("cluster-5b", 5.0, 10.8, 450.0)]
+    lines = T.reading(rows)
+    assert lines[0] == (
+        "No compressed row is within +0.5 of the original's 10.00% WER; the closest: "
+        "cluster-5b, 5.00 bits per weight, 10.80% WER."
+    )
+    assert lines[1].startswith("Fastest: cluster-3b, 450 ms")  # first of a tie
+    # cluster-5b is better than NF4 but at more bits: it does not count
+    assert lines[2] == (
+        "No row beats NF4 on WER at equal or fewer bits per weight "
+        "(nf4-g64: 4.50 bits, 11.00% WER)."
+    )
+    no_nf4 = T.reading([r for r in rows if r["method"] != "nf4-g64"])
+    assert no_nf4[-1] == "No NF4 row in this run to compare with."
+    # equal bits and better quality: beats
+    tie = T.reading(rows + [_asr("cluster-4.5b", 4.5, 10.9, 450.0)])
+    assert "cluster-4.5b (4.50 bits, 10.90% WER) beats nf4-g64" in tie[-1]
+
+
+def test_reading_of_a_higher_is_better_measure():
+    def vis(method, bits, agree):
+        return {"method": method, "bits_per_weight": bits, "quality": {"top1_agree": agree}}
+
+    rows = [vis("fp32", 32, 100.0), vis("nf4", 4.5, 99.0), vis("a", 4.0, 99.6)]
+    rows.append(vis("b", 3.0, 99.4))  # 0.6 points below the original
+    lines = T.reading(rows)
+    assert lines[0].startswith("Smallest within -0.5 of the original's top-1 agree 100.0%: a,")
+    assert lines[-1].startswith("Better than NF4 on TOP1_AGREE") and "b (3.00 bits" in lines[-1]
+    assert not any(x.startswith("Fastest") for x in lines)  # no times measured
+
+
+def test_reading_goes_under_the_table_in_markdown_and_terminal():
+    from rich.console import Console
+
+    rows = _asr_rows()
+    md = to_markdown(rows)
+    lines = md.splitlines()
+    table_end = max(i for i, x in enumerate(lines) if x.startswith("| m |"))
+    read_at = lines.index("Reading (computed from the rows above):")
+    assert table_end < read_at < md.index("**Inference time**")
+    assert "- Fastest: int8-dynamic" in md
+    console = Console(file=io.StringIO(), width=400, color_system=None)
+    print_table(rows, console)
+    out = console.file.getvalue()
+    assert "Better than NF4 on WER" in out and out.index("Fastest") > out.index("nf4-g64")
+    assert T.reading([]) == [] and T.reading([{"method": "x", "error": "e"}]) == []

@@ -39,6 +39,13 @@ def _safe_name(model: str) -> str:
     return "".join(c if c.isalnum() or c in "-._" else "_" for c in model)
 
 
+def _exists(path: str) -> bool:
+    try:
+        return Path(path).exists()
+    except OSError:  # e.g. a name longer than the file system allows
+        return False
+
+
 def _pct(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     i = min(len(xs) - 1, max(0, round(q * (len(xs) - 1))))
@@ -114,13 +121,20 @@ def run_compare(
     Returns:
         (rows, meta). Failed cells are rows with ``error`` set.
     """
+    from ..models import resolve_model
     from ..recipes import resolve_method
     from ..tasks import get_task
 
+    resolved = [resolve_method(m) for m in methods]  # unknown names fail before any work
+    # Likewise the model and the data: once here, not once per cell (every cell would
+    # load the model, and a hub id would try the network in each).
+    resolve_model(model)
+    for flag, d in (("data", data), ("calib_data", calib_data)):
+        if d is not None and ":" not in d and not _exists(d):
+            raise FileNotFoundError(f"{flag} {d}: no such file or folder")
     out = Path(out_dir)
     art_dir = out / "artifacts"
     art_dir.mkdir(parents=True, exist_ok=True)
-    resolved = [resolve_method(m) for m in methods]  # unknown names fail before any work
     if "fp32" not in methods and any(m.runtime for m in resolved):
         resolved.insert(0, resolve_method("fp32"))
     by_base = {m.artifact_name: m for m in resolved if not m.runtime}

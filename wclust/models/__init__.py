@@ -28,6 +28,7 @@ __all__ = [
     "architecture_for",
     "load_model",
     "load_processor",
+    "resolve_model",
 ]
 
 
@@ -181,6 +182,7 @@ def _require_transformers(spec: str):
 
 
 def _load_hf(spec: str) -> LoadedModel:
+    resolve_model(spec)  # a clear error in seconds, before transformers tries (and retries)
     transformers = _require_transformers(spec)
     path = Path(spec)
     if path.exists() and not (path / "config.json").is_file():
@@ -284,6 +286,134 @@ def _task_of_file(header: dict, model: nn.Module) -> str | None:
     if hasattr(model, "config"):
         return _task_for(model.config, (header.get("arch") or {}).get("class"))
     return None
+
+
+# Seconds the one request to the hub may take before the model counts as unreachable.
+HUB_TIMEOUT_S = 10.0
+
+_EXAMPLES = (
+    "e.g. whisper-tiny.en, ./my-model, out.wclust, torchvision:resnet18, openai/whisper-small"
+)
+
+
+def _looks_like_path(spec: str) -> bool:
+    """Whether ``spec`` can only be a file or folder: hub ids are NAME or ORG/NAME."""
+    return (
+        spec.startswith(("/", ".", "~"))
+        or spec.count("/") > 1
+        or "\\" in spec
+        or spec.endswith((".wclust", ".safetensors"))
+    )
+
+
+def _path_exists(spec: str) -> bool:
+    try:
+        return Path(spec).expanduser().exists()
+    except OSError:  # e.g. a name longer than the file system allows: it cannot exist
+        return False
+
+
+def _hub_head(url: str, timeout: float) -> int | str:
+    """One HEAD request to the hub: the HTTP status, or the network error as text."""
+    from huggingface_hub import get_session
+    from huggingface_hub.utils import build_hf_headers
+
+    try:
+        r = get_session().head(
+            url, headers=build_hf_headers(), timeout=timeout, follow_redirects=False
+        )
+    except Exception as e:  # noqa: BLE001 - any transport error means "not reachable"
+        return f"{type(e).__name__}: {e}"
+    return r.status_code
+
+
+def resolve_model(spec: str, timeout: float = HUB_TIMEOUT_S) -> str:
+    """Check that ``spec`` names a model that can be loaded, without loading it.
+
+    Cheap and at most one network request: built-in names, ``torchvision:NAME``,
+    existing files and folders are checked locally; a Hugging Face hub id is found in
+    the local cache, else (unless ``HF_HUB_OFFLINE`` is set) asked for once, with
+    ``timeout``. ``wclust compare`` calls it before any cell runs, so an unknown
+    name fails once, not once per cell.
+
+    Args:
+        spec: what :func:`load_model` takes.
+        timeout: seconds the hub request may take.
+
+    Returns:
+        The kind of source: "builtin", "torchvision", "file", "folder" or "hub".
+
+    Raises:
+        ModelSourceError: the message says what is wrong and what to give instead.
+    """
+    if spec in MODELS:
+        return "builtin"
+    if spec.startswith(TORCHVISION_PREFIX):
+        return "torchvision"
+    known = ", ".join(MODELS.names())
+    head = f"cannot load model {spec!r}"
+    if _path_exists(spec):
+        path = Path(spec).expanduser()
+        if path.is_dir() and not (path / "config.json").is_file():
+            raise ModelSourceError(
+                f"{spec}: a directory without config.json is not a Hugging Face model directory"
+            )
+        return "folder" if path.is_dir() else "file"
+    if _looks_like_path(spec):
+        raise ModelSourceError(
+            f"{head}: no such file or folder (give a built-in name ({known}), a local "
+            f"Hugging Face model folder, a .wclust file, torchvision:NAME or a hub id; "
+            f"{_EXAMPLES})"
+        )
+    try:
+        import huggingface_hub
+        from huggingface_hub.utils import validate_repo_id
+    except ImportError:
+        raise ModelSourceError(
+            f"{head}: not a built-in name ({known}) nor a local path, and hub ids need "
+            "transformers: pip install 'wclust[hf]'"
+        ) from None
+    try:
+        validate_repo_id(spec)
+    except ValueError as e:
+        raise ModelSourceError(
+            f"{head}: not a built-in name ({known}), not a local path and not a valid hub "
+            f"id ({str(e).splitlines()[0]})"
+        ) from None
+    if isinstance(huggingface_hub.try_to_load_from_cache(spec, "config.json"), str):
+        return "hub"  # in the local cache: no network needed
+    if _offline():
+        raise ModelSourceError(
+            f"{head}: not a built-in name ({known}), not a local path, and not in the "
+            "local Hugging Face cache while HF_HUB_OFFLINE is set (unset it to download "
+            "from the hub)"
+        )
+    status = _hub_head(huggingface_hub.hf_hub_url(spec, "config.json"), timeout)
+    if isinstance(status, str):
+        raise ModelSourceError(
+            f"{head}: not a built-in name ({known}) nor a local path, not in the local "
+            f"Hugging Face cache, and the hub did not answer within {timeout:g} s "
+            f"({status}); check the network or give a local model folder"
+        )
+    if status in (401, 403, 404):
+        raise ModelSourceError(
+            f"{head}: not a built-in name ({known}) nor a local path, and the Hugging "
+            f"Face hub has no model {spec!r} with a config.json (HTTP {status}: unknown, "
+            "private or gated; for a gated model log in with `hf auth login`)"
+        )
+    if status >= 400:
+        raise ModelSourceError(f"{head}: the Hugging Face hub answered HTTP {status}")
+    return "hub"
+
+
+def _offline() -> bool:
+    """HF_HUB_OFFLINE as huggingface_hub reads it (set now or when it was imported)."""
+    import os
+
+    from huggingface_hub import constants
+
+    env = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+    return env or bool(constants.HF_HUB_OFFLINE)
 
 
 def load_model(spec: str) -> LoadedModel:

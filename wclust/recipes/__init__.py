@@ -2,7 +2,15 @@
 one pipeline (``compress_``), named by presets or written as spec strings."""
 
 from .pipeline import compress_
-from .presets import BASELINES, DEFAULT_COMPARE, PRESETS, Method, get_recipe, resolve_method
+from .presets import (
+    BASELINES,
+    DEFAULT_COMPARE,
+    PRESETS,
+    Method,
+    get_recipe,
+    resolve_method,
+    split_methods,
+)
 from .recipe import GPTQ, Budget, Calibration, Distill, Recipe, parse_spec
 from .settings import NF4, RTN, KMeans, ScaledCodebook
 
@@ -24,4 +32,5 @@ __all__ = [
     "get_recipe",
     "parse_spec",
     "resolve_method",
+    "split_methods",
 ]

@@ -29,6 +29,8 @@ __all__ = [
     "to_csv",
     "write_results",
     "print_table",
+    "reading",
+    "original_row",
 ]
 
 NA = "n/a"
@@ -188,7 +190,18 @@ COLUMNS: list[tuple[str, Callable[[Mapping[str, Any]], str], bool]] = [
     ("Compress time (s)", lambda r: _auto(r.get("compress_s")), True),
 ]
 
+# Columns also shown as a ratio to the original's value: header -> row field.
+RATIO_OF = {
+    "Inference time (CPU, ms)": "latency_ms_mean",
+    "Inference time (GPU, ms)": "gpu_latency_ms_mean",
+    "RAM: model tensors (MB)": "model_tensor_mb",
+    "RAM: process peak (MB)": "peak_rss_mb",
+    "Size in .gz (MB)": "gzip_mb",
+}
+
 LEGEND = [
+    "**(0.42×)** after a time, a RAM figure or a size: the row's value divided by the "
+    "original's (the fp32 row; below 1: less than the original). For times: of the means.",
     "**Inference time**: mean per clip, with the median and the 10th–90th percentile range "
     "in brackets.",
     "**RAM: model tensors**: bytes of the parameters and buffers the loaded model holds, "
@@ -199,6 +212,154 @@ LEGEND = [
     "(n/a: not measured on a GPU).",
     "MB = 10^6 bytes.",
 ]
+
+
+def original_row(rows: Iterable[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+    """The row of the uncompressed original (method ``fp32``) that did not fail, if any."""
+    return next((r for r in rows if r.get("method") == "fp32" and not r.get("error")), None)
+
+
+def _cells(row: Mapping[str, Any], ref: Mapping[str, Any] | None) -> list[str]:
+    """The row's cells in ``COLUMNS`` order, with ratios to ``ref`` (the original) where
+    ``RATIO_OF`` names a column and both values are measured."""
+    cells = []
+    for header, f, _ in COLUMNS:
+        cell = f(row)
+        field = RATIO_OF.get(header)
+        if field and ref is not None and not row.get("error"):
+            x, base = row.get(field), ref.get(field)
+            if _is_num(x) and _is_num(base) and base > 0:
+                head, sep, rest = cell.partition(" (")
+                cell = f"{head} ({x / base:.2f}×; {rest}" if sep else f"{cell} ({x / base:.2f}×)"
+        cells.append(cell)
+    return cells
+
+
+# How the reading judges a task's measure: (lower is better, "about as good as the
+# original" margin in the metric's units; percent metrics: points).
+_MEASURES: dict[str, tuple[bool, float]] = {
+    "wer": (True, 0.5),
+    "cer": (True, 0.5),
+    "ppl": (True, 0.5),
+    "top1_agree": (False, 0.5),
+    "nn_recall": (False, 0.5),
+    "accuracy": (False, 0.5),
+    "cos_sim": (False, 0.005),
+    "cos_min": (False, 0.005),
+    "kl_div": (True, 0.005),
+}
+
+
+def _measure(rows: list[Mapping[str, Any]]) -> str | None:
+    """The task's measure: WER for speech, else the first metric the rows report (tasks
+    list their main metric first)."""
+    for r in rows:
+        q = r.get("quality") or {}
+        if _is_num(q.get("wer")):
+            return "wer"
+    for r in rows:
+        for k, v in (r.get("quality") or {}).items():
+            if _is_num(v):
+                return k
+    return None
+
+
+def reading(rows: list[Mapping[str, Any]], metric: str | None = None) -> list[str]:
+    """A few sentences that read the table, computed from the rows.
+
+    The smallest row (bits per weight) whose quality is within the measure's margin of
+    the original's (+0.5 WER points for speech), the fastest row (mean CPU time), and
+    the rows that beat NF4 (any ``nf4*`` row) on quality at equal or fewer bits per
+    weight, or that none does.
+
+    Args:
+        rows: measured rows; failed rows and rows without the numbers are left out.
+        metric: the quality key to judge by (default: WER, else the first metric).
+
+    Returns:
+        One line per finding (empty when no row has the numbers to read).
+    """
+    metric = metric or _measure(rows)
+    ok = [r for r in rows if not r.get("error")]
+    if metric is None or not ok:
+        return []
+    lower, margin = _MEASURES.get(metric, (True, 0.5))
+
+    def q(r) -> float | None:
+        v = (r.get("quality") or {}).get(metric)
+        return float(v) if _is_num(v) and math.isfinite(v) else None
+
+    def better(a: float, b: float) -> bool:
+        return a < b if lower else a > b
+
+    def qs(r) -> str:
+        return quality_str({metric: q(r)})
+
+    def name(r) -> str:
+        return str(r.get("method") or r.get("label"))
+
+    def bits(r) -> float | None:
+        b = r.get("bits_per_weight")
+        return float(b) if _is_num(b) else None
+
+    lines = []
+    orig = original_row(ok)
+    scored = [r for r in ok if q(r) is not None and bits(r) is not None]
+    others = [r for r in scored if r is not orig]
+    if orig is not None and q(orig) is not None and others:
+        limit = q(orig) + margin if lower else q(orig) - margin
+        near = [r for r in others if not better(limit, q(r))]  # at most the margin worse
+        sign = "+" if lower else "-"
+        what = f"within {sign}{margin:g} of the original's {qs(orig)}"
+        if near:
+            best = min(near, key=lambda r: (bits(r), r.get("model_tensor_mb") or 0))
+            lines.append(
+                f"Smallest {what}: {name(best)}, {bits(best):.2f} bits per weight "
+                f"({bits(orig) / bits(best):.1f}× fewer than the original), {qs(best)}."
+            )
+        else:
+            closest = min(others, key=lambda r: q(r) if lower else -q(r))
+            lines.append(
+                f"No compressed row is {what}; the closest: {name(closest)}, "
+                f"{bits(closest):.2f} bits per weight, {qs(closest)}."
+            )
+    timed = [r for r in ok if _is_num(r.get("latency_ms_mean"))]
+    if timed:
+        fast = min(timed, key=lambda r: r["latency_ms_mean"])
+        rel = ""
+        if orig is not None and _is_num(orig.get("latency_ms_mean")) and fast is not orig:
+            rel = f", {fast['latency_ms_mean'] / orig['latency_ms_mean']:.2f}× the original's"
+        lines.append(
+            f"Fastest: {name(fast)}, {_auto(fast['latency_ms_mean'])} ms mean on CPU{rel}"
+            + (f", {qs(fast)}." if q(fast) is not None else ".")
+        )
+    nf4 = [r for r in scored if name(r).startswith("nf4")]
+    if not nf4:
+        lines.append("No NF4 row in this run to compare with.")
+        return lines
+    wins = []
+    for r in others:
+        if r in nf4:
+            continue
+        beaten = [n for n in nf4 if bits(r) <= bits(n) and better(q(r), q(n))]
+        if beaten:
+            n = min(beaten, key=lambda n: q(n) if lower else -q(n))  # the strongest
+            wins.append(
+                f"{name(r)} ({bits(r):.2f} bits, {qs(r)}) beats {name(n)} "
+                f"({bits(n):.2f} bits, {qs(n)})"
+            )
+    if wins:
+        lines.append(
+            f"Better than NF4 on {metric.upper()} at equal or fewer bits per weight: "
+            + "; ".join(wins)
+            + "."
+        )
+    else:
+        ref = ", ".join(f"{name(n)}: {bits(n):.2f} bits, {qs(n)}" for n in nf4)
+        lines.append(
+            f"No row beats NF4 on {metric.upper()} at equal or fewer bits per weight ({ref})."
+        )
+    return lines
 
 
 def _md_escape(s: str) -> str:
@@ -234,9 +395,15 @@ def to_markdown(
         lines += [f"## {title}", ""]
     lines.append("| " + " | ".join(h for h, _, _ in COLUMNS) + " |")
     lines.append("|" + "|".join("---:" if right else "---" for _, _, right in COLUMNS) + "|")
+    ref = original_row(rows)
     for r in rows:
-        lines.append("| " + " | ".join(_md_escape(f(r)) for _, f, _ in COLUMNS) + " |")
+        lines.append("| " + " | ".join(_md_escape(c) for c in _cells(r, ref)) + " |")
     lines.append("")
+    read = reading(rows)
+    if read:
+        lines += ["Reading (computed from the rows above):", ""]
+        lines += [f"- {_md_escape(x)}" for x in read]
+        lines.append("")
     lines += [f"- {item}" for item in LEGEND]
     all_notes = list(notes or []) + _row_notes(rows)
     if all_notes:
@@ -405,7 +572,10 @@ def print_table(rows: list[Mapping[str, Any]], console, *, title: str | None = N
     table = Table(title=title, show_lines=False)
     for header, _, right in COLUMNS:
         table.add_column(header, justify="right" if right else "left", overflow="fold")
+    ref = original_row(rows)
     for r in rows:
-        cells = [Text(f(r)) for _, f, _ in COLUMNS]  # Text: no rich markup in labels
+        cells = [Text(c) for c in _cells(r, ref)]  # Text: no rich markup in labels
         table.add_row(*cells, style="red" if r.get("error") else None)
     console.print(table)
+    for line in reading(rows):
+        console.print(Text(line))
