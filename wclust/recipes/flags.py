@@ -88,9 +88,7 @@ def recipe_from_flags(flags: dict, distill: bool = False) -> Recipe:
     try:
         quantizer = quantizer_from(kind, q)
     except ConfigError as e:
-        raise ConfigError(
-            f"--method {method}: {e}".replace("field ", "option --").replace("_", "-")
-        ) from None
+        raise ConfigError(f"--method {method}: {e}") from None
     kw: dict = {"quantizer": quantizer}
     if "layers" in f:
         if "include" in f or "exclude" in f:
@@ -112,14 +110,24 @@ def recipe_from_flags(flags: dict, distill: bool = False) -> Recipe:
             g: {"row_split": [{"until": r} for r in ends]} for g, ends in rows.items()
         }
     if budget is not None:
-        kw["budget"] = Budget(budget, candidates=cands, rows="auto" if rows is None else "none")
+        kw["budget"] = _as_options(
+            Budget,
+            {"bits": budget, "candidates": cands, "rows": "auto" if rows is None else "none"},
+            "budget bits",
+            "--target-bits",
+        )
     elif rows is not None and rows != "none" and not isinstance(rows, dict):
         raise ConfigError("--row-split takes GLOB=ROW,ROW,... or none")
     kind_cal = f.get("calibrate") or ("fisher" if budget is not None else "none")
     if kind_cal not in ("fisher", "activation", "none"):
         raise ConfigError(f"--calibrate must be fisher, activation or none, got {kind_cal!r}")
     if kind_cal != "none":
-        kw["calibration"] = Calibration(kind_cal, **_only(f, calib_items="items"))
+        kw["calibration"] = _as_options(
+            Calibration,
+            {"kind": kind_cal, **_only(f, calib_items="items")},
+            "calibration items",
+            "--calib-items",
+        )
     elif "calib_items" in f:
         raise ConfigError("--calib-items needs calibration (--calibrate fisher|activation)")
     given = _only(
@@ -132,11 +140,19 @@ def recipe_from_flags(flags: dict, distill: bool = False) -> Recipe:
         distill_items="items",
     )
     if distill:
-        kw["distill"] = Distill(**given)
+        kw["distill"] = _as_options(Distill, given, "distill ", "--distill-")
     elif given:
         flag = "--" + next(k for k in f if k.startswith("distill_")).replace("_", "-")
         raise ConfigError(f"{flag} needs --distill-data")
     return Recipe(**kw)
+
+
+def _as_options(cls, values: dict, field: str, option: str):
+    """``cls(**values)``, its errors naming the command-line option, not the field."""
+    try:
+        return cls(**values)
+    except ConfigError as e:
+        raise ConfigError(str(e).replace(field, option)) from None
 
 
 def _only(f: dict, **names) -> dict:

@@ -281,6 +281,10 @@ class _Run:
         return {
             "items": len(train),
             "held_out": len(val),
+            "epochs": d.epochs,
+            "lr": d.lr,
+            "hidden": d.hidden,
+            "speeds": list(d.speeds),
             "kept_epoch": done["best_epoch"],
             "kl": done["kl"],
             "val_kl": done["val_kl"],

@@ -70,6 +70,8 @@ class KMeans:
                 f"kmeans: granularity {self.granularity!r} is unknown; choose "
                 f"{', '.join(GRANULARITIES)}"
             )
+        if self.granularity == "group" and self.group_size is None:
+            raise ConfigError("kmeans: granularity 'group' needs group_size, a positive integer")
         if self.granularity == "group":
             _check_group("kmeans", self.group_size)
         elif self.group_size is not None:

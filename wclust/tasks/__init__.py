@@ -231,8 +231,8 @@ class TaskData:
             return list(self.task.calibration_batches(model, self.processor, self.items))
         except (AttributeError, TypeError) as e:
             raise ValueError(
-                f"{self.name}'s processor does not fit task {self.task.name!r} ({e}); use a "
-                "recipe without calibration or distillation"
+                f"{self.name} cannot be calibrated or distilled: its processor does not fit "
+                f"task {self.task.name!r} ({e}); use a recipe without calibration or distillation"
             ) from None
 
     def augment(self, positions: list[int], speeds, teacher) -> list:
