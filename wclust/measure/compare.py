@@ -23,6 +23,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from .executors import LocalExecutor, run_cell
@@ -104,7 +105,7 @@ def run_compare(
 
     Args:
         model: model name/path (see ``wclust.models.load_model``).
-        methods: names from ``wclust.registry.METHODS``.
+        methods: presets, baselines, spec strings or recipe files (``wclust.recipes``).
         out_dir: output folder; artifacts go to ``out_dir/artifacts``.
         data: task data folder (default: the task's built-in data).
         limit, every: take every n-th item, at most ``limit`` of them.
@@ -123,7 +124,6 @@ def run_compare(
     """
     from ..models import resolve_model
     from ..recipes import resolve_method
-    from ..tasks import get_task
 
     resolved = [resolve_method(m) for m in methods]  # unknown names fail before any work
     # Likewise the model and the data: once here, not once per cell (every cell would
@@ -132,14 +132,22 @@ def run_compare(
     for flag, d in (("data", data), ("calib_data", calib_data)):
         if d is not None and ":" not in d and not _exists(d):
             raise FileNotFoundError(f"{flag} {d}: no such file or folder")
-    out = Path(out_dir)
-    art_dir = out / "artifacts"
-    art_dir.mkdir(parents=True, exist_ok=True)
     if "fp32" not in methods and any(m.runtime for m in resolved):
         resolved.insert(0, resolve_method("fp32"))
-    by_base = {m.artifact_name: m for m in resolved if not m.runtime}
-    executor = executor if executor is not None else LocalExecutor()
-    safe = _safe_name(model)
+    grid = _Grid(
+        model=model,
+        resolved=resolved,
+        out=Path(out_dir),
+        executor=executor if executor is not None else LocalExecutor(),
+        data=data,
+        limit=limit,
+        every=every,
+        threads=threads,
+        reuse=reuse,
+        calib_data=calib_data,
+        calib_items=calib_items,
+        on_event=on_event,
+    )
     meta = {
         "model": model,
         "task": None,
@@ -149,129 +157,175 @@ def run_compare(
         "limit": limit,
         "every": every,
         "threads": threads,
-        "executor": getattr(executor, "name", type(executor).__name__),
+        "executor": getattr(grid.executor, "name", type(grid.executor).__name__),
         "methods": [m.name for m in resolved],
         "command": command,
         "machine": _machine(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
+    preps = grid.prepare()
+    rows = {
+        i: {**_row_head(model, m), "error": prep.get("error")}
+        for i, (m, prep) in enumerate(zip(resolved, preps, strict=True))
+        if not prep.get("ok")
+    }
+    task_name = next((p["task"] for p in preps if p.get("ok") and p.get("task")), None)
+    pending = [i for i in range(len(resolved)) if i not in rows]
+    ref_path, ref_error = grid.reference(task_name, pending)
+    grid.measure(preps, rows, pending, task_name, ref_path, ref_error, meta)
+    meta["task"] = task_name
+    ordered = [rows[i] for i in sorted(rows)]
+    _write(ordered, grid.out, meta, plots, model, resolved)
+    return ordered, meta
 
-    def announce(names: list[str], stage: str):
+
+@dataclass
+class _Grid:
+    """The cells of one compare run: prepare every distinct artifact, the original's
+    reference outputs where the task scores against them, measure every method."""
+
+    model: str
+    resolved: list
+    out: Path
+    executor: object
+    data: str | None
+    limit: int | None
+    every: int
+    threads: int
+    reuse: bool
+    calib_data: str | None
+    calib_items: int | None
+    on_event: Callable[[str, str], None] | None
+
+    def __post_init__(self):
+        self.safe = _safe_name(self.model)
+        (self.out / "artifacts").mkdir(parents=True, exist_ok=True)
+        self.by_base = {m.artifact_name: m for m in self.resolved if not m.runtime}
+
+    def _announce(self, names: list[str], stage: str):
         """An ``on_start`` hook: cell ``i`` of a batch is method ``names[i]`` at ``stage``."""
-        return (lambda i: on_event(names[i], stage)) if on_event else None
+        return (lambda i: self.on_event(names[i], stage)) if self.on_event else None
 
-    # 1. prepare: one cell per distinct artifact (runtime methods share fp32's)
-    def artifact(base: str) -> Path:
-        return art_dir / f"{safe}.{base}.wclust"
+    def artifact(self, base: str) -> Path:
+        return self.out / "artifacts" / f"{self.safe}.{base}.wclust"
 
-    bases = list(dict.fromkeys("fp32" if m.runtime else m.artifact_name for m in resolved))
-    prepared: dict[str, dict] = {}
-    for base in bases:
-        meta_path = artifact(base).with_suffix(".prepare.json")
-        if reuse and artifact(base).exists() and meta_path.exists():
-            kept = json.loads(meta_path.read_text())
-            m = by_base.get(base) or resolve_method("fp32")
-            same_data = (kept.get("calib_data"), kept.get("calib_items")) == (
-                calib_data,
-                calib_items,
-            )
-            same_recipe = kept.get("recipe") == (m.recipe.to_dict() if m.recipe else None)
-            if same_recipe and (same_data or not m.calibrated):  # else made again
-                prepared[base] = kept
-    todo = [b for b in bases if b not in prepared]
+    def _base(self, m) -> str:
+        return "fp32" if m.runtime else m.artifact_name  # runtime methods share fp32's
 
-    def prepared_one(i: int, result: dict) -> None:
-        if result.get("ok"):  # kept at once: an interrupted run resumes with --reuse
-            m = by_base.get(todo[i])
-            result = {**result, "recipe": m.recipe.to_dict() if m and m.recipe else None}
-            artifact(todo[i]).with_suffix(".prepare.json").write_text(json.dumps(result))
+    def _kept(self, base: str) -> dict | None:
+        """An artifact prepared before for the same recipe (and, if it calibrates, the
+        same calibration data), to reuse."""
+        meta_path = self.artifact(base).with_suffix(".prepare.json")
+        if not (self.reuse and self.artifact(base).exists() and meta_path.exists()):
+            return None
+        from ..recipes import resolve_method
 
-    results = executor.map(
-        [
+        kept = json.loads(meta_path.read_text())
+        m = self.by_base.get(base) or resolve_method("fp32")
+        want = (self.calib_data, self.calib_items)
+        same_data = (kept.get("calib_data"), kept.get("calib_items")) == want
+        same_recipe = kept.get("recipe") == (m.recipe.to_dict() if m.recipe else None)
+        return kept if same_recipe and (same_data or not m.calibrated) else None
+
+    def _recipe(self, base: str) -> dict | None:
+        m = self.by_base.get(base)
+        return m.recipe.to_dict() if m is not None and m.recipe is not None else None
+
+    def prepare(self) -> list[dict]:
+        """Phase 1: one cell per distinct artifact. Returns each method's result."""
+        bases = list(dict.fromkeys(self._base(m) for m in self.resolved))
+        prepared = {b: k for b in bases if (k := self._kept(b)) is not None}
+        todo = [b for b in bases if b not in prepared]
+
+        def prepared_one(i: int, result: dict) -> None:
+            if result.get("ok"):  # kept at once: an interrupted run resumes with --reuse
+                result = {**result, "recipe": self._recipe(todo[i])}
+                self.artifact(todo[i]).with_suffix(".prepare.json").write_text(json.dumps(result))
+
+        specs = [
             {
                 "mode": "prepare",
-                "model": model,
+                "model": self.model,
                 "method": b,
-                "recipe": by_base[b].recipe.to_dict()
-                if b in by_base and by_base[b].recipe
-                else None,
-                "artifact": str(artifact(b)),
-                "threads": threads,
-                "calib_data": calib_data,
-                "calib_items": calib_items,
+                "recipe": self._recipe(b),
+                "artifact": str(self.artifact(b)),
+                "threads": self.threads,
+                "calib_data": self.calib_data,
+                "calib_items": self.calib_items,
             }
             for b in todo
-        ],
-        on_start=announce(todo, "compressing"),
-        on_done=prepared_one,
-    )
-    prepared.update(zip(todo, results, strict=True))
+        ]
+        results = self.executor.map(
+            specs, on_start=self._announce(todo, "compressing"), on_done=prepared_one
+        )
+        prepared.update(zip(todo, results, strict=True))
+        return [prepared[self._base(m)] for m in self.resolved]
 
-    rows: dict[int, dict] = {}
-    preps = [prepared["fp32" if m.runtime else m.artifact_name] for m in resolved]
-    for i, (m, prep) in enumerate(zip(resolved, preps, strict=True)):
-        if not prep.get("ok"):
-            rows[i] = {**_row_head(model, m), "error": prep.get("error")}
-    task_name = next((p["task"] for p in preps if p.get("ok") and p.get("task")), None)
-    task = get_task(task_name) if task_name else None
+    def reference(self, task_name: str | None, pending: list[int]):
+        """Phase 2: the original's outputs, once per run, for tasks scored against
+        them. Returns (path or None, error or None)."""
+        from ..tasks import get_task
 
-    # 2. the original's outputs, once per run, for tasks scored against them
-    ref_path = None
-    ref_error = None
-    pending = [i for i in range(len(resolved)) if i not in rows]
-    if task is not None and task.reference is not None and pending:
-        ref_path = out / "reference" / f"{safe}.{task_name}.safetensors"
-        want = {"model": model, "task": task_name, "data": data or task.default_data()}
-        want.update({"limit": limit, "every": every})
-        if not (reuse and _reference_matches(ref_path, want)):
-            spec = {"mode": "reference", "path": str(ref_path), "threads": threads, **want}
-            stage = "computing the original's reference outputs"
-            r = executor.map([spec], on_start=announce([resolved[pending[0]].name], stage))[0]
-            ref_error = None if r.get("ok") else str(r.get("error"))
+        task = get_task(task_name) if task_name else None
+        if task is None or task.reference is None or not pending:
+            return None, None
+        ref_path = self.out / "reference" / f"{self.safe}.{task_name}.safetensors"
+        want = {"model": self.model, "task": task_name, "data": self.data or task.default_data()}
+        want.update({"limit": self.limit, "every": self.every})
+        if self.reuse and _reference_matches(ref_path, want):
+            return ref_path, None
+        spec = {"mode": "reference", "path": str(ref_path), "threads": self.threads, **want}
+        stage = "computing the original's reference outputs"
+        first = [self.resolved[pending[0]].name]
+        r = self.executor.map([spec], on_start=self._announce(first, stage))[0]
+        return ref_path, None if r.get("ok") else str(r.get("error"))
 
-    # 3. measure: one cell per method, each loading only its artifact
-    specs, cells = [], []
-    for i in pending:
-        m = resolved[i]
-        if task is None:
-            rows[i] = {**_row_head(model, m), "error": f"no task known for model {model!r}"}
-        elif ref_error is not None:
-            rows[i] = {**_row_head(model, m), "error": f"reference outputs failed: {ref_error}"}
-        else:
-            cells.append(i)
-            specs.append(
-                {
-                    "mode": "measure",
-                    "artifact": str(artifact("fp32" if m.runtime else m.artifact_name)),
-                    "source": model,
-                    "task": task_name,
-                    "data": data or task.default_data(),
-                    "limit": limit,
-                    "every": every,
-                    "threads": threads,
-                    "runtime": m.runtime,
-                    "reference": str(ref_path) if ref_path else None,
+    def measure(self, preps, rows, pending, task_name, ref_path, ref_error, meta) -> None:
+        """Phase 3: one cell per method, each loading only its artifact; ``rows``
+        filled in place (and written as they come: an interrupted run keeps them)."""
+        from ..tasks import get_task
+
+        task = get_task(task_name) if task_name else None
+        specs, cells = [], []
+        for i in pending:
+            m = self.resolved[i]
+            if task is None:
+                rows[i] = {
+                    **_row_head(self.model, m),
+                    "error": f"no task known for model {self.model!r}",
                 }
+            elif ref_error is not None:
+                rows[i] = {
+                    **_row_head(self.model, m),
+                    "error": f"reference outputs failed: {ref_error}",
+                }
+            else:
+                cells.append(i)
+                specs.append(
+                    {
+                        "mode": "measure",
+                        "artifact": str(self.artifact(self._base(m))),
+                        "source": self.model,
+                        "task": task_name,
+                        "data": self.data or task.default_data(),
+                        "limit": self.limit,
+                        "every": self.every,
+                        "threads": self.threads,
+                        "runtime": m.runtime,
+                        "reference": str(ref_path) if ref_path else None,
+                    }
+                )
+
+        def measured(k: int, meas: dict) -> None:
+            i = cells[k]
+            rows[i] = _row(self.model, self.resolved[i], preps[i], meas)
+            partial = {**meta, "task": task_name, "partial": True}
+            _write(
+                [rows[j] for j in sorted(rows)], self.out, partial, False, self.model, self.resolved
             )
 
-    def ordered() -> list[dict]:
-        return [rows[i] for i in sorted(rows)]
-
-    def measured(k: int, meas: dict) -> None:
-        i = cells[k]
-        rows[i] = _row(model, resolved[i], preps[i], meas)
-        # partial results survive an interrupted run
-        partial = {**meta, "task": task_name, "partial": True}
-        _write(ordered(), out, partial, False, model, resolved)
-
-    executor.map(
-        specs,
-        on_start=announce([resolved[i].name for i in cells], "measuring"),
-        on_done=measured,
-    )
-    meta["task"] = task_name
-    _write(ordered(), out, meta, plots, model, resolved)
-    return ordered(), meta
+        names = [self.resolved[i].name for i in cells]
+        self.executor.map(specs, on_start=self._announce(names, "measuring"), on_done=measured)
 
 
 def _row_head(model: str, m) -> dict:
