@@ -56,7 +56,17 @@ def compress(
         str,
         typer.Argument(help="built-in name (see `wclust models`), HF hub id or local HF directory"),
     ],
-    output: Annotated[Path, typer.Option("--output", "-o", help="the .wclust file to write")],
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="the .wclust file (or, --format hf, folder)")
+    ],
+    fmt: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="wclust: a .wclust file | hf: a Hugging Face folder that "
+            "transformers' from_pretrained reloads compressed (docs/transformers.md)",
+        ),
+    ] = "wclust",
     bits: Annotated[int, typer.Option(help="code width: 2**bits clusters per codebook")] = 4,
     n_clusters: Annotated[
         int | None, typer.Option(help="clusters per codebook (instead of --bits)")
@@ -226,7 +236,11 @@ def compress(
     )
     if entropy is not None and entropy not in ("huffman", "ans"):
         _fail(f"--entropy must be huffman or ans, got {entropy!r}")
-    if output.exists() and output.is_dir():
+    if fmt not in ("wclust", "hf"):
+        _fail(f"--format must be wclust or hf, got {fmt!r}")
+    if fmt == "hf" and (stream or entropy):
+        _fail("--format hf writes packed codes of the whole model: drop --stream/--entropy")
+    if fmt == "wclust" and output.exists() and output.is_dir():
         _fail(f"{output} is a directory; give a file name such as {output / 'model.wclust'}")
     kind = calibrate or ("fisher" if target_bits else "none")
     if kind not in ("fisher", "activation", "none"):
@@ -250,7 +264,9 @@ def compress(
             _fail(f"{flag} {d}: no such file or folder")
     if calib_items is not None and calib_items < 1:
         _fail("--calib-items must be positive")
-    if _should_stream(model, False if distill_data else stream, kind, target_bits):
+    if fmt == "wclust" and _should_stream(
+        model, False if distill_data else stream, kind, target_bits
+    ):
         _compress_streaming(model, output, cfg, entropy)
         return
     with console.status(f"loading {model} ..."):
@@ -331,6 +347,14 @@ def compress(
         )
         del teacher
     source = model if not Path(model).exists() else str(Path(model).resolve())
+    if fmt == "hf":
+        from wclust.integrations.transformers import save_hf
+
+        _run(save_hf, loaded.model, output, report=report, config=cfg, processor=loaded.processor)
+        _print_report(report.to_dict(), max_rows=12)
+        size = sum(f.stat().st_size for f in output.glob("*.safetensors"))
+        console.print(f"wrote {output}/ ({size / 1e6:.2f} MB of safetensors)")
+        return
     _run(
         wclust.save,
         loaded.model,
@@ -584,7 +608,19 @@ def inspect(
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
     gzip: Annotated[bool, typer.Option(help="also measure the gzip size of the file")] = False,
 ):
-    """Print the per-layer report and totals of a .wclust file."""
+    """Print the per-layer report and totals of a .wclust file or a wclust HF folder."""
+    if file.is_dir():
+        from wclust.integrations.transformers import inspect_hf
+
+        d = _run(inspect_hf, file)
+        if as_json:
+            sys.stdout.write(json.dumps(d, indent=2) + "\n")
+        elif d["report"]:
+            _print_report(d["report"])
+        out.print(
+            f"folder {file}: {d['tensor_bytes'] / 1e6:.2f} MB of tensors, recipe {d['recipe']}"
+        )
+        return
     try:
         _inspect(file, as_json, gzip)
     except (KeyError, TypeError, ValueError, AttributeError, IndexError, ArithmeticError) as e:
@@ -668,6 +704,20 @@ def _stored_sizes(file: Path, header: dict, report: dict) -> dict:
         "bytes": total,
         "bits_per_weight": 8.0 * total / max(report["totals"]["numel"], 1),
     }
+
+
+@app.command()
+def convert(
+    src: Annotated[Path, typer.Argument(help="a .wclust file or a wclust Hugging Face folder")],
+    dst: Annotated[Path, typer.Argument(help="the folder (from a file) or file (from a folder)")],
+):
+    """Convert between a .wclust file and a Hugging Face folder (same tensors)."""
+    from wclust.integrations.transformers import from_hf, to_hf
+
+    if not src.exists():
+        _fail(f"{src}: no such file or folder")
+    _run(from_hf if src.is_dir() else to_hf, src, dst)
+    out.print(f"wrote {dst}")
 
 
 @app.command()

@@ -121,7 +121,9 @@ class WclustConfig(QuantizationConfigMixin):
         self.recipe = copy.deepcopy(recipe)
         self.bits = bits
         self.modules_to_not_convert = (
-            list(modules_to_not_convert) if modules_to_not_convert is not None else None
+            list(modules_to_not_convert)
+            if isinstance(modules_to_not_convert, tuple)
+            else modules_to_not_convert
         )
         self.layers = layers
         self.version = version
@@ -382,6 +384,22 @@ def _build_skeleton(model, layers: list[dict], ckpt: dict) -> None:
         _check_entry(e, i)
         first = e["owners"][0]
         shape = tuple(e["shape"])
+        mods = []  # the model's modules first: nothing is built for a weight it lacks
+        for owner, otype in zip(e["owners"], e["owner_types"], strict=True):
+            try:
+                mod = model.get_submodule(owner)
+            except AttributeError:
+                raise FormatError(
+                    f"the model has no module {owner} (quantization_config)"
+                ) from None
+            if layer_type(mod) is None or type(mod).__name__ != otype:
+                raise FormatError(
+                    f"{owner}: the folder has a {otype}, the model a {type(mod).__name__}"
+                )
+            want = shape[::-1] if e["transpose"] else shape
+            if tuple(mod._parameters["weight"].shape) != want:
+                raise FormatError(f"{owner}: weight shape {want} does not match the model")
+            mods.append((owner, mod))
         parts = []
         specs = (
             [(f"clustered.parts.{j}.", p) for j, p in enumerate(e["parts"])]
@@ -424,16 +442,7 @@ def _build_skeleton(model, layers: list[dict], ckpt: dict) -> None:
             cw = parts[0]
             cw.transpose = e["transpose"]
         cw._is_hf_initialized = True
-        for owner, otype in zip(e["owners"], e["owner_types"], strict=True):
-            try:
-                mod = model.get_submodule(owner)
-            except AttributeError:
-                raise FormatError(f"the model has no module {owner} (quantization_config)") from None
-            if layer_type(mod) is None or type(mod).__name__ != otype:
-                raise FormatError(f"{owner}: the folder has a {otype}, the model a {type(mod).__name__}")
-            want = shape[::-1] if e["transpose"] else shape
-            if tuple(mod._parameters["weight"].shape) != want:
-                raise FormatError(f"{owner}: weight shape {want} does not match the model")
+        for owner, mod in mods:
             new = swap_weight(mod, cw)
             # its other tensors (bias) are checked against the checkpoint once loaded;
             # transformers must not initialise it (that would decode the weight)
@@ -679,7 +688,10 @@ def to_hf(file: str | os.PathLike, directory: str | os.PathLike) -> Path:
     except Exception:  # noqa: BLE001 - the processor is optional here
         processor = None
     return save_hf(
-        model, directory, report=header.get("report"), recipe=header.get("config"),
+        model,
+        directory,
+        report=header.get("report"),
+        recipe=header.get("config"),
         processor=processor,
     )
 
