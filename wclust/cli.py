@@ -615,11 +615,10 @@ def inspect(
         d = _run(inspect_hf, file)
         if as_json:
             sys.stdout.write(json.dumps(d, indent=2) + "\n")
-        elif d["report"]:
+            return
+        if d["report"]:
             _print_report(d["report"])
-        out.print(
-            f"folder {file}: {d['tensor_bytes'] / 1e6:.2f} MB of tensors, recipe {d['recipe']}"
-        )
+        out.print(f"folder {file}: {d['tensor_bytes'] / 1e6:.2f} MB of tensors; {d['recipe']}")
         return
     try:
         _inspect(file, as_json, gzip)

@@ -540,8 +540,7 @@ def _attach(model, quantizer: WclustHfQuantizer) -> None:
     cfg.layers = layer_entries(model)
     owners = set()
     for _cw, own in clustered_weights(model).values():
-        for name, mod in own:
-            owners.add(f"{name}.weight")
+        owners |= {f"{name}.weight" for name, _ in own}
         for _name, mod in own[1:]:
             if _drop_alias_keys not in [h for h in mod._state_dict_hooks.values()]:
                 mod._register_state_dict_hook(_drop_alias_keys)
