@@ -58,6 +58,11 @@ def test_gpt2_compresses_on_load_saves_and_reloads_identically(gpt2_dir, tmp_pat
     assert r.lm_head.clustered is r.transformer.wte.clustered
     with torch.no_grad():
         assert torch.equal(r(IDS).logits, logits)
+    # loaded in bfloat16: the rebuilt weights follow the model's dtype
+    r16 = cls.from_pretrained(tmp_path / "q", dtype=torch.bfloat16)
+    assert r16.lm_head.clustered.dtype == torch.bfloat16
+    with torch.no_grad():
+        torch.testing.assert_close(r16(IDS).logits.float(), logits, atol=0.05, rtol=0.05)
     # saved again: the same tensors
     r.save_pretrained(tmp_path / "q2")
     a, b = (

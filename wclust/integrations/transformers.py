@@ -221,6 +221,10 @@ class WclustHfQuantizer(HfQuantizer):
                 "wclust models cannot be offloaded to disk; load without a disk device_map"
             )
 
+    def preprocess_model(self, model, dtype=None, **kwargs):
+        self._dtype = dtype  # the dtype from_pretrained loads in (not passed further down)
+        return super().preprocess_model(model, dtype=dtype, **kwargs)
+
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         if not self.pre_quantized:
             return model
@@ -239,7 +243,13 @@ class WclustHfQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         if self.pre_quantized:
-            _rebuild_loaded(model, self.quantization_config.layers, self._checkpoint)
+            dtype = getattr(self, "_dtype", None)
+            _rebuild_loaded(
+                model,
+                self.quantization_config.layers,
+                self._checkpoint,
+                dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None,
+            )
         else:
             cfg = _cluster_config(self.quantization_config)
             report = compress_(model, cfg)
@@ -471,9 +481,11 @@ def _mark_loaded_ancestors(model, owners: list[str], ckpt: dict) -> None:
             mod._is_hf_initialized = True
 
 
-def _rebuild_loaded(model, layers: list[dict], ckpt: dict) -> None:
+def _rebuild_loaded(model, layers: list[dict], ckpt: dict, dtype=None) -> None:
     """Replace each skeleton ClusteredWeight by one built (and checked, as
-    ``wclust.load`` checks a file) from the loaded buffers; share it among its owners."""
+    ``wclust.load`` checks a file) from the loaded buffers; share it among its owners.
+    ``dtype``: the dtype the model was loaded in (``from_pretrained(dtype=)``), which
+    the rebuilt weights then take too (the stored codebooks keep theirs)."""
     for e in layers:
         first = e["owners"][0]
         mod = model.get_submodule(first)
@@ -507,6 +519,9 @@ def _rebuild_loaded(model, layers: list[dict], ckpt: dict) -> None:
             cw = RowSplitWeight(parts, e["transpose"], e.get("meta"))
         else:
             cw = rebuild(e, skel, f"{first}.clustered", e["transpose"])
+        if dtype is not None:
+            for part in [cw, *getattr(cw, "parts", ())]:
+                part.dtype = dtype
         for owner in e["owners"]:
             model.get_submodule(owner)._modules["clustered"] = cw
 
