@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.abc
 import importlib.machinery
+import logging
 import sys
 
 __all__ = ["install_transformers_hook"]
@@ -34,7 +35,10 @@ class _AfterImport(importlib.abc.Loader):
 
     def exec_module(self, module):
         self.inner.exec_module(module)
-        _register()
+        try:
+            _register()
+        except Exception as e:  # noqa: BLE001 - never break the user's transformers import
+            logging.getLogger("wclust").info("wclust quantizer not registered: %s", e)
 
 
 class _Finder(importlib.abc.MetaPathFinder):

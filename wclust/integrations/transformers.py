@@ -34,7 +34,15 @@ import warnings
 from pathlib import Path
 
 import torch
-from transformers.quantizers.auto import (
+import transformers as _transformers
+
+if int(_transformers.__version__.split(".")[0]) < 5:
+    raise ImportError(
+        "wclust's transformers integration needs transformers 5 or newer (found "
+        f"{_transformers.__version__}): pip install -U 'transformers>=5'"
+    )
+
+from transformers.quantizers.auto import (  # noqa: E402 - after the version check
     AUTO_QUANTIZATION_CONFIG_MAPPING,
     AUTO_QUANTIZER_MAPPING,
     register_quantization_config,
