@@ -108,6 +108,12 @@ def test_bert_dict_recipe_round_trip(tmp_path):
     r = cls.from_pretrained(tmp_path / "q")
     with torch.no_grad():
         assert torch.equal(r(IDS).last_hidden_state, h)
+    r.dequantize()  # dense weights with the clustered values
+    assert not any(is_clustered(mod) for mod in r.modules())
+    assert not hasattr(r.config, "quantization_config")
+    assert r.encoder.layer[0].attention.self.query.weight.unique().numel() <= 4
+    with torch.no_grad():
+        torch.testing.assert_close(r(IDS).last_hidden_state, h)
 
 
 def test_fresh_process_reloads_after_import_wclust(gpt2_dir, tmp_path):

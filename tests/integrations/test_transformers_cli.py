@@ -21,6 +21,9 @@ def test_compress_format_hf_inspect_and_convert(tmp_path, whisper_inputs):
     assert (hf / "config.json").is_file() and (hf / "model.safetensors").is_file()
     m = transformers.WhisperForConditionalGeneration.from_pretrained(hf)
     assert m.model.decoder.layers[0].fc1.clustered.bits == 3
+    from wclust.models import load_model  # what compare/transcribe take as a model
+
+    assert load_model(str(hf)).model.model.decoder.layers[0].fc1.clustered.bits == 3
     r = run("inspect", hf, "--json")
     assert r.returncode == 0, r.stderr[-2000:]
     d = json.loads(r.stdout)

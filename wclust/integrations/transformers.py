@@ -266,6 +266,16 @@ class WclustHfQuantizer(HfQuantizer):
         _attach(model, self)
         return model
 
+    def _dequantize(self, model, dtype=None):
+        """Dense weights again (``model.dequantize()``): each one the decoded
+        clustered weight, tied modules sharing one parameter."""
+        from ..api import strip
+
+        strip(model, inplace=True)
+        if dtype is not None:
+            model.to(dtype)
+        return model
+
     def get_state_dict_and_metadata(self, model):
         return hf_state_dict(model), (
             {REPORT_KEY: json.dumps(self.report)} if self.report is not None else {}
