@@ -618,7 +618,9 @@ def inspect(
             return
         if d["report"]:
             _print_report(d["report"])
-        out.print(f"folder {file}: {d['tensor_bytes'] / 1e6:.2f} MB of tensors; {d['recipe']}")
+        out.print(
+            f"folder {file}: {d['tensor_bytes'] / 1e6:.2f} MB of tensors; {d['recipe_summary']}"
+        )
         return
     try:
         _inspect(file, as_json, gzip)

@@ -773,9 +773,23 @@ def inspect_hf(directory: str | os.PathLike) -> dict:
         torch.empty((), dtype=dt).element_size() * int(torch.Size(s).numel())
         for s, dt in shapes.values()
     )
+    recipe = q.get("recipe")
+    if isinstance(recipe, dict):
+        summary = ", ".join(
+            f"{k}={recipe[k]}"
+            for k in ("bits", "method", "granularity", "group_size")
+            if recipe.get(k) is not None
+        )
+        if recipe.get("overrides"):
+            summary += f", {len(recipe['overrides'])} per-layer overrides"
+    elif q.get("bits") is not None:
+        summary = f"bits={q['bits']}, exact k-means per channel"
+    else:
+        summary = "the default 4-bit recipe"
     return {
         "folder": str(d),
-        "recipe": q.get("recipe"),
+        "recipe_summary": summary,
+        "recipe": recipe,
         "bits": q.get("bits"),
         "clustered_weights": len(q.get("layers") or []),
         "report": report,
