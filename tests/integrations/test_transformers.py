@@ -87,6 +87,11 @@ def test_whisper_default_recipe_round_trip_and_greedy_decode(tmp_path, whisper_i
     assert not any(k.startswith("proj_out") for k in _keys(tmp_path / "q"))
     r = cls.from_pretrained(tmp_path / "q")
     assert r.proj_out.clustered is r.model.decoder.embed_tokens.clustered
+    # Whisper's forward deep-copies its config: the per-layer entries are shared, not copied
+    import copy
+
+    q = r.config.quantization_config
+    assert copy.deepcopy(r.config).quantization_config.layers is q.layers
     with torch.no_grad():
         assert torch.equal(r(**whisper_inputs).logits, logits)
         assert torch.equal(r.generate(feats, max_new_tokens=5, do_sample=False, num_beams=1), gen)

@@ -163,10 +163,19 @@ class WclustConfig(QuantizationConfigMixin):
             "quant_method": QUANT_METHOD,
             "recipe": copy.deepcopy(self.recipe),
             "bits": self.bits,
-            "modules_to_not_convert": self.modules_to_not_convert,
-            "layers": copy.deepcopy(self.layers),
+            "modules_to_not_convert": copy.copy(self.modules_to_not_convert),
+            "layers": self.layers,  # shared: see __deepcopy__
             "version": self.version,
         }
+
+    def __deepcopy__(self, memo):
+        # ``layers`` (one entry per clustered weight) is replaced, never changed in
+        # place, so copies share it: transformers deep-copies the model config (this
+        # included) on every forward of some models (``get_text_config``).
+        new = copy.copy(self)
+        new.recipe = copy.deepcopy(self.recipe, memo)
+        new.modules_to_not_convert = copy.copy(self.modules_to_not_convert)
+        return new
 
 
 def _cluster_config(cfg: WclustConfig) -> ClusterConfig:
