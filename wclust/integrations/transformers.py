@@ -669,6 +669,9 @@ def save_hf(
         model.save_pretrained(tmp)
         if processor is not None and hasattr(processor, "save_pretrained"):
             processor.save_pretrained(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; give the mode any new folder gets
         old = None
         if out.exists():
             old = out.with_name(f".{out.name}.old")
