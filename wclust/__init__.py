@@ -9,6 +9,7 @@ from .config import ClusterConfig, ConfigError
 from .core import ClusteredTensor, cluster_tensor
 from .formats import FormatError, load, read_header, save
 from .formats.checkpoint import CheckpointError
+from .integrations import install_transformers_hook
 from .recipes import Recipe, compress_, get_recipe
 from .report.layers import CompressionReport, LayerReport
 from .stages.prune import prune_, remove_masks_
@@ -16,6 +17,19 @@ from .stages.train import distill_, finetune, freeze_codebooks_, split_holdout, 
 from .stream import compress_checkpoint
 
 __version__ = "0.1.0"
+
+# transformers finds the wclust quantizer (from_pretrained of a saved folder) once it
+# loads its quantizer table; nothing of transformers is imported here.
+install_transformers_hook()
+
+
+def __getattr__(name: str):
+    if name == "WclustConfig":  # imports transformers: only when asked for
+        from .integrations.transformers import WclustConfig
+
+        return WclustConfig
+    raise AttributeError(f"module 'wclust' has no attribute {name!r}")
+
 
 __all__ = [
     "CheckpointError",
@@ -26,6 +40,7 @@ __all__ = [
     "FormatError",
     "LayerReport",
     "Recipe",
+    "WclustConfig",
     "__version__",
     "cluster_tensor",
     "compress_checkpoint",

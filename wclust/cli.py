@@ -76,7 +76,17 @@ def compress(
         str,
         typer.Argument(help="built-in name (see `wclust models`), HF hub id or local HF directory"),
     ],
-    output: Annotated[Path, typer.Option("--output", "-o", help="the .wclust file to write")],
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="the .wclust file (or, --format hf, folder)")
+    ],
+    fmt: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="wclust: a .wclust file | hf: a Hugging Face folder that "
+            "transformers' from_pretrained reloads compressed (docs/transformers.md)",
+        ),
+    ] = "wclust",
     recipe: Annotated[
         str | None,
         typer.Option(
@@ -255,7 +265,11 @@ def compress(
     assert set(flags) == set(QUANTIZER_FLAGS + STAGE_FLAGS)
     if entropy is not None and entropy not in ("huffman", "ans"):
         _fail(f"--entropy must be huffman or ans, got {entropy!r}")
-    if output.exists() and output.is_dir():
+    if fmt not in ("wclust", "hf"):
+        _fail(f"--format must be wclust or hf, got {fmt!r}")
+    if fmt == "hf" and (stream or entropy):
+        _fail("--format hf writes packed codes of the whole model: drop --stream/--entropy")
+    if fmt == "wclust" and output.exists() and output.is_dir():
         _fail(f"{output} is a directory; give a file name such as {output / 'model.wclust'}")
     for flag, d in (("--distill-data", distill_data), ("--calib-data", calib_data)):
         if d is not None and ":" not in d and not _exists(d):
@@ -278,10 +292,10 @@ def compress(
     else:
         the_recipe = _run(recipe_from_flags, flags, distill=distill_data is not None)
     data_dir = distill_data or calib_data
-    if _should_stream(model, stream, the_recipe):
+    if fmt == "wclust" and _should_stream(model, stream, the_recipe):
         _compress_streaming(model, output, the_recipe.cluster_config(), entropy)
         return
-    _compress_recipe(model, output, the_recipe, data_dir, entropy)
+    _compress_recipe(model, output, the_recipe, data_dir, entropy, fmt)
 
 
 def _recipe_source(text: str):
@@ -298,7 +312,9 @@ def _recipe_source(text: str):
     return get_recipe(text)
 
 
-def _compress_recipe(model: str, output: Path, recipe, data_dir: str | None, entropy) -> None:
+def _compress_recipe(
+    model: str, output: Path, recipe, data_dir: str | None, entropy, fmt: str
+) -> None:
     """Load, run the recipe's pipeline with a live display of its stages, save."""
     import wclust
     from wclust.models import load_model
@@ -320,6 +336,14 @@ def _compress_recipe(model: str, output: Path, recipe, data_dir: str | None, ent
 
         report = _run(wclust.compress_, loaded.model, recipe, data, progress=tick, log=log)
     source = model if not Path(model).exists() else str(Path(model).resolve())
+    if fmt == "hf":
+        from wclust.integrations.transformers import save_hf
+
+        _run(save_hf, loaded.model, output, report=report, processor=loaded.processor)
+        _print_report(report.to_dict(), max_rows=12)
+        size = sum(f.stat().st_size for f in output.glob("*.safetensors"))
+        console.print(f"wrote {output}/ ({size / 1e6:.2f} MB of safetensors)")
+        return
     extra = None
     if report.distill is not None:
         extra = {"distill": {"data": str(data_dir), **report.distill}}
@@ -535,7 +559,20 @@ def inspect(
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
     gzip: Annotated[bool, typer.Option(help="also measure the gzip size of the file")] = False,
 ):
-    """Print the per-layer report and totals of a .wclust file."""
+    """Print the per-layer report and totals of a .wclust file or a wclust HF folder."""
+    if file.is_dir():
+        from wclust.integrations.transformers import inspect_hf
+
+        d = _run(inspect_hf, file)
+        if as_json:
+            sys.stdout.write(json.dumps(d, indent=2) + "\n")
+            return
+        if d["report"]:
+            _print_report(d["report"])
+        out.print(
+            f"folder {file}: {d['tensor_bytes'] / 1e6:.2f} MB of tensors; {d['recipe_summary']}"
+        )
+        return
     try:
         _inspect(file, as_json, gzip)
     except (KeyError, TypeError, ValueError, AttributeError, IndexError, ArithmeticError) as e:
@@ -633,6 +670,20 @@ def _stored_sizes(file: Path, header: dict, report: dict) -> dict:
         "bytes": total,
         "bits_per_weight": 8.0 * total / max(report["totals"]["numel"], 1),
     }
+
+
+@app.command()
+def convert(
+    src: Annotated[Path, typer.Argument(help="a .wclust file or a wclust Hugging Face folder")],
+    dst: Annotated[Path, typer.Argument(help="the folder (from a file) or file (from a folder)")],
+):
+    """Convert between a .wclust file and a Hugging Face folder (same tensors)."""
+    from wclust.integrations.transformers import from_hf, to_hf
+
+    if not src.exists():
+        _fail(f"{src}: no such file or folder")
+    _run(from_hf if src.is_dir() else to_hf, src, dst)
+    out.print(f"wrote {dst}")
 
 
 @app.command()
