@@ -12,15 +12,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
-@pytest.fixture
-def portable_kernels(monkeypatch):
-    """Run the portable numba kernels (tiled layouts) even where the AVX-512
-    register-table kernel is available."""
-    from wclust.kernels import simd
-
-    monkeypatch.setattr(simd, "available", lambda: False)
-
-
 def tiny_whisper(seed: int = 0, vocab_size: int = 300):
     from transformers import WhisperConfig, WhisperForConditionalGeneration
 

@@ -18,6 +18,7 @@ group); outliers (int32 flat indices into (out, in), float16 values) replace it.
 
 from __future__ import annotations
 
+import importlib
 import os
 import warnings
 
@@ -43,7 +44,7 @@ def _load() -> bool:
     if os.environ.get("WCLUST_KERNELS", "") == "torch":
         return False
     try:
-        from .. import _C  # noqa: F401 - loading the library registers the operators
+        importlib.import_module("wclust._C")  # loading the library registers the operators
     except ImportError as e:
         warnings.warn(
             f"wclust: compiled kernels not built ({e}); running torch ops instead (slower, "
