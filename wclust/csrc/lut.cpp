@@ -207,6 +207,18 @@ __attribute__((target("avx512f"))) inline __m512 lookup16_512(const uint8_t* p, 
   return _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi)), t);
 }
 
+// The row's group table in a register: codebook (zero-padded to 16) * scale + offset.
+__attribute__((target("avx512f"))) inline __m512 table16_512(const Weight& w, int64_t o,
+                                                             int64_t g) {
+  const float* c = w.cb + o * w.cb_stride;
+  __m512 t = w.K >= 16 ? _mm512_loadu_ps(c)
+                       : _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << w.K) - 1), c);
+  if (!w.scale) return t;
+  const int64_t i = o * w.n_groups + g;
+  return _mm512_fmadd_ps(t, _mm512_set1_ps(w.scale[i]),
+                         _mm512_set1_ps(w.offset ? w.offset[i] : 0.f));
+}
+
 template <int NB>
 __attribute__((target("avx512f"))) void rows4_avx512(const Weight& w, const float* x,
                                                      int64_t ldx, float* y, int64_t ldy,
@@ -218,8 +230,8 @@ __attribute__((target("avx512f"))) void rows4_avx512(const Weight& w, const floa
     float tail[NB];
     for (int b = 0; b < NB; ++b) acc[b] = _mm512_setzero_ps(), tail[b] = 0.f;
     for (int64_t g = 0; g < w.n_groups; ++g) {
-      group_table(w, o, g, t, 16);
-      __m512 tv = _mm512_load_ps(t);
+      __m512 tv = table16_512(w, o, g);
+      if (w.group % 32) _mm512_store_ps(t, tv);  // the scalar tail reads it
       int64_t j = g * w.group, end = (g + 1) * w.group;
       for (; j + 32 <= end; j += 32) {
         __m512 w0, w1;
@@ -252,8 +264,8 @@ __attribute__((target("avx512f"))) void decode4_avx512(const Weight& w, float* o
     const uint8_t* r = w.codes + o * w.row_bytes;
     float* d = out + (o - o0) * w.in_f;
     for (int64_t g = 0; g < w.n_groups; ++g) {
-      group_table(w, o, g, t, 16);
-      __m512 tv = _mm512_load_ps(t);
+      __m512 tv = table16_512(w, o, g);
+      if (w.group % 32) _mm512_store_ps(t, tv);  // the scalar tail reads it
       int64_t j = g * w.group, end = (g + 1) * w.group;
       for (; j + 32 <= end; j += 32) {
         __m512 w0, w1;
