@@ -17,13 +17,23 @@ if os.environ.get("WCLUST_NO_EXT", "0") != "1":
             try:
                 super().build_extension(ext)
             except Exception as e:  # no compiler, unsupported platform, ...
-                print(f"wclust: building {ext.name} failed ({e}); torch-op fallback", file=sys.stderr)
+                print(
+                    f"wclust: building {ext.name} failed ({e}); torch-op fallback", file=sys.stderr
+                )
 
     ext_modules = [
         CppExtension(
             "wclust._C",
             ["wclust/csrc/lut.cpp"],
-            extra_compile_args=["-O3", "-fvisibility=hidden", "-Wno-maybe-uninitialized"],
+            # -fopenmp: at::parallel_for is inline OpenMP in torch's headers (torch's
+            # own pool, libgomp, which torch already links); without it, it runs serially
+            extra_compile_args=[
+                "-O3",
+                "-fopenmp",
+                "-fvisibility=hidden",
+                "-Wno-maybe-uninitialized",
+            ],
+            extra_link_args=["-fopenmp"],
         )
     ]
     cmdclass = {"build_ext": _BuildOptional.with_options(use_ninja=False)}

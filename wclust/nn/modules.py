@@ -332,6 +332,23 @@ class ClusteredWeight(nn.Module):
             None if off is None else off.float().reshape(-1),
         )
 
+    def _call_args(self) -> tuple:
+        """``_kernel_args()`` and ``_outliers()``, kept between calls in eager mode (a
+        decoder runs each layer once per token: rebuilding them cost more than the
+        kernel on small layers); the key changes whenever a buffer is replaced or
+        modified in place. Under ``torch.compile`` they are traced, not kept."""
+        if torch.compiler.is_compiling():
+            return (*self._kernel_args(), *self._outliers())
+        b = self._buffers
+        key = tuple(_version_key(b[n]) for n in _KERNEL_BUFFERS)
+        cached = self.__dict__.get("_kargs")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        args = (*self._kernel_args(), *self._outliers())  # may switch the layout
+        key = tuple(_version_key(b[n]) for n in _KERNEL_BUFFERS)
+        self.__dict__["_kargs"] = (key, args)
+        return args
+
     def _outliers(self) -> tuple:
         """(int32 indices, float16 values) of the exact outliers, or (None, None)."""
         if self.outlier_idx is None or not self.outlier_idx.numel():
@@ -346,7 +363,7 @@ class ClusteredWeight(nn.Module):
         in_f = self.numel // self.shape[0]
         x2 = x.reshape(-1, in_f).float()
         b = None if bias is None else bias.float()
-        y = kernel_ops.linear(x2, *self._kernel_args(), *self._outliers(), b)
+        y = kernel_ops.linear(x2, *self._call_args(), b)
         return y.view(*x.shape[:-1], self.shape[0]).to(x.dtype)
 
     def set_cache(self, enabled: bool) -> None:
@@ -479,6 +496,25 @@ def clustered_parts(cw) -> list[ClusteredWeight]:
     """The ``ClusteredWeight``s a clustered weight is made of (itself, or a row
     split's parts)."""
     return list(cw.parts) if isinstance(cw, RowSplitWeight) else [cw]
+
+
+_KERNEL_BUFFERS = (
+    "packed",
+    "codebook",
+    "codebook_scale",
+    "group_scale",
+    "group_offset",
+    "outlier_idx",
+    "outlier_val",
+)
+
+
+def _version_key(t: torch.Tensor | None):
+    """Identity of a tensor's current contents (tensors made under
+    ``torch.inference_mode`` have no version counter)."""
+    if t is None:
+        return None
+    return (t.data_ptr(), t._version if not t.is_inference() else -1)
 
 
 class _ClusteredMixin:
