@@ -4,7 +4,7 @@ For each method, one fresh process: import, load the model (fp32: the saved
 unclustered file; others: the .wclust file), transcribe the first clip (time to
 first transcription), then N more; it reports the peak resident set of the whole
 process (VmHWM: everything, the interpreter, torch, kernels and temporaries
-included), the resident set after loading, load time, first-clip time and the
+included), the peak and the resident set right after loading, load time, first-clip time and the
 median per-clip time. Files are made first (``wclust.measure.worker`` prepare,
 each in its own process) and reused when present in ``--workdir``.
 
@@ -47,7 +47,7 @@ CHILD = textwrap.dedent("""
     t1 = time.perf_counter()
     model = wclust.load(spec["artifact"], model_factory=architecture_for(spec["model"]))
     load_s = time.perf_counter() - t1
-    rss_loaded = vm("VmRSS:")
+    rss_loaded, peak_loaded = vm("VmRSS:"), vm("VmHWM:")
     t2 = time.perf_counter()
     transcribe(model, processor, clips[0].audio)
     first_s = time.perf_counter() - t2
@@ -59,7 +59,7 @@ CHILD = textwrap.dedent("""
     print("RESULT " + json.dumps({
         "import_s": t_import, "load_s": load_s, "first_s": first_s,
         "clip_s": statistics.median(times) if times else None,
-        "rss_loaded_mb": rss_loaded, "peak_rss_mb": vm("VmHWM:"),
+        "rss_loaded_mb": rss_loaded, "peak_load_mb": peak_loaded, "peak_rss_mb": vm("VmHWM:"),
         "numba": "numba" in sys.modules,
     }))
 """)
@@ -122,12 +122,16 @@ def main() -> None:
         rows.append((method, r))
         print(method, json.dumps(r), file=sys.stderr, flush=True)
     print(f"\n{a.model}, {a.clips} clips after the first, {a.threads} threads, busy={a.busy}\n")
-    print("| method | peak RSS MB | RSS after load MB | load s | first clip s | per clip s |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print(
+        "| method | peak RSS MB | peak RSS during load MB | RSS after load MB | load s "
+        "| first clip s | per clip s |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for method, r in rows:
         clip = f"{r['clip_s']:.2f}" if r["clip_s"] is not None else "-"
         print(
-            f"| {method} | {r['peak_rss_mb']:.0f} | {r['rss_loaded_mb']:.0f} | "
+            f"| {method} | {r['peak_rss_mb']:.0f} | {r.get('peak_load_mb', 0):.0f} | "
+            f"{r['rss_loaded_mb']:.0f} | "
             f"{r['load_s']:.2f} | {r['first_s']:.2f} | {clip} |"
         )
 

@@ -186,3 +186,21 @@ def test_decoder_step_compiles_to_one_op_per_layer():
     targets = [n.target for g in graphs for n in g.graph.nodes if n.op == "call_function"]
     n_ops = sum(str(t).startswith("wclust.lut_linear") for t in targets)
     assert n_ops == n_linear > 0  # one operator per compressed Linear
+
+
+def test_loading_decodes_no_weight(tmp_path, monkeypatch):
+    # the model is built on the meta device and filled with the stored codes: no
+    # dense copy of any clustered weight is made while loading
+    from tests.conftest import tiny_whisper
+    from wclust.nn.modules import ClusteredWeight
+
+    m = tiny_whisper()
+    wclust.compress_(m, wclust.ClusterConfig(bits=4, method="nf4"))
+    wclust.save(m, tmp_path / "w.wclust")
+
+    def no_dense(self):
+        raise AssertionError("a dense weight was built while loading")
+
+    monkeypatch.setattr(ClusteredWeight, "dense", no_dense)
+    loaded = wclust.load(tmp_path / "w.wclust")
+    assert any(isinstance(b, ClusteredWeight) for b in loaded.modules())
