@@ -160,7 +160,7 @@ void rows_portable(const Weight& w, const float* x, int64_t n, int64_t ldx, floa
   for (int64_t o = o0; o < o1; ++o) {
     for (int64_t b = 0; b < n; ++b) acc[b] = 0.f;
     for (int64_t g = 0; g < w.n_groups; ++g) {
-      group_table(w, o, g, t.data(), static_cast<int64_t>(t.size()));
+      group_table(w, o, g, t.data(), std::min<int64_t>(t.size(), w.K));
       for (int64_t j = g * w.group; j < (g + 1) * w.group; ++j) {
         float v = t[code_at(w, o, j)];
         for (int64_t b = 0; b < n; ++b) acc[b] += v * x[b * ldx + j];
@@ -175,7 +175,7 @@ void decode_portable(const Weight& w, float* out, int64_t o0, int64_t o1) {
   for (int64_t o = o0; o < o1; ++o) {
     float* r = out + (o - o0) * w.in_f;
     for (int64_t g = 0; g < w.n_groups; ++g) {
-      group_table(w, o, g, t.data(), static_cast<int64_t>(t.size()));
+      group_table(w, o, g, t.data(), std::min<int64_t>(t.size(), w.K));
       for (int64_t j = g * w.group; j < (g + 1) * w.group; ++j) r[j] = t[code_at(w, o, j)];
     }
   }
@@ -284,6 +284,7 @@ __attribute__((target("avx512f"))) void rows8_avx512(const Weight& w, const floa
                                                      int64_t ldx, float* y, int64_t ldy,
                                                      int64_t o0, int64_t o1) {
   alignas(64) float t[256];
+  std::memset(t, 0, sizeof(t));  // codes past the codebook read 0, never garbage
   for (int64_t o = o0; o < o1; ++o) {
     const uint8_t* r = w.codes + o * w.row_bytes;
     __m512 acc[NB];
@@ -292,7 +293,7 @@ __attribute__((target("avx512f"))) void rows8_avx512(const Weight& w, const floa
     for (int64_t g = 0; g < w.n_groups; ++g) {
       const float* tab;
       if (w.scale || w.K < 256) {
-        group_table(w, o, g, t, 256);
+        group_table(w, o, g, t, w.K);  // entries >= K stay 0 (zeroed once)
         tab = t;
       } else {
         tab = w.cb + o * w.cb_stride;
@@ -399,6 +400,7 @@ __attribute__((target("avx2,fma"))) void rows8_avx2(const Weight& w, const float
                                                     int64_t ldx, float* y, int64_t ldy,
                                                     int64_t o0, int64_t o1) {
   alignas(32) float t[256];
+  std::memset(t, 0, sizeof(t));  // codes past the codebook read 0, never garbage
   for (int64_t o = o0; o < o1; ++o) {
     const uint8_t* r = w.codes + o * w.row_bytes;
     __m256 acc[NB];
@@ -407,7 +409,7 @@ __attribute__((target("avx2,fma"))) void rows8_avx2(const Weight& w, const float
     for (int64_t g = 0; g < w.n_groups; ++g) {
       const float* tab;
       if (w.scale || w.K < 256) {
-        group_table(w, o, g, t, 256);
+        group_table(w, o, g, t, w.K);  // entries >= K stay 0 (zeroed once)
         tab = t;
       } else {
         tab = w.cb + o * w.cb_stride;
