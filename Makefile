@@ -8,7 +8,8 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test install lint clean
 
-$(STAMP): pyproject.toml
+# setup.py and wclust/csrc: the compiled kernels, rebuilt by pip install -e
+$(STAMP): pyproject.toml setup.py $(wildcard wclust/csrc/*.cpp)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[all]'
