@@ -8,8 +8,13 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test install lint clean
 
+<<<<<<< HEAD
 # constraints.txt: the versions the tests pass with (pyproject.toml gives the ranges)
 $(STAMP): pyproject.toml constraints.txt
+=======
+# setup.py and wclust/csrc: the compiled kernels, rebuilt by pip install -e
+$(STAMP): pyproject.toml setup.py $(wildcard wclust/csrc/*.cpp)
+>>>>>>> kernels
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[all]'

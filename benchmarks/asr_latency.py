@@ -3,8 +3,8 @@ process each time it is invoked (quick latency check, first clip as warm-up).
 
     python benchmarks/asr_latency.py FILE.wclust [--source whisper-tiny.en] [--clips 3] [--data DIR]
 
-Set ``GOMP_SPINCOUNT`` / ``OMP_WAIT_POLICY`` in the environment to compare OpenMP
-wait settings (the ``wclust`` command defaults to ``GOMP_SPINCOUNT=10000``).
+Whole-process memory, load time and time to first transcription:
+``benchmarks/process_memory.py``.
 """
 
 from __future__ import annotations

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 
-# Before torch and numba load OpenMP: the short spin the wclust command sets
-# (wclust.kernels.SPIN_ENV). With the default spin, idle OpenMP threads keep the cores
-# busy between calls: on a loaded 2-core machine in-process tests then ran far slower.
+# Before torch and numba load OpenMP: a short spin. The tests compress (numba's OpenMP
+# pool) and run torch in one process; with the default spin, idle threads of one pool
+# keep the cores busy while the other works: on a loaded 2-core machine in-process
+# tests then ran far slower.
 if "OMP_WAIT_POLICY" not in os.environ:
     os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -15,15 +16,6 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
-
-
-@pytest.fixture
-def portable_kernels(monkeypatch):
-    """Run the portable numba kernels (tiled layouts) even where the AVX-512
-    register-table kernel is available."""
-    from wclust.kernels import simd
-
-    monkeypatch.setattr(simd, "available", lambda: False)
 
 
 def tiny_whisper(seed: int = 0, vocab_size: int = 300):

@@ -14,8 +14,4 @@ def quiet_third_party() -> None:
     for name in ("torchao", "torch.utils._pytree", "torchao.kernel.intmm"):
         logging.getLogger(name).setLevel(logging.ERROR)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    # Before torch loads OpenMP: a short spin (see wclust/kernels/__init__.py).
-    from .kernels import openmp_env_defaults
-
-    os.environ.update(openmp_env_defaults(os.environ))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

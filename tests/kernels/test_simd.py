@@ -1,11 +1,10 @@
-"""The AVX-512 register-table kernel (kernels.simd) against dense references."""
+"""The numba AVX-512 register-table kernel (kernels.simd, the reference the compiled
+kernels replaced; benchmarks/kernel_speed.py times both) against dense references."""
 
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
-import wclust
 from wclust.core.packing import pack_codes
 from wclust.kernels import simd
 
@@ -65,58 +64,6 @@ def test_shapes_it_cannot_take_are_refused():
 def test_can_be_switched_off(monkeypatch):
     monkeypatch.setenv("WCLUST_SIMD", "0")
     assert simd.available.__wrapped__() is False
-
-
-@needs_simd
-@pytest.mark.parametrize(
-    "cfg",
-    [
-        dict(bits=4, method="nf4"),
-        dict(bits=4, method="kmeans", granularity="tensor"),
-        dict(bits=4, method="scaled-fit", group_size=32),
-        dict(bits=4, method="rtn", group_size=64),  # offsets
-        dict(bits=4),  # one codebook per row
-        dict(bits=4, outliers=0.02),
-    ],
-)
-def test_module_runs_it_on_the_stored_rows(cfg, monkeypatch):
-    # 4-bit weights keep their row-major codes (no tiled copy) and the batch-1 call
-    # runs the register-table kernel; outputs equal the dense reference.
-    torch.manual_seed(0)
-    m = nn.Sequential(nn.Linear(128, 48))
-    wclust.compress_(m, wclust.ClusterConfig(**cfg))
-    cw = m[0].clustered
-    calls = []
-    perm = simd._gemv4_perm
-
-    def counted(*args):
-        calls.append(1)
-        return perm(*args)
-
-    monkeypatch.setattr(simd, "_gemv4_perm", counted)
-    x = torch.randn(1, 1, 128)
-    with torch.no_grad():
-        ref = torch.nn.functional.linear(x, cw.dense(), m[0].bias)
-        y = m[0](x)
-        assert calls and cw.layout == "rows"
-        assert torch.allclose(y, ref, atol=1e-5)
-        batched, calls[:] = simd._gemm4_perm, []
-        monkeypatch.setattr(simd, "_gemm4_perm", lambda *a: calls.append(2) or batched(*a))
-        xb = torch.randn(2, 3, 128)  # 6 rows: one batched call
-        yb = m[0](xb)
-        assert calls == [2] and cw.layout == "rows"
-        assert torch.allclose(yb, torch.nn.functional.linear(xb, cw.dense(), m[0].bias), atol=1e-5)
-    # the fused decode agrees with the torch decode of the same codes
-    cb = cw.codebook_float()
-    w = cb[torch.arange(cb.shape[0])[:, None], cw.codes().view(cb.shape[0], -1).long()]
-    if cw.group_scale is not None:
-        w = w.reshape(cw.group_scale.numel(), -1) * cw.group_scale.float()[:, None]
-        if cw.group_offset is not None:
-            w = w + cw.group_offset.float()[:, None]
-    w = w.reshape(cw.shape)
-    if cw.outlier_idx is not None:
-        w.view(-1)[cw.outlier_idx.long()] = cw.outlier_val.float()
-    assert torch.allclose(cw.dense(), w, rtol=1e-6, atol=1e-6)
 
 
 def test_available_wherever_the_cpu_has_avx512(monkeypatch):

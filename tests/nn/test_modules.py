@@ -47,113 +47,48 @@ def test_embedding_subclass_with_own_forward_and_kwargs():
     torch.testing.assert_close(out, pos.clustered.dense()[3:8], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize(
-    "method,bits",
-    [
-        ("nf4", 4),
-        ("rtn", 4),
-        ("kmeans", 4),
-        ("scaled-fit", 4),
-        ("kmeans", 3),
-        ("scaled-fit", 3),
-        ("rtn", 5),
-        ("scaled-fit", 6),
-        ("kmeans", 8),
-        ("exact", 4),  # one codebook per row (per channel)
-        ("exact", 3),
-    ],
-)
-@pytest.mark.parametrize("kernels", ["portable", "simd"])
-def test_tiled_layout_keeps_every_view_of_the_weight(method, bits, kernels, tmp_path, monkeypatch):
-    # A tied head/embedding with one codebook per tensor: the first batch-1 call
-    # moves its codes to the tiled kernel layout (4-bit pairs up to 4 bits, bytes
-    # above); dense(), rows(), codes() and the saved file must not change.
-    # With the AVX-512 kernel, 4-bit codes stay in rows and 2-3 bit codes are widened
-    # to 4-bit rows ("nibbles") instead.
-    from wclust.kernels import simd
-
-    if kernels == "portable":
-        monkeypatch.setattr(simd, "available", lambda: False)
-        layout = "tiles" if bits <= 4 else "tiles8"
-    elif not simd.available():
-        pytest.skip("no AVX-512F on this CPU")
-    else:
-        layout = {4: "rows", 3: "nibbles"}.get(bits, "tiles8")
-    torch.manual_seed(0)
-    m = nn.Sequential(nn.Embedding(40, 128), nn.Linear(128, 40, bias=False))
-    m[1].weight = m[0].weight
-    cfg = dict(bits=bits, method=method)
-    if method == "kmeans":
-        cfg["granularity"] = "tensor"
-    if method == "exact":
-        cfg["granularity"] = "channel"
-    wclust.compress_(m, wclust.ClusterConfig(**cfg))
-    cw = m[1].clustered
-    assert cw is m[0].clustered and cw.tiles_ok() and cw.layout == "rows"
-    codes = cw.codes().clone()  # read from the row-major layout
-    wclust.save(m, tmp_path / "a.wclust")
-    assert cw.layout == "rows"
-    cb = cw.codebook_float()
-    dense = cb[torch.arange(cb.shape[0])[:, None], codes.long()]  # 1 or one per row
-    if cw.group_scale is not None:
-        dense = dense.view(cw.group_scale.numel(), -1) * cw.group_scale.float()[:, None]
-        if cw.group_offset is not None:
-            dense = dense + cw.group_offset.float()[:, None]
-    dense = dense.view(cw.shape)
-    x = torch.randn(1, 128)
-    ids = torch.tensor([0, 17, 39, 16, 15])
-    with torch.no_grad():
-        y = m[1](x)
-        assert cw.layout == layout
-        assert torch.allclose(y, x @ dense.T, atol=1e-5)
-        assert torch.allclose(m[0](ids), dense[ids], rtol=1e-6, atol=1e-7)
-    assert torch.allclose(cw.dense(), dense, rtol=1e-6, atol=1e-7)
-    assert torch.equal(cw.codes(), codes)
-    wclust.save(m, tmp_path / "b.wclust")
-    assert (tmp_path / "a.wclust").read_bytes() == (tmp_path / "b.wclust").read_bytes()
-    cw.set_packed(cw.packed_rows().clone())
-    assert cw.layout == "rows" and torch.equal(cw.codes(), codes)
-
-
-def test_few_rows_on_a_large_weight_use_the_lut_kernel_per_row(monkeypatch):
+def test_few_and_many_rows_never_build_the_dense_weight(monkeypatch):
+    # up to 8 rows share each code look-up; more rows decode blocks of the weight
+    # inside the kernel: the module never holds a dense copy of the weight
     from wclust.nn import modules
 
     torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(128, 48))
     wclust.compress_(m, wclust.ClusterConfig(bits=4, method="nf4"))
-    x = torch.randn(1, 3, 128)
     with torch.no_grad():
-        ref = torch.nn.functional.linear(x, m[0].weight, m[0].bias)
-        monkeypatch.setattr(modules, "FEW_ROWS_MIN_NUMEL", 0)  # 48x128 counts as large
+        w = m[0].weight.clone()
 
         def no_dense(self):
             raise AssertionError("the dense weight was built")
 
         monkeypatch.setattr(modules.ClusteredWeight, "dense", no_dense)
-        y = m[0](x)
-        assert y.shape == ref.shape and torch.allclose(y, ref, atol=1e-5)
+        for n in (1, 3, 9, 40):
+            x = torch.randn(1, n, 128)
+            ref = torch.nn.functional.linear(x, w, m[0].bias)
+            torch.testing.assert_close(m[0](x), ref, rtol=1e-4, atol=1e-4)
+        m[0].clustered.cache = True  # the user chose the dense weight: it is used
         with pytest.raises(AssertionError, match="dense weight was built"):
-            m[0](torch.randn(9, 128))  # more than FEW_ROWS rows: the dense path
+            m[0](torch.randn(1, 128))
 
 
-def test_threads_sharing_a_model_switch_the_layout_once(monkeypatch, portable_kernels):
+def test_threads_sharing_a_model_switch_the_layout_once(monkeypatch):
     import threading
     import time
 
-    from wclust.kernels import lut
+    from wclust.nn import modules
 
-    tile4, calls = lut.tile4, []
+    pack, calls = modules.pack_codes, []
 
-    def slow_tile4(*args):  # widen the window in which a second thread could tile again
+    def slow_pack(*args):  # widen the window in which a second thread could switch again
         calls.append(1)
         time.sleep(0.05)
-        return tile4(*args)
+        return pack(*args)
 
-    monkeypatch.setattr(lut, "tile4", slow_tile4)
     torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(256, 96, bias=False))
-    wclust.compress_(m, wclust.ClusterConfig(bits=4, method="nf4"))
+    wclust.compress_(m, wclust.ClusterConfig(bits=3, method="kmeans", granularity="tensor"))
     ref_codes = m[0].clustered.codes().clone()
+    monkeypatch.setattr(modules, "pack_codes", slow_pack)
     x = torch.randn(1, 256)
     outs, errors = [], []
 
@@ -170,7 +105,8 @@ def test_threads_sharing_a_model_switch_the_layout_once(monkeypatch, portable_ke
     for t in threads:
         t.join()
     assert not errors and len(outs) == 8
-    assert m[0].clustered.layout == "tiles" and len(calls) == 1
+    assert m[0].clustered.layout == "nibbles" and len(calls) == 1
+    monkeypatch.setattr(modules, "pack_codes", pack)
     assert torch.equal(m[0].clustered.codes(), ref_codes)
     assert all(torch.allclose(o, outs[0], atol=1e-6) for o in outs)
 
@@ -187,11 +123,11 @@ def test_threads_sharing_a_model_switch_the_layout_once(monkeypatch, portable_ke
     ],
 )
 def test_other_devices_decode_with_torch_ops_only(cfg, monkeypatch):
-    # On a GPU the numba kernels cannot read the codes: dense(), rows() and forward
-    # use torch ops only, also when the codes were tiled on the CPU and the model was
-    # then moved (as `wclust compare` does before its GPU pass). Simulated on the CPU
-    # by declaring its tensors unreadable for numba.
-    from wclust.kernels import lut
+    # On a GPU the compiled kernels cannot read the codes: dense(), rows() and forward
+    # use torch ops only, also when the codes were switched to the kernel layout on
+    # the CPU and the model was then moved (as `wclust compare` does before its GPU
+    # pass). Simulated on the CPU by declaring the weight unfit for the kernels.
+    from wclust.kernels import ops
     from wclust.nn import modules
 
     torch.manual_seed(0)
@@ -205,13 +141,13 @@ def test_other_devices_decode_with_torch_ops_only(cfg, monkeypatch):
         ref_e = m[1](ids)
         codes = cw.codes().clone()
 
-        def no_numba(*args, **kwargs):
-            raise AssertionError("a numba kernel ran")
+        def no_kernel(*args, **kwargs):
+            raise AssertionError("a compiled kernel ran")
 
-        monkeypatch.setattr(modules, "_numba_ok", lambda t: False)
-        for name in ("decode", "decode_tiles", "tile4", "tile8", "lut_gemv", "gemv_fn"):
-            monkeypatch.setattr(lut, name, no_numba)
+        monkeypatch.setattr(modules.ClusteredWeight, "kernel_ok", lambda self: False)
+        for name in ("decode", "linear", "rows"):
+            monkeypatch.setattr(ops, name, no_kernel)
         torch.testing.assert_close(cw.dense(), ref_w, rtol=1e-6, atol=1e-6)
-        assert cw.layout == "rows" and torch.equal(cw.codes(), codes)
+        assert cw.layout != "rows" and torch.equal(cw.codes(), codes)
         torch.testing.assert_close(m[0](x), ref_y, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(m[1](ids), ref_e, rtol=1e-6, atol=1e-7)

@@ -19,7 +19,6 @@ import subprocess
 import sys
 from collections.abc import Callable
 
-from ..kernels import openmp_env_defaults
 from ..registry import EXECUTORS
 from .worker import MARK, cell_resources
 
@@ -40,10 +39,6 @@ def run_cell(spec: dict, timeout: float | None = None, env: dict | None = None) 
         The worker's result dict; ``{"ok": False, "error": ...}`` when it crashed.
     """
     env = {
-        # torch's OpenMP threads spin-wait after each op, against numba's kernel
-        # threads between ops: every cell, the original included, runs with the same
-        # short spin (wclust/kernels/__init__.py) unless the user set a policy.
-        **openmp_env_defaults(os.environ),
         **os.environ,
         **(env or {}),
         "PYTHONUNBUFFERED": "1",

@@ -12,17 +12,13 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Callable
-from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import nn
 
 from ..core.codebook import ClusteredTensor
 from ..core.packing import pack_codes, packed_nbytes, unpack_codes
-
-if TYPE_CHECKING:
-    import numpy as np
+from ..kernels import ops as kernel_ops
 
 __all__ = [
     "ClusteredWeight",
@@ -38,8 +34,10 @@ __all__ = [
 _LAYOUT_LOCK = threading.Lock()
 
 
-def _layout_of(packed: torch.Tensor) -> str:
-    return {4: "tiles", 3: "tiles8", 2: "nibbles"}.get(packed.dim(), "rows")
+def _layout_of(packed: torch.Tensor, bits: int) -> str:
+    if packed.dim() == 1:
+        return "rows"
+    return "nibbles" if bits <= 4 else "bytes"
 
 
 class ClusteredWeight(nn.Module):
@@ -160,42 +158,32 @@ class ClusteredWeight(nn.Module):
 
     @property
     def layout(self) -> str:
-        """ "rows": ``packed`` holds the codes 1-D in the ``core.packing`` order;
-        "tiles": 4-D, codes of up to 4 bits as 4-bit pairs in the layout of
-        ``kernels.lut.tile4``; "tiles8": 3-D, 5- to 8-bit codes one per byte in the
-        layout of ``kernels.lut.tile8``; "nibbles": 2-D (out, in / 2), codes of 2 or 3
-        bits widened to 4 in row order, for the register-table kernel
-        (``kernels.simd``). Such a layout is set on first use when its kernel applies
-        (``to_tiles``, ``to_nibbles``). Derived from ``packed`` alone, so a thread
-        reading ``packed`` once always sees codes and layout that go together."""
-        return _layout_of(self.packed)
+        """ "rows": ``packed`` holds the codes 1-D in the ``core.packing`` order (what
+        files store); "nibbles": 2-D (out, in / 2), codes of up to 4 bits as 4-bit
+        pairs (input 2k in the low nibble; 1- to 3-bit codes widened); "bytes": 2-D
+        (out, in), one 5- to 8-bit code per byte. The compiled kernels
+        (``kernels.ops``) read the 2-D layouts; a weight switches on first kernel use
+        (for 4- and 8-bit codes the switch is a view, no copy). Derived from
+        ``packed`` alone, so a thread reading ``packed`` once sees codes and layout
+        that go together."""
+        return _layout_of(self.packed, self.bits)
 
     def packed_rows(self) -> torch.Tensor:
         """The packed codes in the ``core.packing`` order (what files store)."""
         p = self.packed
-        layout = _layout_of(p)
-        if layout == "rows":
+        if p.dim() == 1:
             return p
-        if layout == "nibbles":  # widened for the kernel: back to the stored width
+        if self.bits in (4, 8):  # the kernel layout is a view of the rows
+            return p.reshape(-1)
+        if self.bits < 4:  # widened to 4 bits for the kernel: back to the stored width
             return pack_codes(unpack_codes(p.reshape(-1), 4, self.numel), self.bits)
-        from ..kernels.lut import untile4, untile8
-
-        out_f = self.shape[0]
-        host = p.cpu().numpy()  # the tiled layouts are made and read on the CPU
-        if layout == "tiles8":
-            rows = pack_codes(torch.from_numpy(untile8(host, out_f)).reshape(-1), self.bits)
-        else:
-            rows = torch.from_numpy(untile4(host, out_f, self.numel // out_f))
-            if self.bits != 4:  # codes of fewer bits were widened to 4 for the kernel
-                rows = pack_codes(unpack_codes(rows, 4, self.numel), self.bits)
-        return rows.to(p.device)
+        return pack_codes(p.reshape(-1), self.bits)
 
     def set_packed(self, packed: torch.Tensor) -> None:
         """Replace the codes (``core.packing`` order), e.g. after re-assignment."""
         if packed.numel() != packed_nbytes(self.numel, self.bits):
             raise ValueError("packed codes do not match shape and bits")
         self.packed = packed.reshape(-1)
-        self.__dict__.pop("_delta", None)
 
     def codes(self) -> torch.Tensor:
         """Unpacked uint8 codes, shape ``self.shape``."""
@@ -212,49 +200,17 @@ class ClusteredWeight(nn.Module):
         """The dense weight as the owning module expects it."""
         if self._dense is not None:
             return self._dense
-        cb = self.codebook_float()
-        n_cb, k = cb.shape
-        scaled = False
-        trainable = self.trainable()
-        on_cpu = _numba_ok(self.packed)
-        # the numba decodes: frozen codebook and scales, codes in CPU memory; else
-        # the differentiable torch decode (fine-tuning, and GPUs)
-        kernels = on_cpu and not trainable
-        if not on_cpu and self.layout != "rows":  # tiled on the CPU, then moved
-            with _LAYOUT_LOCK:
-                self.packed = self.packed_rows()  # back to rows, once
-        elif kernels:
-            self._to_kernel_layout()  # one layout for both paths; its decode fuses the scales
-        packed = self.packed
-        tiled = _layout_of(packed) in ("tiles", "tiles8")
-        if tiled and kernels:  # scales fused in the pass
-            from ..kernels.lut import decode_tiles
-
-            table, sc, off, _ = self._kernel_arrays(table=True)
-            dense = decode_tiles(packed.numpy(), table, self.shape[0], sc, off)
-            w, scaled = torch.from_numpy(dense.reshape(-1)), True
-        elif not tiled and kernels and self.simd_ok():  # register table, scales fused
-            from ..kernels.simd import decode4
-
-            table, sc, off, gs = self._kernel_arrays(table=True)
-            out_f = self.shape[0]
-            dense = decode4(
-                packed.numpy().reshape(-1), table, out_f, self.numel // out_f, sc, off, gs
-            )
-            w, scaled = torch.from_numpy(dense.reshape(-1)), True
-        elif not tiled and self.bits in (4, 8) and kernels and not cb.requires_grad:
-            from ..kernels.lut import decode  # fused unpack + lookup, parallel
-
-            flat = decode(packed.numpy(), self.bits, cb.contiguous().numpy(), self.numel)
-            w = torch.from_numpy(flat)
-        else:  # differentiable path (trainable codebook or scales), other widths, GPUs
-            w = self._decode_torch(cb)
-        if self.group_scale is not None and not scaled:
-            w = w.view(self.group_scale.numel(), -1) * self.group_scale.float()[:, None]
-            if self.group_offset is not None:
-                w = w + self.group_offset.float()[:, None]
-        if self.outlier_idx is not None:
-            w = w.reshape(-1).index_put((self.outlier_idx.long(),), self.outlier_val.to(w.dtype))
+        if self.kernel_ok():  # one fused pass: look-up, scales, outliers
+            w = kernel_ops.decode(*self._kernel_args(), *self._outliers())
+        else:  # differentiable path (trainable codebook or scales), GPUs, other shapes
+            w = self._decode_torch(self.codebook_float())
+            if self.group_scale is not None:
+                w = w.view(self.group_scale.numel(), -1) * self.group_scale.float()[:, None]
+                if self.group_offset is not None:
+                    w = w + self.group_offset.float()[:, None]
+            if self.outlier_idx is not None:
+                idx = (self.outlier_idx.long(),)
+                w = w.reshape(-1).index_put(idx, self.outlier_val.to(w.dtype))
         w = w.view(self.shape).to(self.dtype)
         if self.transpose:
             w = w.t()
@@ -275,6 +231,9 @@ class ClusteredWeight(nn.Module):
         """Rows ``idx`` of the (out, in) weight, decoding only those rows' codes."""
         n_rows, d = self.shape[0], self.numel // self.shape[0]
         n_cb = self.n_codebooks
+        if not self.transpose and self.kernel_ok():
+            w = kernel_ops.rows(*self._kernel_args(), idx)
+            return self._place_outliers(w, idx).to(self.dtype)
         if (
             self.transpose
             or (d * self.bits) % 8
@@ -284,19 +243,14 @@ class ClusteredWeight(nn.Module):
             return self.dense()[idx]
         per_row = d * self.bits // 8
         packed = self.packed
-        layout = _layout_of(packed)
+        layout = _layout_of(packed, self.bits)
         if layout == "rows":
             sel = packed.view(n_rows, per_row).index_select(0, idx).reshape(-1)
             codes = unpack_codes(sel, self.bits, idx.numel() * d)
         elif layout == "nibbles":
             codes = unpack_codes(packed.index_select(0, idx).reshape(-1), 4, idx.numel() * d)
-        else:  # each row's codes: P[:, row // 16, :, row % 16], tile after tile
-            from ..kernels.lut import TILE8_IN, TILE_ROWS
-
-            if layout == "tiles8":
-                packed = packed.view(packed.shape[0], packed.shape[1], TILE8_IN, TILE_ROWS)
-            sel = packed[:, idx // TILE_ROWS, :, idx % TILE_ROWS].reshape(-1)
-            codes = sel if layout == "tiles8" else unpack_codes(sel, 4, idx.numel() * d)
+        else:  # bytes: one code per byte
+            codes = packed.index_select(0, idx)
         codes = codes.view(idx.numel(), d).long()
         cb = self.codebook_float()
         if n_cb == 1:
@@ -313,213 +267,104 @@ class ClusteredWeight(nn.Module):
                 off = self.group_offset.float().view(n_rows, gs).index_select(0, idx)[:, :, None]
                 w = w + off
             w = w.reshape(idx.numel(), d)
-        if self.outlier_idx is not None and self.outlier_idx.numel():
-            # outliers of the selected rows, placed at (position in idx, column)
-            o = self.outlier_idx.long()
-            o_row, o_col = o // d, o % d
-            hit = o_row[:, None] == idx[None, :]  # (n_outliers, n_selected)
-            oi, si = hit.nonzero(as_tuple=True)
-            w = w.clone()
-            w[si, o_col[oi]] = self.outlier_val[oi].to(w.dtype)
-        return w.to(self.dtype)
+        return self._place_outliers(w.reshape(idx.numel(), d), idx).to(self.dtype)
 
-    def lut_ok(self) -> bool:
-        """Whether ``matvec`` can run on the packed codes: a tiled layout applies
-        (``tiles_ok``), or 4/8-bit codes with one codebook per output row (4-bit
-        may add per-group scales) or per tensor."""
-        if self.tiles_ok() or self.simd_ok():
-            return True
+    def _place_outliers(self, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Rows ``idx`` decoded as ``w`` (n, in), with their outliers put in place."""
+        if self.outlier_idx is None or not self.outlier_idx.numel():
+            return w
+        d = self.numel // self.shape[0]
+        o = self.outlier_idx.long()
+        o_row, o_col = o // d, o % d
+        hit = o_row[:, None] == idx[None, :]  # (n_outliers, n_selected)
+        oi, si = hit.nonzero(as_tuple=True)
+        w = w.clone()
+        w[si, o_col[oi]] = self.outlier_val[oi].to(w.dtype)
+        return w
+
+    def kernel_ok(self) -> bool:
+        """Whether the compiled kernels (``kernels.ops``) take this weight: frozen
+        (no trainable codebook or scales), codes in CPU memory, one codebook per
+        tensor or per output row (of at most ``2**bits`` entries), rows of whole
+        bytes for codes of up to 4 bits, scale groups within a row. Other weights
+        decode with torch ops."""
+        if self.packed.device.type != "cpu" or self.trainable():
+            return False
         out_f, in_f = self.shape[0], self.numel // self.shape[0]
-        n_cb = self.n_codebooks
-        if self.bits == 8:
-            return self.group_scale is None and n_cb in (1, out_f)
-        if self.bits != 4 or in_f % 2:
+        if self.n_codebooks not in (1, out_f) or self.codebook.shape[1] > (1 << self.bits):
             return False
-        if self.group_scale is None:
-            return n_cb in (1, out_f)
-        gs = self.numel // self.group_scale.numel()
-        return n_cb == 1 and gs % 2 == 0 and in_f % gs == 0
-
-    def simd_ok(self) -> bool:
-        """Whether the AVX-512 register-table kernel (``kernels.simd``) takes this
-        weight: codes of 2 to 4 bits (below 4 widened in memory, ``to_nibbles``),
-        one codebook per tensor or per output row (of at most 16 entries), rows and
-        scale groups of a multiple of 16, on a CPU where the kernel is available."""
-        from ..kernels import simd
-
-        out_f, in_f = self.shape[0], self.numel // self.shape[0]
-        if not 2 <= self.bits <= 4 or self.layout in ("tiles", "tiles8"):
+        if self.bits <= 4 and in_f % 2:
             return False
-        if self.n_codebooks not in (1, out_f) or self.codebook.shape[1] > 16:
-            return False
-        gs = self.numel // self.group_scale.numel() if self.group_scale is not None else 0
-        return simd.simd_ok(in_f, 4, gs) and simd.available()
+        if self.group_scale is not None:
+            gs = self.numel // self.group_scale.numel()
+            return in_f % gs == 0 and (self.bits > 4 or gs % 2 == 0)
+        return True
 
-    def to_nibbles(self) -> None:
-        """Widen codes of 2 or 3 bits to 4-bit rows (layout "nibbles") for the
-        register-table kernel; files, ``codes()``, ``dense()`` and ``rows()`` are
-        unchanged."""
-        if not (self.bits < 4 and self.simd_ok()):
-            raise ValueError(
-                "the nibble layout is for codes of 2 or 3 bits the AVX-512 kernel takes"
-            )
-        with _LAYOUT_LOCK:
-            if self.layout != "rows":
-                return
-            wide = pack_codes(unpack_codes(self.packed, self.bits, self.numel), 4)
-            self.packed = wide.view(self.shape[0], -1)  # one assignment: codes and layout
+    def kernel_codes(self) -> torch.Tensor:
+        """The codes in the 2-D layout the compiled kernels read (``layout``),
+        switching to it once: a view for 4- and 8-bit codes, codes of 1 to 3 bits
+        widened to 4-bit pairs, 5 to 7 bits to bytes."""
+        p = self.packed
+        if p.dim() == 2:
+            return p
+        with _LAYOUT_LOCK:  # two threads running the model switch once
+            p = self.packed
+            if p.dim() == 1:
+                out_f = self.shape[0]
+                if self.bits in (4, 8):
+                    p = p.view(out_f, -1)
+                elif self.bits < 4:
+                    p = pack_codes(unpack_codes(p, self.bits, self.numel), 4).view(out_f, -1)
+                else:
+                    p = unpack_codes(p, self.bits, self.numel).view(out_f, -1)
+                self.packed = p  # one assignment: codes and layout
+        return p
 
-    def _to_kernel_layout(self) -> None:
-        """On first kernel use, move codes stored as rows to the layout their fast
-        kernel reads: 2-3-bit codes the register-table kernel takes to nibbles (it
-        reads 4-bit rows as stored), other weights a tiled kernel takes to tiles."""
-        if self.layout != "rows":
-            return
-        if self.simd_ok():
-            if self.bits < 4:
-                self.to_nibbles()
-        elif self.tiles_ok():
-            self.to_tiles()
-
-    def _kernel_arrays(self, table: bool):
-        """(codebook, scale, offset, group size) as the numba kernels read them:
-        float32 numpy arrays (None where absent), the codebook padded to ``2**bits``
-        entries per row when ``table``; group size 0 without scales."""
-        cb = self.codebook_float().detach()
-        if table:
-            cb = self._table_codebook(cb)
+    def _kernel_args(self) -> tuple:
+        """(codes, code_bits, codebook, scale, offset) as ``kernels.ops`` takes them."""
+        cb = self.codebook_float().contiguous()
         sc, off = self.group_scale, self.group_offset
         return (
-            cb.contiguous().numpy(),
-            None if sc is None else sc.detach().float().contiguous().numpy(),
-            None if off is None else off.detach().float().contiguous().numpy(),
-            self.numel // sc.numel() if sc is not None else 0,
+            self.kernel_codes(),
+            4 if self.bits <= 4 else 8,
+            cb,
+            None if sc is None else sc.float().reshape(-1),
+            None if off is None else off.float().reshape(-1),
         )
 
-    def tiles_ok(self) -> bool:
-        """Whether a tiled kernel applies: one codebook for the tensor and codes of up
-        to 8 bits, or one codebook per output row, codes of up to 4 bits and no
-        scales; rows (and scale groups within a row) of a multiple of 64 weights
-        (codes of up to 4 bits) or of 32 (5 to 8 bits)."""
-        from ..kernels.lut import tile_inputs, tiles_ok
-
-        out_f, in_f = self.shape[0], self.numel // self.shape[0]
-        n_cb = self.n_codebooks
-        per_row = n_cb > 1 and n_cb == out_f and self.bits <= 4 and self.group_scale is None
-        if (n_cb != 1 and not per_row) or not tiles_ok(out_f, in_f, self.bits):
-            return False
-        if self.codebook.shape[1] > (1 << self.bits):
-            return False
-        if self.group_scale is None:
-            return True
-        gs = self.numel // self.group_scale.numel()
-        return gs % tile_inputs(self.bits) == 0 and in_f % gs == 0
-
-    def to_tiles(self) -> None:
-        """Store the codes in the tiled layout of the fast kernels (``layout``):
-        codes of up to 4 bits as 4-bit pairs (3-bit codes take 4 bits in memory),
-        5- to 8-bit codes one per byte; rows padded to a multiple of 16. Files,
-        ``codes()``, ``dense()`` and ``rows()`` are unchanged."""
-        from ..kernels.lut import tile4, tile8
-
-        if not self.tiles_ok():
-            raise ValueError(
-                "the tiled layout needs codes of up to 8 bits, one codebook per tensor, "
-                "rows of a multiple of 64 weights (32 for 5 to 8 bits) and scale groups "
-                "of such a multiple within a row"
-            )
-        with _LAYOUT_LOCK:  # two threads running the model must not tile twice
-            if self.layout != "rows":
-                return
-            out_f = self.shape[0]
-            in_f = self.numel // out_f
-            packed = self.packed
-            if self.bits <= 4:
-                if self.bits != 4:
-                    packed = pack_codes(unpack_codes(packed, self.bits, self.numel), 4)
-                tiled = tile4(packed.numpy(), out_f, in_f)
-            else:
-                codes = unpack_codes(packed, self.bits, self.numel).view(out_f, in_f)
-                tiled = tile8(codes.numpy())
-            self.packed = torch.from_numpy(tiled)  # one assignment: codes and layout
-
-    def _table_codebook(self, cb: torch.Tensor) -> torch.Tensor:
-        """The codebooks as the tiled kernels read them: (n_codebooks, 2**bits), each
-        padded with zeros (every code of ``bits`` bits then has an entry)."""
-        full = 1 << self.bits
-        if cb.shape[1] < full:
-            cb = torch.cat([cb, cb.new_zeros(cb.shape[0], full - cb.shape[1])], 1)
-        return cb
-
-    def matvec(self, x: torch.Tensor, plan: _Plan | None = None) -> torch.Tensor:
-        """``W @ x`` for one vector x of the (out, in) clustered view, read from the
-        packed codes (no dense weight is built); with a batched kernel
-        (``plan.batched``) x may also be (n <= ``kernels.simd.MAX_BATCH``, in) and
-        the result (n, out). Weights that a tiled kernel takes switch to its layout
-        on first use (``to_tiles``)."""
-        plan = plan or self._plan()
-        if not plan.lut_ok:
-            raise ValueError(
-                f"no lookup-table kernel for this weight ({self.bits}-bit codes, "
-                f"{self.n_codebooks} codebooks); use dense()"
-            )
-        in_f = self.numel // self.shape[0]
-        xs = x.detach().float()
-        n = xs.numel() // in_f
-        xs = xs.reshape(-1) if n == 1 or not plan.batched else xs.reshape(n, in_f)
-        y = torch.from_numpy(plan.run(xs.contiguous().numpy()))
-        if plan.outliers:
-            # the kernel used the codebook value at outlier positions: add the difference
-            idx = self.outlier_idx.long()
-            y.index_add_(y.dim() - 1, idx // in_f, self._outlier_delta(idx) * xs[..., idx % in_f])
-        return y if x.dtype == torch.float32 else y.to(x.dtype)
-
-    def _plan(self) -> _Plan:
-        """What ``matvec`` needs, worked out once per state of the weight (the key
-        changes whenever codes, codebook, scales or outliers are replaced or
-        modified in place): whether a kernel applies and the call that runs it. A
-        weight that a tiled kernel takes switches to its layout here."""
+    def _call_args(self) -> tuple:
+        """``_kernel_args()`` and ``_outliers()``, kept between calls in eager mode (a
+        decoder runs each layer once per token: rebuilding them cost more than the
+        kernel on small layers); the key changes whenever a buffer is replaced or
+        modified in place. Under ``torch.compile`` they are traced, not kept."""
+        if torch.compiler.is_compiling():
+            return (*self._kernel_args(), *self._outliers())
         b = self._buffers
         key = tuple(_version_key(b[n]) for n in _KERNEL_BUFFERS)
         cached = self.__dict__.get("_kargs")
         if cached is not None and cached[0] == key:
             return cached[1]
-        if not self.lut_ok():
-            plan = _Plan(False, False, False, None, False)
-        else:
-            from ..kernels.lut import gemv_fn
+        args = (*self._kernel_args(), *self._outliers())  # may switch the layout
+        key = tuple(_version_key(b[n]) for n in _KERNEL_BUFFERS)
+        self.__dict__["_kargs"] = (key, args)
+        return args
 
-            self._to_kernel_layout()
-            key = tuple(_version_key(b[n]) for n in _KERNEL_BUFFERS)
-            simd = self.simd_ok()  # (rows of 4-bit codes or nibbles)
-            fast = simd or self.layout != "rows"
-            table, sc, off, gs = self._kernel_arrays(table=fast)
-            packed, out_f = self.packed.numpy(), self.shape[0]
-            in_f = self.numel // out_f
-            if simd:
-                from ..kernels.simd import gemv4_fn
+    def _outliers(self) -> tuple:
+        """(int32 indices, float16 values) of the exact outliers, or (None, None)."""
+        if self.outlier_idx is None or not self.outlier_idx.numel():
+            return None, None
+        return self.outlier_idx.to(torch.int32), self.outlier_val.to(torch.float16)
 
-                run = gemv4_fn(packed.reshape(-1), table, out_f, in_f, sc, off, gs)  # nibbles: 2-D
-            else:
-                run = gemv_fn(packed, self.bits, table, out_f, in_f, sc, off, gs)
-            outliers = self.outlier_idx is not None and self.outlier_idx.numel() > 0
-            plan = _Plan(True, fast, simd, run, outliers)
-        self.__dict__["_kargs"] = (key, plan)
-        return plan
-
-    def _outlier_delta(self, idx: torch.Tensor) -> torch.Tensor:
-        """Outlier value minus the codebook value stored at its position (cached: it
-        needs a full unpack; the key changes whenever the codebook is modified)."""
-        key = (_version_key(self.codebook), idx.numel())
-        cached = self.__dict__.get("_delta")
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        codes = unpack_codes(self.packed_rows(), self.bits, self.numel).index_select(0, idx).long()
-        cb = self.codebook_float()
-        base = cb[idx // (self.numel // cb.shape[0]), codes]
-        delta = self.outlier_val.float() - base
-        self.__dict__["_delta"] = (key, delta)
-        return delta
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``x @ W.T + bias`` for the (out, in) clustered view, read from the packed
+        codes by the compiled kernel (``kernel_ok`` weights; no dense weight kept):
+        up to 8 rows of x share each code look-up, more rows decode blocks of W for
+        the BLAS matmul. x: (..., in) -> (..., out)."""
+        in_f = self.numel // self.shape[0]
+        x2 = x.reshape(-1, in_f).float()
+        b = None if bias is None else bias.float()
+        y = kernel_ops.linear(x2, *self._call_args(), b)
+        return y.view(*x.shape[:-1], self.shape[0]).to(x.dtype)
 
     def set_cache(self, enabled: bool) -> None:
         """Keep the rebuilt dense weight (speed) or rebuild it per call (memory)."""
@@ -553,7 +398,7 @@ class RowSplitWeight(nn.Module):
     clustered view; the parts, in row order, cover it exactly.
 
     It answers what the compressed modules ask of a ``ClusteredWeight`` (``dense``,
-    ``rows``, ``matvec``, ``nbytes``, ...) by asking its parts: each part runs its own
+    ``rows``, ``linear``, ``nbytes``, ...) by asking its parts: each part runs its own
     kernel, and fine-tuning trains every part's codebook and scales.
     """
 
@@ -629,19 +474,13 @@ class RowSplitWeight(nn.Module):
             return torch.empty((0, *self.shape[1:]), dtype=self.dtype, device=idx.device)
         return out
 
-    def _plan(self) -> _Plan:
-        plans = [p._plan() for p in self.parts]
-        return _Plan(
-            all(q.lut_ok for q in plans),
-            all(q.fast for q in plans),
-            all(q.batched for q in plans),
-            None,
-            False,
-        )
+    def kernel_ok(self) -> bool:
+        return all(p.kernel_ok() for p in self.parts)
 
-    def matvec(self, x: torch.Tensor, plan: _Plan | None = None) -> torch.Tensor:
-        """``W @ x``: each part's kernel gives its rows of the result."""
-        return torch.cat([p.matvec(x) for p in self.parts], -1)
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``x @ W.T + bias``: each part's kernel gives its rows of the result."""
+        y = torch.cat([p.linear(x) for p in self.parts], -1)
+        return y if bias is None else y + bias
 
     set_cache = ClusteredWeight.set_cache  # the same ``cache`` / ``_dense`` pair
 
@@ -659,14 +498,6 @@ def clustered_parts(cw) -> list[ClusteredWeight]:
     return list(cw.parts) if isinstance(cw, RowSplitWeight) else [cw]
 
 
-class _Plan(NamedTuple):
-    lut_ok: bool  # matvec applies (see ClusteredWeight.lut_ok)
-    fast: bool  # a fast kernel runs (tiled layout, or the AVX-512 register table)
-    batched: bool  # run also takes (n <= kernels.simd.MAX_BATCH, in) inputs
-    run: Callable[[np.ndarray], np.ndarray] | None  # x (in,) float32 -> W @ x
-    outliers: bool  # exact outliers to add after the kernel
-
-
 _KERNEL_BUFFERS = (
     "packed",
     "codebook",
@@ -676,11 +507,6 @@ _KERNEL_BUFFERS = (
     "outlier_idx",
     "outlier_val",
 )
-
-
-def _numba_ok(t: torch.Tensor) -> bool:
-    """Whether the numba kernels can read this tensor (CPU memory)."""
-    return t.device.type == "cpu"
 
 
 def _version_key(t: torch.Tensor | None):
@@ -699,52 +525,21 @@ class _ClusteredMixin:
         return self.clustered.dense()
 
 
-# A few input rows (a prompt's first decoding step, beam search) take the batched
-# register-table kernel, or on a weight this large one tiled matvec per row: both
-# beat decoding the dense weight (and keep it from being a temporary the size of
-# the fp32 weight: 106 MB for Whisper's output projection).
-FEW_ROWS = 8  # at most kernels.simd.MAX_BATCH
-FEW_ROWS_MIN_NUMEL = 1 << 22
-
-
-def _lut_rows(x: torch.Tensor, cw: ClusteredWeight) -> tuple[int, _Plan | None]:
-    """How many rows the LUT kernel should take one by one (0: use the dense path),
-    and the weight's kernel plan.
-
-    Batch-1 inference on CPU (token-by-token decoding) always; up to ``FEW_ROWS``
-    rows with a batched kernel (one call), or for large weights in a tiled layout
-    (one call per row)."""
-    n = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if n == 0 or not _numba_ok(x) or cw.cache:  # cache: the user chose the dense weight
-        return 0, None
-    if cw.trainable() or (torch.is_grad_enabled() and x.requires_grad):
-        return 0, None  # training (even when evaluating under no_grad): the torch path
-    plan = cw._plan()
-    if not plan.lut_ok:
-        return 0, None
-    if n == 1:
-        return 1, plan
-    if n <= FEW_ROWS and (plan.batched or (cw.numel >= FEW_ROWS_MIN_NUMEL and plan.fast)):
-        return n, plan
-    return 0, None
+def _kernel_path(x: torch.Tensor, cw) -> bool:
+    """Whether a compressed Linear runs the compiled kernel on ``x``: inference on
+    the CPU (not training, even under no_grad: a trainable codebook takes the torch
+    path) and no cached dense weight (the user chose it)."""
+    if x.device.type != "cpu" or cw.cache or (torch.is_grad_enabled() and x.requires_grad):
+        return False
+    return cw.kernel_ok()
 
 
 class _ClusteredLinearMixin(_ClusteredMixin):
     def forward(self, x):
         cw = self.clustered
-        n, plan = _lut_rows(x, cw)
-        if n == 1:
-            y = cw.matvec(x, plan).view(*x.shape[:-1], -1)
-        elif n:
-            rows = x.reshape(n, x.shape[-1])
-            if plan.batched:
-                y = cw.matvec(rows, plan)
-            else:
-                y = torch.stack([cw.matvec(r, plan) for r in rows])
-            y = y.view(*x.shape[:-1], -1)
-        else:
-            return super().forward(x)
-        return y + self.bias if self.bias is not None else y
+        if _kernel_path(x, cw):
+            return cw.linear(x, self.bias)
+        return super().forward(x)
 
 
 class _ClusteredEmbeddingMixin(_ClusteredMixin):

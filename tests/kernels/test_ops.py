@@ -1,0 +1,206 @@
+"""The compiled kernels (wclust._C via wclust.kernels.ops) against a torch reference,
+on every instruction set this CPU has, and their torch-op fallback."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+import wclust
+from wclust.kernels import ops
+
+CONFIGS = [
+    dict(bits=4, method="nf4"),  # shared codebook, scale per 64
+    dict(bits=4, method="rtn", group_size=32),  # scales and offsets
+    dict(bits=4, method="exact"),  # one codebook per row
+    dict(bits=4, outliers=0.02),  # exact outliers
+    dict(bits=3, method="scaled-fit", group_size=64),  # widened to 4-bit pairs
+    dict(bits=2, method="kmeans", granularity="tensor"),
+    dict(bits=5, method="rtn", group_size=64),  # one code per byte
+    dict(bits=8, method="kmeans", granularity="tensor"),
+    dict(bits=6, method="exact"),  # 64-entry codebook per row
+]
+
+
+def reference_dense(cw) -> torch.Tensor:
+    """The (out, in) weight from the unpacked codes with torch indexing only."""
+    codes = cw.codes().reshape(cw.shape[0], -1).long()
+    cb = cw.codebook_float()
+    w = cb[0][codes] if cb.shape[0] == 1 else cb.gather(1, codes)
+    if cw.group_scale is not None:
+        w = w.reshape(cw.group_scale.numel(), -1) * cw.group_scale.float()[:, None]
+        if cw.group_offset is not None:
+            w = w + cw.group_offset.float()[:, None]
+    w = w.reshape(-1)
+    if cw.outlier_idx is not None:
+        w = w.index_put((cw.outlier_idx.long(),), cw.outlier_val.float())
+    return w.view(cw.shape[0], -1)
+
+
+@pytest.fixture(params=["avx512", "avx2", "portable", "torch"])
+def isa(request, monkeypatch):
+    """Each instruction set the compiled kernels have (capped at this CPU's best), and
+    the torch-op fallback."""
+    if request.param == "torch":
+        monkeypatch.setattr(ops, "_AVAILABLE", False)
+        yield "torch"
+        return
+    if not ops.available():
+        pytest.skip("compiled kernels not built")
+    got = ops.isa(request.param)
+    try:
+        if got != request.param:
+            pytest.skip(f"this CPU has no {request.param}")
+        yield got
+    finally:
+        ops.isa("best")
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: "-".join(f"{v}" for v in c.values()))
+def test_linear_dense_and_rows_match_the_reference(cfg, isa):
+    torch.manual_seed(0)
+    d = 200 if "group_size" not in cfg and cfg.get("method") != "nf4" else 192  # 200: tails
+    m = nn.Sequential(nn.Linear(d, 40), nn.Embedding(40, d))
+    wclust.compress_(m, wclust.ClusterConfig(**cfg))
+    cw = m[0].clustered
+    ref = reference_dense(cw)
+    with torch.no_grad():
+        assert cw.kernel_ok()
+        # 1 and 5 rows: the look-up GEMV; 37: blocks decoded for the matmul
+        for shape in [(d,), (1, 1, d), (5, d), (37, d)]:
+            x = torch.randn(shape)
+            want = torch.nn.functional.linear(x, ref, m[0].bias)
+            torch.testing.assert_close(m[0](x), want, rtol=1e-4, atol=1e-4)
+        assert cw.layout == ("nibbles" if cw.bits <= 4 else "bytes")
+        torch.testing.assert_close(cw.dense(), ref, rtol=1e-6, atol=1e-6)
+        emb = m[1].clustered
+        ids = torch.tensor([[39, 0, 7], [7, 20, 1]])
+        torch.testing.assert_close(m[1](ids), reference_dense(emb)[ids], rtol=1e-6, atol=1e-6)
+
+
+def test_kernel_layout_keeps_codes_and_file(tmp_path):
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(128, 40, bias=False))
+    wclust.compress_(m, wclust.ClusterConfig(bits=3, method="kmeans", granularity="tensor"))
+    cw = m[0].clustered
+    codes = cw.codes().clone()
+    wclust.save(m, tmp_path / "a.wclust")
+    with torch.no_grad():
+        m[0](torch.randn(1, 128))
+    assert cw.layout == "nibbles" and cw.packed.shape == (40, 64)  # widened to 4 bits
+    assert torch.equal(cw.codes(), codes)
+    wclust.save(m, tmp_path / "b.wclust")
+    assert (tmp_path / "a.wclust").read_bytes() == (tmp_path / "b.wclust").read_bytes()
+    cw.set_packed(cw.packed_rows().clone())
+    assert cw.layout == "rows" and torch.equal(cw.codes(), codes)
+
+
+def test_missing_library_warns_once_and_runs_torch_ops(monkeypatch):
+    monkeypatch.setattr(ops, "_AVAILABLE", None)
+    monkeypatch.setitem(sys.modules, "wclust._C", None)  # `import wclust._C` fails
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(128, 24))
+    wclust.compress_(m, wclust.ClusterConfig(bits=4, method="nf4"))
+    x = torch.randn(2, 128)
+    with torch.no_grad(), pytest.warns(UserWarning, match="compiled kernels not built"):
+        y = m[0](x)
+    assert ops.available() is False and ops.isa() == "torch"
+    ref = torch.nn.functional.linear(x, reference_dense(m[0].clustered), m[0].bias)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_kernels_are_built():
+    # `pip install -e .` (make install) builds wclust._C; the fallback is for
+    # installs without a compiler, not for this project's CI
+    assert ops.available(), "run `pip install -e .` to build the compiled kernels"
+    assert ops.isa() in ("avx512", "avx2", "portable")
+
+
+def test_bad_arguments_raise_clear_errors():
+    if not ops.available():
+        pytest.skip("compiled kernels not built")
+    codes = torch.zeros(4, 8, dtype=torch.uint8)
+    cb = torch.zeros(1, 16)
+    with pytest.raises(RuntimeError, match="x has 15 features, the weight 16"):
+        torch.ops.wclust.lut_linear(torch.zeros(1, 15), codes, 4, cb, *[None] * 5)
+    with pytest.raises(RuntimeError, match="codebook rows must be 1 or out_features"):
+        torch.ops.wclust.lut_decode(codes, 4, torch.zeros(3, 16), *[None] * 4)
+    with pytest.raises(RuntimeError, match="row index 4 out of range"):
+        torch.ops.wclust.lut_rows(codes, 4, cb, None, None, torch.tensor([4]))
+
+
+def test_loaded_model_runs_without_numba(tmp_path):
+    # a fresh process loads a saved model and runs it: the kernels are compiled
+    # code, numba (kept for compress-time work) and llvmlite stay unimported
+    from tests.conftest import tiny_whisper
+
+    m = tiny_whisper()
+    wclust.compress_(m, wclust.ClusterConfig(bits=4, method="nf4"))
+    path = tmp_path / "w.wclust"
+    wclust.save(m, path)
+    code = textwrap.dedent(f"""
+        import sys, torch, wclust
+        from wclust.kernels import ops
+        m = wclust.load({str(path)!r})
+        with torch.no_grad():
+            out = m(torch.randn(1, 16, 100), decoder_input_ids=torch.tensor([[1, 5, 7]]))
+        assert out.logits.shape == (1, 3, 300), out.logits.shape
+        assert ops.available(), "compiled kernels not loaded"
+        bad = [n for n in ("numba", "llvmlite") if n in sys.modules]
+        assert not bad, bad
+        print("ok")
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
+def test_decoder_step_compiles_to_one_op_per_layer():
+    from tests.conftest import tiny_whisper
+
+    if not ops.available():
+        pytest.skip("compiled kernels not built")
+    m = tiny_whisper()
+    wclust.compress_(m, wclust.ClusterConfig(bits=4, method="nf4"))
+    n_linear = sum(isinstance(mod, nn.Linear) for mod in m.model.decoder.modules())
+    dec = m.model.decoder
+    enc = torch.randn(1, 25, 64)
+    ids = torch.tensor([[1, 5, 7]])
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def step(ids, enc):
+        return dec(input_ids=ids, encoder_hidden_states=enc, use_cache=False).last_hidden_state
+
+    with torch.no_grad():
+        want = step(ids, enc)  # eager first: codes switch to the kernel layout
+        got = torch.compile(step, backend=counting, fullgraph=True)(ids, enc)
+        got_ind = torch.compile(step, backend="aot_eager")(ids, enc)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_ind, want, rtol=1e-5, atol=1e-5)
+    targets = [n.target for g in graphs for n in g.graph.nodes if n.op == "call_function"]
+    n_ops = sum(str(t).startswith("wclust.lut_linear") for t in targets)
+    assert n_ops == n_linear > 0  # one operator per compressed Linear
+
+
+def test_loading_decodes_no_weight(tmp_path, monkeypatch):
+    # the model is built on the meta device and filled with the stored codes: no
+    # dense copy of any clustered weight is made while loading
+    from tests.conftest import tiny_whisper
+    from wclust.nn.modules import ClusteredWeight
+
+    m = tiny_whisper()
+    wclust.compress_(m, wclust.ClusterConfig(bits=4, method="nf4"))
+    wclust.save(m, tmp_path / "w.wclust")
+
+    def no_dense(self):
+        raise AssertionError("a dense weight was built while loading")
+
+    monkeypatch.setattr(ClusteredWeight, "dense", no_dense)
+    loaded = wclust.load(tmp_path / "w.wclust")
+    assert any(isinstance(b, ClusteredWeight) for b in loaded.modules())

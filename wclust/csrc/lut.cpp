@@ -1,0 +1,655 @@
+// Lookup-table kernels on packed codes, registered as torch operators (wclust::*).
+//
+// Codes come in one of two kernel layouts, derived at load from the canonical file
+// packing (wclust.core.packing):
+//   nibbles (code_bits 4): (out, in / 2) uint8, byte k of a row holds inputs 2k (low
+//     nibble) and 2k + 1 (high); codes of 2 or 3 bits are widened to 4.
+//   bytes (code_bits 8): (out, in) uint8, one code per byte (codes of 5 to 8 bits).
+// The codebook is (1, K) for the tensor or (out, K) one per row; optional scale and
+// offset per group of consecutive inputs of a row, (out * in / group,) row-major.
+// A weight is codebook[row or 0][code] * scale[g] + offset[g].
+//
+// The 4-bit kernels keep a group's 16 weights (codebook * scale + offset, one FMA per
+// group) in one AVX-512 register and look up 16 codes at once with vpermps (two
+// 8-lane permutes and a blend on AVX2); 8-bit codes use gathers. Up to kMaxBatch
+// input rows share each look-up; more rows decode blocks of the weight and call the
+// BLAS matmul. Threads come from torch's own pool (at::parallel_for), so nothing
+// competes with torch's OpenMP threads. The instruction set is chosen at run time
+// (__builtin_cpu_supports), so one build runs on any x86-64 CPU.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <Python.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define WCLUST_X86 1
+#endif
+
+namespace wclust {
+namespace {
+
+constexpr int kMaxBatch = 8;
+
+enum Isa : int { kPortable = 0, kAvx2 = 1, kAvx512 = 2 };
+
+int detect_isa() {
+#ifdef WCLUST_X86
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f")) return kAvx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return kAvx2;
+#endif
+  return kPortable;
+}
+
+int best_isa() {
+  static const int best = detect_isa();
+  return best;
+}
+
+int initial_isa() {
+  // WCLUST_ISA=portable|avx2|avx512 caps the instruction set (tests, comparisons).
+  int isa = best_isa();
+  if (const char* env = std::getenv("WCLUST_ISA")) {
+    std::string s(env);
+    if (s == "portable") isa = kPortable;
+    else if (s == "avx2") isa = std::min(isa, static_cast<int>(kAvx2));
+  }
+  return isa;
+}
+
+std::atomic<int>& active_isa() {
+  static std::atomic<int> isa{initial_isa()};
+  return isa;
+}
+
+const char* isa_name(int isa) {
+  return isa == kAvx512 ? "avx512" : isa == kAvx2 ? "avx2" : "portable";
+}
+
+// What one call needs, read once from the tensors.
+struct Weight {
+  const uint8_t* codes;
+  int64_t out_f, in_f, row_bytes;
+  bool nibbles;               // 4-bit pairs, else one code per byte
+  const float* cb;            // (n_cb, K)
+  int64_t cb_stride;          // K for one codebook per row, 0 for one per tensor
+  int64_t K;
+  const float* scale;         // (out, n_groups) or null
+  const float* offset;        // (out, n_groups) or null
+  int64_t n_groups, group;    // groups per row, inputs per group
+};
+
+Weight make_weight(const at::Tensor& codes, int64_t code_bits, const at::Tensor& cb,
+                   const c10::optional<at::Tensor>& scale,
+                   const c10::optional<at::Tensor>& offset) {
+  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kByte && codes.is_contiguous(),
+              "wclust: codes must be a contiguous 2-D uint8 tensor");
+  TORCH_CHECK(code_bits == 4 || code_bits == 8, "wclust: code_bits must be 4 or 8");
+  TORCH_CHECK(cb.dim() == 2 && cb.scalar_type() == at::kFloat && cb.is_contiguous(),
+              "wclust: codebook must be a contiguous 2-D float32 tensor");
+  Weight w{};
+  w.codes = codes.data_ptr<uint8_t>();
+  w.out_f = codes.size(0);
+  w.row_bytes = codes.size(1);
+  w.nibbles = code_bits == 4;
+  w.in_f = w.nibbles ? 2 * w.row_bytes : w.row_bytes;
+  TORCH_CHECK(cb.size(0) == 1 || cb.size(0) == w.out_f,
+              "wclust: codebook rows must be 1 or out_features");
+  w.K = cb.size(1);
+  TORCH_CHECK(w.K >= 1 && w.K <= (int64_t{1} << code_bits),
+              "wclust: too many codebook entries for the code width");
+  w.cb = cb.data_ptr<float>();
+  w.cb_stride = cb.size(0) > 1 ? w.K : 0;
+  w.n_groups = 1;
+  w.group = w.in_f;
+  if (scale.has_value()) {
+    const auto& s = *scale;
+    TORCH_CHECK(s.scalar_type() == at::kFloat && s.is_contiguous(),
+                "wclust: scale must be contiguous float32");
+    TORCH_CHECK(w.out_f > 0 && s.numel() % w.out_f == 0 && s.numel() >= w.out_f,
+                "wclust: scale groups must lie within rows");
+    w.n_groups = s.numel() / w.out_f;
+    TORCH_CHECK(w.in_f % w.n_groups == 0, "wclust: scale groups must divide a row");
+    w.group = w.in_f / w.n_groups;
+    TORCH_CHECK(!w.nibbles || w.group % 2 == 0, "wclust: 4-bit groups must be even");
+    w.scale = s.data_ptr<float>();
+    if (offset.has_value()) {
+      TORCH_CHECK(offset->scalar_type() == at::kFloat && offset->is_contiguous() &&
+                      offset->numel() == s.numel(),
+                  "wclust: offset must be contiguous float32 shaped like scale");
+      w.offset = offset->data_ptr<float>();
+    }
+  } else {
+    TORCH_CHECK(!offset.has_value(), "wclust: an offset needs a scale");
+  }
+  return w;
+}
+
+inline uint8_t code_at(const Weight& w, int64_t o, int64_t j) {
+  const uint8_t* r = w.codes + o * w.row_bytes;
+  return w.nibbles ? ((r[j >> 1] >> ((j & 1) * 4)) & 15) : r[j];
+}
+
+// The row's (scaled) table of one group: t[c] = cb[c] * s + b, K entries padded to 16
+// (4-bit) or 256 (8-bit) with zeros. 8-bit tables only when scaled (else cb is read).
+inline void group_table(const Weight& w, int64_t o, int64_t g, float* t, int64_t size) {
+  const float* c = w.cb + o * w.cb_stride;
+  float s = w.scale ? w.scale[o * w.n_groups + g] : 1.f;
+  float b = w.offset ? w.offset[o * w.n_groups + g] : 0.f;
+  int64_t k = std::min(w.K, size);
+  for (int64_t i = 0; i < k; ++i) t[i] = c[i] * s + b;
+  for (int64_t i = k; i < size; ++i) t[i] = 0.f;
+}
+
+// ---------------------------------------------------------------- portable ----------
+
+void rows_portable(const Weight& w, const float* x, int64_t n, int64_t ldx, float* y,
+                   int64_t ldy, int64_t o0, int64_t o1) {
+  std::vector<float> t(w.nibbles ? 16 : 256);
+  float acc[kMaxBatch];
+  for (int64_t o = o0; o < o1; ++o) {
+    for (int64_t b = 0; b < n; ++b) acc[b] = 0.f;
+    for (int64_t g = 0; g < w.n_groups; ++g) {
+      group_table(w, o, g, t.data(), std::min<int64_t>(t.size(), w.K));
+      for (int64_t j = g * w.group; j < (g + 1) * w.group; ++j) {
+        float v = t[code_at(w, o, j)];
+        for (int64_t b = 0; b < n; ++b) acc[b] += v * x[b * ldx + j];
+      }
+    }
+    for (int64_t b = 0; b < n; ++b) y[b * ldy + o] = acc[b];
+  }
+}
+
+void decode_portable(const Weight& w, float* out, int64_t o0, int64_t o1) {
+  std::vector<float> t(w.nibbles ? 16 : 256);
+  for (int64_t o = o0; o < o1; ++o) {
+    float* r = out + (o - o0) * w.in_f;
+    for (int64_t g = 0; g < w.n_groups; ++g) {
+      group_table(w, o, g, t.data(), std::min<int64_t>(t.size(), w.K));
+      for (int64_t j = g * w.group; j < (g + 1) * w.group; ++j) r[j] = t[code_at(w, o, j)];
+    }
+  }
+}
+
+#ifdef WCLUST_X86
+// ---------------------------------------------------------------- AVX-512 -----------
+
+__attribute__((target("avx512f"))) inline float hsum512(__m512 v) {
+  return _mm512_reduce_add_ps(v);
+}
+
+// 16 bytes of nibble codes -> the 32 weights they code (two registers, input order).
+__attribute__((target("avx512f"))) inline void lookup32_512(const uint8_t* p, __m512 t,
+                                                            __m512& w0, __m512& w1) {
+  __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  __m128i m = _mm_set1_epi8(15);
+  __m128i lo = _mm_and_si128(bytes, m);
+  __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), m);
+  w0 = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi)), t);
+  w1 = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpackhi_epi8(lo, hi)), t);
+}
+
+__attribute__((target("avx512f"))) inline __m512 lookup16_512(const uint8_t* p, __m512 t) {
+  __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  __m128i m = _mm_set1_epi8(15);
+  __m128i lo = _mm_and_si128(bytes, m);
+  __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), m);
+  return _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi)), t);
+}
+
+// The row's group table in a register: codebook (zero-padded to 16) * scale + offset.
+__attribute__((target("avx512f"))) inline __m512 table16_512(const Weight& w, int64_t o,
+                                                             int64_t g) {
+  const float* c = w.cb + o * w.cb_stride;
+  __m512 t = w.K >= 16 ? _mm512_loadu_ps(c)
+                       : _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << w.K) - 1), c);
+  if (!w.scale) return t;
+  const int64_t i = o * w.n_groups + g;
+  return _mm512_fmadd_ps(t, _mm512_set1_ps(w.scale[i]),
+                         _mm512_set1_ps(w.offset ? w.offset[i] : 0.f));
+}
+
+template <int NB>
+__attribute__((target("avx512f"))) void rows4_avx512(const Weight& w, const float* x,
+                                                     int64_t ldx, float* y, int64_t ldy,
+                                                     int64_t o0, int64_t o1) {
+  alignas(64) float t[16];
+  for (int64_t o = o0; o < o1; ++o) {
+    const uint8_t* r = w.codes + o * w.row_bytes;
+    __m512 acc[NB], acc2[NB];  // two chains per row of x: FMA latency, not throughput
+    float tail[NB];
+    for (int b = 0; b < NB; ++b) acc[b] = acc2[b] = _mm512_setzero_ps(), tail[b] = 0.f;
+    for (int64_t g = 0; g < w.n_groups; ++g) {
+      __m512 tv = table16_512(w, o, g);
+      if (w.group % 32) _mm512_store_ps(t, tv);  // the scalar tail reads it
+      int64_t j = g * w.group, end = (g + 1) * w.group;
+      for (; j + 32 <= end; j += 32) {
+        __m512 w0, w1;
+        lookup32_512(r + j / 2, tv, w0, w1);
+        for (int b = 0; b < NB; ++b) {
+          const float* xb = x + b * ldx + j;
+          acc[b] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xb), acc[b]);
+          acc2[b] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xb + 16), acc2[b]);
+        }
+      }
+      if (j + 16 <= end) {
+        __m512 w0 = lookup16_512(r + j / 2, tv);
+        for (int b = 0; b < NB; ++b)
+          acc[b] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + b * ldx + j), acc[b]);
+        j += 16;
+      }
+      for (; j < end; ++j) {
+        float v = t[(r[j >> 1] >> ((j & 1) * 4)) & 15];
+        for (int b = 0; b < NB; ++b) tail[b] += v * x[b * ldx + j];
+      }
+    }
+    for (int b = 0; b < NB; ++b) y[b * ldy + o] = hsum512(_mm512_add_ps(acc[b], acc2[b])) + tail[b];
+  }
+}
+
+__attribute__((target("avx512f"))) void decode4_avx512(const Weight& w, float* out,
+                                                       int64_t o0, int64_t o1) {
+  alignas(64) float t[16];
+  for (int64_t o = o0; o < o1; ++o) {
+    const uint8_t* r = w.codes + o * w.row_bytes;
+    float* d = out + (o - o0) * w.in_f;
+    for (int64_t g = 0; g < w.n_groups; ++g) {
+      __m512 tv = table16_512(w, o, g);
+      if (w.group % 32) _mm512_store_ps(t, tv);  // the scalar tail reads it
+      int64_t j = g * w.group, end = (g + 1) * w.group;
+      for (; j + 32 <= end; j += 32) {
+        __m512 w0, w1;
+        lookup32_512(r + j / 2, tv, w0, w1);
+        _mm512_storeu_ps(d + j, w0);
+        _mm512_storeu_ps(d + j + 16, w1);
+      }
+      for (; j < end; ++j) d[j] = t[(r[j >> 1] >> ((j & 1) * 4)) & 15];
+    }
+  }
+}
+
+// 8-bit codes: gathers from the row's codebook (or its scaled table).
+template <int NB>
+__attribute__((target("avx512f"))) void rows8_avx512(const Weight& w, const float* x,
+                                                     int64_t ldx, float* y, int64_t ldy,
+                                                     int64_t o0, int64_t o1) {
+  alignas(64) float t[256];
+  std::memset(t, 0, sizeof(t));  // codes past the codebook read 0, never garbage
+  for (int64_t o = o0; o < o1; ++o) {
+    const uint8_t* r = w.codes + o * w.row_bytes;
+    __m512 acc[NB];
+    float tail[NB];
+    for (int b = 0; b < NB; ++b) acc[b] = _mm512_setzero_ps(), tail[b] = 0.f;
+    for (int64_t g = 0; g < w.n_groups; ++g) {
+      const float* tab;
+      if (w.scale || w.K < 256) {
+        group_table(w, o, g, t, w.K);  // entries >= K stay 0 (zeroed once)
+        tab = t;
+      } else {
+        tab = w.cb + o * w.cb_stride;
+      }
+      int64_t j = g * w.group, end = (g + 1) * w.group;
+      for (; j + 16 <= end; j += 16) {
+        __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r + j)));
+        __m512 wv = _mm512_i32gather_ps(idx, tab, 4);
+        for (int b = 0; b < NB; ++b)
+          acc[b] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + b * ldx + j), acc[b]);
+      }
+      for (; j < end; ++j)
+        for (int b = 0; b < NB; ++b) tail[b] += tab[r[j]] * x[b * ldx + j];
+    }
+    for (int b = 0; b < NB; ++b) y[b * ldy + o] = hsum512(acc[b]) + tail[b];
+  }
+}
+
+// ---------------------------------------------------------------- AVX2 --------------
+
+__attribute__((target("avx2,fma"))) inline float hsum256(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// 8 codes (epi32 lanes, 0..15) -> 8 weights from the 16-entry table (t0: 0-7, t1: 8-15).
+__attribute__((target("avx2,fma"))) inline __m256 lookup8_256(__m256i idx, __m256 t0,
+                                                              __m256 t1) {
+  __m256 a = _mm256_permutevar8x32_ps(t0, idx);
+  __m256 b = _mm256_permutevar8x32_ps(t1, idx);
+  return _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+}
+
+// 8 bytes of nibble codes -> 16 weights (two registers, input order).
+__attribute__((target("avx2,fma"))) inline void lookup16_256(const uint8_t* p, __m256 t0,
+                                                             __m256 t1, __m256& w0,
+                                                             __m256& w1) {
+  __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  __m128i m = _mm_set1_epi8(15);
+  __m128i lo = _mm_and_si128(bytes, m);
+  __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), m);
+  __m128i c = _mm_unpacklo_epi8(lo, hi);
+  w0 = lookup8_256(_mm256_cvtepu8_epi32(c), t0, t1);
+  w1 = lookup8_256(_mm256_cvtepu8_epi32(_mm_srli_si128(c, 8)), t0, t1);
+}
+
+template <int NB>
+__attribute__((target("avx2,fma"))) void rows4_avx2(const Weight& w, const float* x,
+                                                    int64_t ldx, float* y, int64_t ldy,
+                                                    int64_t o0, int64_t o1) {
+  alignas(32) float t[16];
+  for (int64_t o = o0; o < o1; ++o) {
+    const uint8_t* r = w.codes + o * w.row_bytes;
+    __m256 acc[NB];
+    float tail[NB];
+    for (int b = 0; b < NB; ++b) acc[b] = _mm256_setzero_ps(), tail[b] = 0.f;
+    for (int64_t g = 0; g < w.n_groups; ++g) {
+      group_table(w, o, g, t, 16);
+      __m256 t0 = _mm256_load_ps(t), t1 = _mm256_load_ps(t + 8);
+      int64_t j = g * w.group, end = (g + 1) * w.group;
+      for (; j + 16 <= end; j += 16) {
+        __m256 w0, w1;
+        lookup16_256(r + j / 2, t0, t1, w0, w1);
+        for (int b = 0; b < NB; ++b) {
+          const float* xb = x + b * ldx + j;
+          acc[b] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xb), acc[b]);
+          acc[b] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xb + 8), acc[b]);
+        }
+      }
+      for (; j < end; ++j) {
+        float v = t[(r[j >> 1] >> ((j & 1) * 4)) & 15];
+        for (int b = 0; b < NB; ++b) tail[b] += v * x[b * ldx + j];
+      }
+    }
+    for (int b = 0; b < NB; ++b) y[b * ldy + o] = hsum256(acc[b]) + tail[b];
+  }
+}
+
+__attribute__((target("avx2,fma"))) void decode4_avx2(const Weight& w, float* out,
+                                                      int64_t o0, int64_t o1) {
+  alignas(32) float t[16];
+  for (int64_t o = o0; o < o1; ++o) {
+    const uint8_t* r = w.codes + o * w.row_bytes;
+    float* d = out + (o - o0) * w.in_f;
+    for (int64_t g = 0; g < w.n_groups; ++g) {
+      group_table(w, o, g, t, 16);
+      __m256 t0 = _mm256_load_ps(t), t1 = _mm256_load_ps(t + 8);
+      int64_t j = g * w.group, end = (g + 1) * w.group;
+      for (; j + 16 <= end; j += 16) {
+        __m256 w0, w1;
+        lookup16_256(r + j / 2, t0, t1, w0, w1);
+        _mm256_storeu_ps(d + j, w0);
+        _mm256_storeu_ps(d + j + 8, w1);
+      }
+      for (; j < end; ++j) d[j] = t[(r[j >> 1] >> ((j & 1) * 4)) & 15];
+    }
+  }
+}
+
+template <int NB>
+__attribute__((target("avx2,fma"))) void rows8_avx2(const Weight& w, const float* x,
+                                                    int64_t ldx, float* y, int64_t ldy,
+                                                    int64_t o0, int64_t o1) {
+  alignas(32) float t[256];
+  std::memset(t, 0, sizeof(t));  // codes past the codebook read 0, never garbage
+  for (int64_t o = o0; o < o1; ++o) {
+    const uint8_t* r = w.codes + o * w.row_bytes;
+    __m256 acc[NB];
+    float tail[NB];
+    for (int b = 0; b < NB; ++b) acc[b] = _mm256_setzero_ps(), tail[b] = 0.f;
+    for (int64_t g = 0; g < w.n_groups; ++g) {
+      const float* tab;
+      if (w.scale || w.K < 256) {
+        group_table(w, o, g, t, w.K);  // entries >= K stay 0 (zeroed once)
+        tab = t;
+      } else {
+        tab = w.cb + o * w.cb_stride;
+      }
+      int64_t j = g * w.group, end = (g + 1) * w.group;
+      for (; j + 8 <= end; j += 8) {
+        __m256i idx = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(r + j)));
+        __m256 wv = _mm256_i32gather_ps(tab, idx, 4);
+        for (int b = 0; b < NB; ++b)
+          acc[b] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + b * ldx + j), acc[b]);
+      }
+      for (; j < end; ++j)
+        for (int b = 0; b < NB; ++b) tail[b] += tab[r[j]] * x[b * ldx + j];
+    }
+    for (int b = 0; b < NB; ++b) y[b * ldy + o] = hsum256(acc[b]) + tail[b];
+  }
+}
+#endif  // WCLUST_X86
+
+// ---------------------------------------------------------------- dispatch ----------
+
+using RowsFn = void (*)(const Weight&, const float*, int64_t, float*, int64_t, int64_t,
+                        int64_t);
+
+template <template <int> class K>
+RowsFn pick_batch(int64_t n) {
+  switch (n) {
+    case 1: return K<1>::f;
+    case 2: return K<2>::f;
+    case 3: return K<3>::f;
+    case 4: return K<4>::f;
+    case 5: return K<5>::f;
+    case 6: return K<6>::f;
+    case 7: return K<7>::f;
+    default: return K<8>::f;
+  }
+}
+
+#ifdef WCLUST_X86
+template <int NB> struct R4_512 { static constexpr RowsFn f = rows4_avx512<NB>; };
+template <int NB> struct R8_512 { static constexpr RowsFn f = rows8_avx512<NB>; };
+template <int NB> struct R4_256 { static constexpr RowsFn f = rows4_avx2<NB>; };
+template <int NB> struct R8_256 { static constexpr RowsFn f = rows8_avx2<NB>; };
+#endif
+
+// y (n, out) = x (n, in) @ W.T for rows [o0, o1), n <= kMaxBatch.
+void run_rows(const Weight& w, const float* x, int64_t n, int64_t ldx, float* y, int64_t ldy,
+              int64_t o0, int64_t o1, int isa) {
+#ifdef WCLUST_X86
+  if (isa == kAvx512) {
+    RowsFn f = w.nibbles ? pick_batch<R4_512>(n) : pick_batch<R8_512>(n);
+    return f(w, x, ldx, y, ldy, o0, o1);
+  }
+  if (isa == kAvx2) {
+    RowsFn f = w.nibbles ? pick_batch<R4_256>(n) : pick_batch<R8_256>(n);
+    return f(w, x, ldx, y, ldy, o0, o1);
+  }
+#endif
+  rows_portable(w, x, n, ldx, y, ldy, o0, o1);
+}
+
+// Rows [o0, o1) of the dense weight into out (row o at out + (o - o0) * in).
+void run_decode(const Weight& w, float* out, int64_t o0, int64_t o1, int isa) {
+#ifdef WCLUST_X86
+  if (w.nibbles && isa == kAvx512) return decode4_avx512(w, out, o0, o1);
+  if (w.nibbles && isa == kAvx2) return decode4_avx2(w, out, o0, o1);
+#endif
+  decode_portable(w, out, o0, o1);
+}
+
+int64_t grain_rows(const Weight& w, int64_t n) {
+  // ~16K weight-rows of work per task: small layers stay on one thread.
+  return std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(1, w.in_f * n));
+}
+
+struct Outliers {
+  const int32_t* idx = nullptr;
+  const at::Half* val = nullptr;
+  int64_t n = 0;
+};
+
+Outliers make_outliers(const c10::optional<at::Tensor>& idx,
+                       const c10::optional<at::Tensor>& val, int64_t numel) {
+  Outliers o;
+  TORCH_CHECK(idx.has_value() == val.has_value(), "wclust: outlier idx and val go together");
+  if (!idx.has_value()) return o;
+  TORCH_CHECK(idx->scalar_type() == at::kInt && val->scalar_type() == at::kHalf &&
+                  idx->is_contiguous() && val->is_contiguous() && idx->numel() == val->numel(),
+              "wclust: outliers must be contiguous int32 indices and float16 values");
+  o.idx = idx->data_ptr<int32_t>();
+  o.val = val->data_ptr<at::Half>();
+  o.n = idx->numel();
+  for (int64_t i = 0; i < o.n; ++i)
+    TORCH_CHECK(o.idx[i] >= 0 && o.idx[i] < numel, "wclust: outlier index out of range");
+  return o;
+}
+
+inline float weight_at(const Weight& w, int64_t o, int64_t j) {
+  float v = w.cb[o * w.cb_stride + code_at(w, o, j)];
+  if (w.scale) {
+    int64_t g = o * w.n_groups + j / w.group;
+    v = v * w.scale[g] + (w.offset ? w.offset[g] : 0.f);
+  }
+  return v;
+}
+
+void check_x(const at::Tensor& x, const Weight& w) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat,
+              "wclust: x must be a 2-D float32 tensor");
+  TORCH_CHECK(x.size(1) == w.in_f, "wclust: x has ", x.size(1), " features, the weight ",
+              w.in_f);
+}
+
+// ---------------------------------------------------------------- operators ---------
+
+at::Tensor lut_linear(const at::Tensor& x_in, const at::Tensor& codes, int64_t code_bits,
+                      const at::Tensor& codebook, const c10::optional<at::Tensor>& scale,
+                      const c10::optional<at::Tensor>& offset,
+                      const c10::optional<at::Tensor>& outlier_idx,
+                      const c10::optional<at::Tensor>& outlier_val,
+                      const c10::optional<at::Tensor>& bias) {
+  Weight w = make_weight(codes, code_bits, codebook, scale, offset);
+  check_x(x_in, w);
+  at::Tensor x = x_in.contiguous();
+  Outliers ol = make_outliers(outlier_idx, outlier_val, w.out_f * w.in_f);
+  const int64_t n = x.size(0);
+  const int isa = active_isa().load(std::memory_order_relaxed);
+  const float* xp = x.data_ptr<float>();
+  at::Tensor y;
+  if (n <= kMaxBatch) {
+    // each weight looked up once for all n rows; outliers corrected after
+    y = at::empty({n, w.out_f}, x.options());
+    float* yp = y.data_ptr<float>();
+    if (n > 0)
+      at::parallel_for(0, w.out_f, grain_rows(w, n), [&](int64_t o0, int64_t o1) {
+        run_rows(w, xp, n, w.in_f, yp, w.out_f, o0, o1, isa);
+      });
+    for (int64_t i = 0; i < ol.n; ++i) {
+      int64_t o = ol.idx[i] / w.in_f, j = ol.idx[i] % w.in_f;
+      float d = static_cast<float>(ol.val[i]) - weight_at(w, o, j);
+      for (int64_t b = 0; b < n; ++b) yp[b * w.out_f + o] += d * xp[b * w.in_f + j];
+    }
+    if (bias.has_value()) y.add_(*bias);
+    return y;
+  }
+  // many rows: decode blocks of about 4 MB of the weight, then the BLAS matmul;
+  // yt (out, n) = W_block @ x.T, row block by row block
+  const int64_t block = std::max<int64_t>(16, (int64_t{1} << 20) / std::max<int64_t>(1, w.in_f));
+  at::Tensor wbuf = at::empty({std::min(block, w.out_f), w.in_f}, x.options());
+  at::Tensor yt = at::empty({w.out_f, n}, x.options());
+  at::Tensor xt = x.t();
+  for (int64_t r0 = 0; r0 < w.out_f; r0 += block) {
+    const int64_t r1 = std::min(w.out_f, r0 + block);
+    at::Tensor wb = wbuf.narrow(0, 0, r1 - r0);
+    float* wp = wb.data_ptr<float>();
+    at::parallel_for(r0, r1, grain_rows(w, 1), [&](int64_t o0, int64_t o1) {
+      run_decode(w, wp + (o0 - r0) * w.in_f, o0, o1, isa);
+    });
+    for (int64_t i = 0; i < ol.n; ++i) {
+      int64_t o = ol.idx[i] / w.in_f;
+      if (o >= r0 && o < r1) wp[(o - r0) * w.in_f + ol.idx[i] % w.in_f] = static_cast<float>(ol.val[i]);
+    }
+    at::Tensor yb = yt.narrow(0, r0, r1 - r0);
+    if (bias.has_value())
+      at::addmm_out(yb, bias->narrow(0, r0, r1 - r0).unsqueeze(1), wb, xt);
+    else
+      at::mm_out(yb, wb, xt);
+  }
+  return yt.t().contiguous();
+}
+
+at::Tensor lut_decode(const at::Tensor& codes, int64_t code_bits, const at::Tensor& codebook,
+                      const c10::optional<at::Tensor>& scale,
+                      const c10::optional<at::Tensor>& offset,
+                      const c10::optional<at::Tensor>& outlier_idx,
+                      const c10::optional<at::Tensor>& outlier_val) {
+  Weight w = make_weight(codes, code_bits, codebook, scale, offset);
+  Outliers ol = make_outliers(outlier_idx, outlier_val, w.out_f * w.in_f);
+  const int isa = active_isa().load(std::memory_order_relaxed);
+  at::Tensor out = at::empty({w.out_f, w.in_f}, codebook.options());
+  float* p = out.data_ptr<float>();
+  at::parallel_for(0, w.out_f, grain_rows(w, 1), [&](int64_t o0, int64_t o1) {
+    run_decode(w, p + o0 * w.in_f, o0, o1, isa);
+  });
+  for (int64_t i = 0; i < ol.n; ++i) p[ol.idx[i]] = static_cast<float>(ol.val[i]);
+  return out;
+}
+
+at::Tensor lut_rows(const at::Tensor& codes, int64_t code_bits, const at::Tensor& codebook,
+                    const c10::optional<at::Tensor>& scale,
+                    const c10::optional<at::Tensor>& offset, const at::Tensor& idx_in) {
+  Weight w = make_weight(codes, code_bits, codebook, scale, offset);
+  at::Tensor idx = idx_in.to(at::kLong).contiguous();
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  const int64_t m = idx.numel();
+  for (int64_t i = 0; i < m; ++i)
+    TORCH_CHECK(ip[i] >= 0 && ip[i] < w.out_f, "wclust: row index ", ip[i],
+                " out of range for ", w.out_f, " rows");
+  const int isa = active_isa().load(std::memory_order_relaxed);
+  at::Tensor out = at::empty({m, w.in_f}, codebook.options());
+  float* p = out.data_ptr<float>();
+  at::parallel_for(0, m, grain_rows(w, 1), [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) run_decode(w, p + i * w.in_f, ip[i], ip[i] + 1, isa);
+  });
+  return out;
+}
+
+std::string isa(const std::string& cap) {
+  // "" reads the active instruction set; a name caps it (never above the CPU's)
+  if (cap == "portable") active_isa() = kPortable;
+  else if (cap == "avx2") active_isa() = std::min(best_isa(), static_cast<int>(kAvx2));
+  else if (cap == "avx512" || cap == "best") active_isa() = best_isa();
+  else TORCH_CHECK(cap.empty(), "wclust: isa must be portable, avx2, avx512 or best");
+  return isa_name(active_isa().load());
+}
+
+}  // namespace
+
+TORCH_LIBRARY(wclust, m) {
+  m.def(
+      "lut_linear(Tensor x, Tensor codes, int code_bits, Tensor codebook, Tensor? scale, "
+      "Tensor? offset, Tensor? outlier_idx, Tensor? outlier_val, Tensor? bias) -> Tensor");
+  m.def(
+      "lut_decode(Tensor codes, int code_bits, Tensor codebook, Tensor? scale, Tensor? offset, "
+      "Tensor? outlier_idx, Tensor? outlier_val) -> Tensor");
+  m.def(
+      "lut_rows(Tensor codes, int code_bits, Tensor codebook, Tensor? scale, Tensor? offset, "
+      "Tensor idx) -> Tensor");
+  m.def("isa(str cap) -> str", &isa);
+}
+
+TORCH_LIBRARY_IMPL(wclust, CPU, m) {
+  m.impl("lut_linear", &lut_linear);
+  m.impl("lut_decode", &lut_decode);
+  m.impl("lut_rows", &lut_rows);
+}
+
+}  // namespace wclust
+
+// A Python module only so that `import wclust._C` loads the library (and so the ops).
+static struct PyModuleDef wclust_c_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&wclust_c_module); }

@@ -1,0 +1,139 @@
+"""The compiled lookup-table kernels as torch operators, with a torch-op fallback.
+
+``wclust._C`` (built from ``wclust/csrc/lut.cpp`` by ``pip install``) registers
+``torch.ops.wclust.lut_linear``, ``lut_decode`` and ``lut_rows``; this module gives
+them fake (meta) implementations, so ``torch.compile`` and ``torch.export`` see one
+operator per compressed layer, and wraps them. Where the library is missing (not
+built, build failed) or ``WCLUST_KERNELS=torch`` is set, the same functions run
+plain torch ops (decode, then ``F.linear``) after one warning.
+
+Kernel layouts (derived at load from the canonical file packing):
+    codes (out, in / 2) uint8 with ``code_bits`` 4: two codes per byte, input 2k in
+        the low nibble (codes of 1 to 3 bits widened to 4);
+    codes (out, in) uint8 with ``code_bits`` 8: one code per byte (5 to 8 bits).
+A weight is ``codebook[row or 0, code] * scale[g] + offset[g]``; ``codebook`` is
+(1 or out, K) float32, ``scale``/``offset`` (out * in / group,) float32 by (row,
+group); outliers (int32 flat indices into (out, in), float16 values) replace it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["available", "decode", "isa", "linear", "rows"]
+
+
+_AVAILABLE: bool | None = None  # decided on first use
+
+
+def available() -> bool:
+    """Whether the compiled kernels run (the library loads, ``WCLUST_KERNELS`` is not
+    ``torch``); warns once when they do not."""
+    global _AVAILABLE
+    if _AVAILABLE is None:
+        _AVAILABLE = _load()
+    return _AVAILABLE
+
+
+def _load() -> bool:
+    if os.environ.get("WCLUST_KERNELS", "") == "torch":
+        return False
+    try:
+        importlib.import_module("wclust._C")  # loading the library registers the operators
+    except ImportError as e:
+        warnings.warn(
+            f"wclust: compiled kernels not built ({e}); running torch ops instead (slower, "
+            "more memory). Build them with `pip install -e .` in the wclust checkout.",
+            stacklevel=3,
+        )
+        return False
+    _register_fakes()
+    return True
+
+
+def isa(cap: str = "") -> str:
+    """The instruction set the compiled kernels use ("avx512", "avx2", "portable"),
+    or "torch" without them; ``cap`` lowers it (tests, comparisons) or "best" restores
+    it."""
+    return torch.ops.wclust.isa(cap) if available() else "torch"
+
+
+def _in_features(codes: torch.Tensor, code_bits: int) -> int:
+    return codes.shape[1] * (2 if code_bits == 4 else 1)
+
+
+_FAKES: list = []  # registered once per process (a second registration is an error)
+
+
+def _register_fakes() -> None:
+    if _FAKES:
+        return
+    _FAKES.append(True)
+
+    @torch.library.register_fake("wclust::lut_linear")
+    def _(x, codes, code_bits, codebook, scale, offset, outlier_idx, outlier_val, bias):
+        return x.new_empty(x.shape[0], codes.shape[0])
+
+    @torch.library.register_fake("wclust::lut_decode")
+    def _(codes, code_bits, codebook, scale, offset, outlier_idx, outlier_val):
+        return codebook.new_empty(codes.shape[0], _in_features(codes, code_bits))
+
+    @torch.library.register_fake("wclust::lut_rows")
+    def _(codes, code_bits, codebook, scale, offset, idx):
+        return codebook.new_empty(idx.numel(), _in_features(codes, code_bits))
+
+
+def linear(x, codes, code_bits, codebook, scale, offset, outlier_idx, outlier_val, bias):
+    """``x @ W.T + bias`` read from the codes: x (n, in) float32 -> (n, out). Up to 8
+    rows share each code look-up; more rows decode blocks of W for the BLAS matmul."""
+    if available():
+        return torch.ops.wclust.lut_linear(
+            x, codes, code_bits, codebook, scale, offset, outlier_idx, outlier_val, bias
+        )
+    w = decode(codes, code_bits, codebook, scale, offset, outlier_idx, outlier_val)
+    return F.linear(x, w, bias)
+
+
+def decode(codes, code_bits, codebook, scale, offset, outlier_idx, outlier_val):
+    """The dense (out, in) float32 weight."""
+    if available():
+        return torch.ops.wclust.lut_decode(
+            codes, code_bits, codebook, scale, offset, outlier_idx, outlier_val
+        )
+    w = _decode_torch(codes, code_bits, codebook, scale, offset)
+    if outlier_idx is not None:
+        w = w.view(-1).index_put((outlier_idx.long(),), outlier_val.float()).view(w.shape)
+    return w
+
+
+def rows(codes, code_bits, codebook, scale, offset, idx):
+    """Rows ``idx`` (1-D int64) of the dense weight, (len(idx), in) float32, without
+    outliers (the caller places them)."""
+    if available():
+        return torch.ops.wclust.lut_rows(codes, code_bits, codebook, scale, offset, idx)
+    out_f = codes.shape[0]
+    cb = codebook if codebook.shape[0] == 1 else codebook.index_select(0, idx)
+    if scale is not None:
+        scale = scale.view(out_f, -1).index_select(0, idx)
+        offset = None if offset is None else offset.view(out_f, -1).index_select(0, idx)
+    return _decode_torch(codes.index_select(0, idx), code_bits, cb, scale, offset)
+
+
+def _decode_torch(codes, code_bits, codebook, scale, offset):
+    out_f = codes.shape[0]
+    if code_bits == 4:  # (out, in / 2) -> (out, in): low nibble first
+        codes = torch.stack([codes & 15, codes >> 4], -1).view(out_f, -1)
+    idx = codes.long()
+    w = codebook[0][idx] if codebook.shape[0] == 1 else codebook.gather(1, idx)
+    if scale is not None:
+        n_groups = scale.numel() // out_f
+        w = w.view(out_f, n_groups, -1) * scale.view(out_f, n_groups, 1)
+        if offset is not None:
+            w = w + offset.view(out_f, n_groups, 1)
+        w = w.view(out_f, -1)
+    return w
