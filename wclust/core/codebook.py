@@ -120,7 +120,8 @@ def codebook_layout(
 
     "tensor": one codebook. "channel": one per index of dim 0 (output channel).
     "group": each channel's elements (flattened in row-major order, i.e. along the
-    input dimension) split into consecutive groups of ``group_size``.
+    input dimension) split into consecutive groups of ``group_size``; a
+    ``group_size`` that is a multiple of the channel size groups whole channels.
     """
     numel = math.prod(shape)
     if granularity == "tensor":
@@ -140,10 +141,13 @@ def codebook_layout(
         return out, per_channel
     if group_size is None or group_size < 1:
         raise ValueError("granularity='group' needs group_size, a positive integer")
+    if group_size % per_channel == 0 and numel % group_size == 0:
+        return numel // group_size, group_size  # whole output channels share a codebook
     if per_channel % group_size:
         raise ValueError(
             f"group_size={group_size} does not divide the {per_channel} elements per output "
-            f"channel of shape {tuple(shape)}; pick a divisor of {per_channel}"
+            f"channel of shape {tuple(shape)}; pick a divisor of {per_channel} (or a "
+            f"multiple of it that divides {numel}: codebooks over whole channels)"
         )
     return out * (per_channel // group_size), group_size
 
@@ -220,7 +224,9 @@ def cluster_tensor(
     codebook_dtype: str = "float32",
     seed: int = 0,
     max_iter: int = 300,
-) -> ClusteredTensor:
+    cluster_dim: int = 1,
+    **vector_options,
+):
     """Replace a tensor by codebooks of centroids plus one code per element.
 
     Args:
@@ -241,11 +247,41 @@ def cluster_tensor(
             float32 scale per codebook). Codes are re-assigned to the rounded centroids.
         seed: RNG seed for the random inits; results are deterministic given it.
         max_iter: Lloyd iteration cap.
+        cluster_dim: weights per code (coremltools' name). 1: scalar codebooks
+            (this function). 2, 4 or 8: vector codebooks over that many consecutive
+            weights along the input dimension, ``core.vector.cluster_vectors`` (then
+            ``bits`` counts code bits per weight, ``n_clusters = 2**(bits * d)``,
+            ``method`` is ignored, ``init`` is "product" or "random" and
+            ``vector_options`` are its further arguments, e.g. ``scale_group_size``).
 
     Returns:
-        A :class:`ClusteredTensor`. A codebook with fewer distinct values than
-        ``n_clusters`` reproduces its values exactly (spare centroids repeat a value).
+        A :class:`ClusteredTensor` (``cluster_dim`` 1; a codebook with fewer distinct
+        values than ``n_clusters`` reproduces its values exactly: spare centroids
+        repeat a value), or a ``core.vector.VectorClusteredTensor``.
     """
+    if cluster_dim != 1:
+        from .vector import cluster_vectors
+
+        if keep_zeros:
+            raise ValueError("keep_zeros works with scalar codebooks only (cluster_dim=1)")
+        return cluster_vectors(
+            x,
+            n_clusters,
+            cluster_dim=cluster_dim,
+            bits=bits,
+            granularity=granularity,
+            group_size=group_size,
+            sample_weight=sample_weight,
+            init="product" if init == "kmeans++" else init,
+            codebook_dtype=codebook_dtype,
+            seed=seed,
+            **vector_options,
+        )
+    if vector_options:
+        raise TypeError(
+            f"unexpected argument(s) {sorted(vector_options)}: they are options of vector "
+            "codebooks (cluster_dim > 1)"
+        )
     k = _resolve_k(n_clusters, bits)
     sw = _validate(x, sample_weight, method, init, codebook_dtype)
     shape = tuple(x.shape)
