@@ -441,8 +441,10 @@ def _count_other(model: nn.Module, report: CompressionReport, layer_params: set[
     """Tensors that are not layer weights; >=2-D parameters of unsupported layers are
     reported as dense layers so that nothing large goes unmentioned."""
     seen = set(layer_params)
+    from .nn.vector import VectorWeight
+
     for mod_name, mod in model.named_modules():
-        if isinstance(mod, ClusteredWeight):
+        if isinstance(mod, (ClusteredWeight, VectorWeight)):
             continue
         for pname, t in list(mod._parameters.items()) + list(mod._buffers.items()):
             if t is None or id(t) in seen:
