@@ -177,3 +177,14 @@ def test_bad_input_gets_clear_errors():
         cluster_tensor(x, bits=1, cluster_dim=2, keep_zeros=True)
     with pytest.raises(ValueError, match="NaN"):
         cluster_vectors(torch.full((2, 4), math.nan), bits=1, cluster_dim=2)
+
+
+@pytest.mark.parametrize("scalar", ["exact", "fit"])
+def test_groups_of_zeros_stay_zero(scalar):
+    """A zero row (an embedding padding token): no 0/0 in the float16 scales."""
+    x, _ = _weights(rows=8, cols=64)
+    x[3] = 0.0
+    vec = cluster_vectors(x, bits=2, cluster_dim=2, scale_group_size=32, scalar=scalar)
+    assert torch.isfinite(vec.dequantize()).all()
+    assert vec.dequantize()[3].abs().max() < 1e-4  # at most a centroid times the floor scale
+    assert torch.isfinite(scaled_kmeans(x, 2, 32).dequantize()).all()

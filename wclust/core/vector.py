@@ -458,7 +458,8 @@ def cluster_vectors(
             scale = sc.scale
             cb1 = sc.codebook.double().expand(n_cb, -1)
         else:
-            scale = xf.view(-1, scale_group_size).abs().amax(1).clamp_min(1e-12).half()
+            floor = torch.finfo(torch.float16).tiny  # as scaled_kmeans: no 0/0 on zeros
+            scale = xf.view(-1, scale_group_size).abs().amax(1).half().clamp_min(floor)
     elif init == "product":
         ct = cluster_tensor(
             xf.view(shape),
