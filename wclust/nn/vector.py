@@ -255,7 +255,8 @@ class VectorWeight(nn.Module):
         d = self.cluster_dim
         xs = x.detach().float().reshape(in_f // d, d)  # (in/d, d)
         cb = self.codebook_float()  # (n_cb, k, d)
-        table = torch.matmul(cb, xs.t())  # (n_cb, k, in/d)
+        # (n_cb, k, in/d); one plain 2-D product for a single codebook
+        table = cb[0] @ xs.t() if cb.shape[0] == 1 else torch.matmul(cb, xs.t())
         vals = table.reshape(-1).index_select(0, self._lut_index().reshape(-1))
         vals = vals.view(out_f, -1)  # (out, in/d)
         if self.group_scale is None:
