@@ -151,3 +151,26 @@ def test_bad_weights_get_clear_errors():
         VectorWeight(vw.packed, vw.codebook[..., :1], None, vw.shape, vw.bits, 2)
     with pytest.raises(ValueError, match="int8 codebook needs its scales"):
         VectorWeight(vw.packed, vw.codebook.to(torch.int8), None, vw.shape, vw.bits, 2)
+
+
+def test_row_split_parts_may_be_vector_codebooks(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(96, 32))
+    cfg = ClusterConfig(
+        bits=2,
+        method="scaled-exact",
+        group_size=32,
+        overrides={"0": {"row_split": [{"until": 32, "cluster_dim": 2, "bits": 3}]}},
+    )
+    rep = wclust.compress_(model, cfg)
+    assert rep.layers[0].status == "clustered", rep.layers[0].reason
+    cw = model[0].clustered
+    first, rest = cw.parts
+    assert isinstance(first, VectorWeight) and first.bits == 6
+    assert not isinstance(rest, VectorWeight) and rest.bits == 2
+    ids = torch.tensor([[0, 40, 31, 95]])
+    with torch.no_grad():
+        assert torch.equal(model[0](ids), cw.dense()[ids])
+    path = wclust.save(model, tmp_path / "rs.wclust", report=rep, config=cfg)
+    back = wclust.load(path, model_factory=lambda: nn.Sequential(nn.Embedding(96, 32)))
+    assert torch.equal(back[0].clustered.dense(), cw.dense())
