@@ -44,10 +44,15 @@ def test_cluster_dim_1_is_the_scalar_path():
 def test_product_init_never_worse_than_the_scalar_codebook(d, bits, granularity, group_size):
     x, sw = _weights()
     kw = {"granularity": granularity, "group_size": group_size, "sample_weight": sw}
-    scalar = cluster_tensor(x, bits=bits, method="exact", **kw)
     vec = cluster_tensor(x, bits=bits, cluster_dim=d, **kw)
+    if group_size:  # codebooks over whole rows: the scalar ones, one per row of this view
+        n = x.numel() // group_size
+        kw = {"granularity": "channel", "sample_weight": sw.reshape(n, -1)}
+        scalar = cluster_tensor(x.reshape(n, -1), bits=bits, method="exact", **kw)
+    else:
+        scalar = cluster_tensor(x, bits=bits, method="exact", **kw)
     assert isinstance(vec, VectorClusteredTensor)
-    e_s, e_v = _err(x, scalar.dequantize(), sw), _err(x, vec.dequantize(), sw)
+    e_s, e_v = _err(x, scalar.dequantize().reshape(x.shape), sw), _err(x, vec.dequantize(), sw)
     assert vec.mse == pytest.approx(e_v, rel=1e-6)
     assert e_v <= e_s * (1 + 1e-9)
     assert e_v < 0.97 * e_s  # Lloyd in d dimensions finds a better codebook here

@@ -120,8 +120,7 @@ def codebook_layout(
 
     "tensor": one codebook. "channel": one per index of dim 0 (output channel).
     "group": each channel's elements (flattened in row-major order, i.e. along the
-    input dimension) split into consecutive groups of ``group_size``; a
-    ``group_size`` that is a multiple of the channel size groups whole channels.
+    input dimension) split into consecutive groups of ``group_size``.
     """
     numel = math.prod(shape)
     if granularity == "tensor":
@@ -141,13 +140,10 @@ def codebook_layout(
         return out, per_channel
     if group_size is None or group_size < 1:
         raise ValueError("granularity='group' needs group_size, a positive integer")
-    if group_size % per_channel == 0 and numel % group_size == 0:
-        return numel // group_size, group_size  # whole output channels share a codebook
     if per_channel % group_size:
         raise ValueError(
             f"group_size={group_size} does not divide the {per_channel} elements per output "
-            f"channel of shape {tuple(shape)}; pick a divisor of {per_channel} (or a "
-            f"multiple of it that divides {numel}: codebooks over whole channels)"
+            f"channel of shape {tuple(shape)}; pick a divisor of {per_channel}"
         )
     return out * (per_channel // group_size), group_size
 

@@ -8,8 +8,8 @@ codebook of ``2**b`` values, but the centroids may sit anywhere in d-space inste
 of on a grid (the gain of GPTVQ / AQLM / VPTQ, and of coremltools' ``cluster_dim``).
 
 Codebooks are laid out as the scalar ones (``codebook.codebook_layout``: per tensor,
-per output channel, or per group of consecutive weights, e.g. ``group_size = m * in``
-for m output channels sharing one codebook). Optionally the weights are first
+per output channel, or per group of consecutive weights of a channel), or per group
+of whole output channels (``group_size = m * in``: m channels share one codebook). Optionally the weights are first
 normalized per group of ``scale_group_size`` consecutive weights by a float16 scale
 (absmax, or fitted), the vector analogue of ``quantizers.scaled_kmeans``.
 
@@ -155,6 +155,18 @@ def _decode(codebook: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor | N
     if scale is not None:
         w = (w.view(scale.numel(), -1) * scale.float()[:, None]).reshape(-1)
     return w
+
+
+def _layout(shape, granularity, group_size) -> tuple[int, int]:
+    """(n_codebooks, weights per codebook): ``codebook_layout``, and for "group" a
+    ``group_size`` that is a multiple of the row length: codebooks over whole rows
+    (output channels)."""
+    numel = math.prod(shape)
+    if granularity == "group" and len(shape) >= 2 and isinstance(group_size, int):
+        row = numel // shape[0]
+        if group_size > 0 and group_size % row == 0 and numel % group_size == 0:
+            return numel // group_size, group_size
+    return codebook_layout(shape, granularity, group_size)
 
 
 def _resolve_vector_k(n_clusters, bits, d) -> int:
@@ -411,7 +423,7 @@ def cluster_vectors(
             f"cluster_dim={d} does not divide the {row} weights per row of shape {shape}; "
             f"pick a cluster_dim that divides {row}"
         )
-    n_cb, per = codebook_layout(shape, granularity, group_size)
+    n_cb, per = _layout(shape, granularity, group_size)
     if per % d:
         raise ValueError(
             f"group_size={group_size} is not a multiple of cluster_dim={d}; vectors must "
@@ -461,13 +473,12 @@ def cluster_vectors(
             floor = torch.finfo(torch.float16).tiny  # as scaled_kmeans: no 0/0 on zeros
             scale = xf.view(-1, scale_group_size).abs().amax(1).half().clamp_min(floor)
     elif init == "product":
-        ct = cluster_tensor(
-            xf.view(shape),
+        ct = cluster_tensor(  # the same codebooks, one per row of (n_cb, per)
+            xf.view(n_cb, per),
             n_clusters=m,
-            granularity=granularity,
-            group_size=group_size,
+            granularity="channel" if n_cb > 1 else "tensor",
             method="exact",
-            sample_weight=w.view(shape),
+            sample_weight=w.view(n_cb, per),
             codebook_dtype=codebook_dtype if codebook_dtype != "int8" else "float32",
         )
         cb1 = ct.codebook.double()  # (n_cb, m)
