@@ -29,13 +29,16 @@ def _bench():
 @pytest.fixture(scope="module")
 def matrices():
     bench = _bench()
-    wanted = ("model.encoder.layers.0.self_attn.q_proj", "model.decoder.layers.5.fc2")
+    wanted = ("model.encoder.layers.0.self_attn.q_proj", "model.decoder.layers.5.self_attn.v_proj")
     return bench, {n: w for n, w in bench.whisper_matrices() if n in wanted}
 
 
 @pytest.mark.parametrize(
     "name,bits",
-    [("model.encoder.layers.0.self_attn.q_proj", 3), ("model.decoder.layers.5.fc2", 2)],
+    [
+        ("model.encoder.layers.0.self_attn.q_proj", 3),
+        ("model.decoder.layers.5.self_attn.v_proj", 2),
+    ],
 )
 def test_vector_beats_the_best_scalar_codebook_at_equal_bits(matrices, name, bits):
     bench, mats = matrices
