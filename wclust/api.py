@@ -45,6 +45,8 @@ TENSOR_METHODS: Registry = Registry("tensor method")
 @TENSOR_METHODS.register("exact", "optimal 1-D k-means per codebook")
 @TENSOR_METHODS.register("kmeans", "Lloyd k-means per codebook")
 def _cluster(data, s, sw, seed):
+    if s.get("cluster_dim", 1) > 1:
+        return _cluster_vector(data, s, sw, seed)
     frac = s.get("outliers") or 0.0
     idx = None
     if frac > 0:
@@ -92,6 +94,37 @@ def _cluster(data, s, sw, seed):
     return cw, st
 
 
+def _cluster_vector(data, s, sw, seed, scalar=None):
+    """Vector codebooks (``cluster_dim`` > 1): laid out by granularity, or over
+    float16-scaled groups (``scalar``: the scaled method's scalar codebook)."""
+    from .core.vector import cluster_vectors
+    from .nn.vector import VectorWeight
+
+    scaled = scalar is not None
+    vc = cluster_vectors(
+        data,
+        s["n_clusters"],
+        cluster_dim=s["cluster_dim"],
+        bits=s["bits"],
+        granularity="tensor" if scaled else s["granularity"],
+        group_size=None if scaled else s["group_size"],
+        scale_group_size=(s["group_size"] or 64) if scaled else None,
+        scalar=scalar or "exact",
+        sample_weight=sw,
+        codebook_dtype=s["codebook_dtype"],
+        seed=seed,
+    )
+    st = {
+        "mse": vc.mse,
+        "distinct": _distinct_codes(vc.codes, vc.n_codebooks, vc.n_clusters),
+        "n_clusters": vc.n_clusters,
+        "cluster_dim": vc.cluster_dim,
+        "granularity": "group" if scaled else vc.granularity,
+        "group_size": vc.scale_group_size if scaled else vc.group_size,
+    }
+    return VectorWeight.from_clustered(vc), st
+
+
 def _scaled_stats(sc, data):
     n_g = sc.scale.numel()
     codes = sc.codes.reshape(n_g, -1)
@@ -124,6 +157,8 @@ def _rtn_sym(data, s, sw, seed):
     "scaled-exact", "one k-means codebook per tensor over absmax-normalized groups"
 )
 def _scaled_exact(data, s, sw, seed):
+    if s.get("cluster_dim", 1) > 1:
+        return _cluster_vector(data, s, sw, seed, scalar="exact")
     return _scaled_stats(scaled_kmeans(data, _bits(s), s["group_size"] or 64, sw), data)
 
 
@@ -132,6 +167,8 @@ def _scaled_exact(data, s, sw, seed):
     "one codebook per tensor over absmax-normalized groups: Lloyd from NormalFloat, -1/0/+1 kept",
 )
 def _scaled_lloyd(data, s, sw, seed):
+    if s.get("cluster_dim", 1) > 1:
+        return _cluster_vector(data, s, sw, seed, scalar="lloyd")
     return _scaled_stats(
         scaled_kmeans(data, _bits(s), s["group_size"] or 64, sw, method="lloyd"), data
     )
@@ -143,6 +180,8 @@ def _scaled_lloyd(data, s, sw, seed):
     "codebook learned again; twice",
 )
 def _scaled_fit(data, s, sw, seed):
+    if s.get("cluster_dim", 1) > 1:
+        return _cluster_vector(data, s, sw, seed, scalar="fit")
     return _scaled_stats(
         scaled_kmeans(data, _bits(s), s["group_size"] or 64, sw, method="lloyd", fit_scale=True),
         data,
@@ -279,6 +318,7 @@ def _compress_weight(
     entry.bits = cw.bits
     entry.n_clusters = cw.n_clusters
     entry.n_codebooks = cw.n_codebooks
+    entry.cluster_dim = st.get("cluster_dim")
     entry.distinct_values = st["distinct"]
     entry.mse = st["mse"]
     entry.rel_error = st["mse"] / ms if ms > 0 else 0.0
@@ -296,6 +336,8 @@ def memo_key(unit: str, settings: dict) -> tuple:
 def _cluster_settings(data, settings, sw, seed, unit: str = "", memo: dict | None = None):
     """One tensor clustered with one layer's settings: (ClusteredWeight, stats)."""
     meta = {k: settings[k] for k in ("method", "granularity", "group_size", "codebook_dtype")}
+    if settings.get("cluster_dim", 1) > 1:
+        meta["cluster_dim"] = settings["cluster_dim"]
     hit = memo.pop(memo_key(unit, settings), None) if memo else None
     cw, st = hit or TENSOR_METHODS.get(settings["method"])(data, settings, sw, seed)
     cw.meta = {**meta, **st}
@@ -375,8 +417,10 @@ def _count_other(model: nn.Module, report: CompressionReport, layer_params: set[
     """Tensors that are not layer weights; >=2-D parameters of unsupported layers are
     reported as dense layers so that nothing large goes unmentioned."""
     seen = set(layer_params)
+    from .nn.vector import VectorWeight
+
     for mod_name, mod in model.named_modules():
-        if isinstance(mod, ClusteredWeight):
+        if isinstance(mod, (ClusteredWeight, VectorWeight)):
             continue
         for pname, t in list(mod._parameters.items()) + list(mod._buffers.items()):
             if t is None or id(t) in seen:

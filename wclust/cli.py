@@ -521,6 +521,8 @@ def _print_report(d: dict, max_rows: int | None = None, stored: dict | None = No
             status if r["status"] == "clustered" else f"[yellow]{status}[/]",
             "/".join(str(x["bits"]) for x in r["row_split"])
             if r.get("row_split")
+            else f"{r['bits']} (d={r['cluster_dim']})"  # a code per cluster_dim weights
+            if (r.get("cluster_dim") or 1) > 1
             else str(r["bits"] or ""),
             str(r["n_codebooks"] or ""),
             str(r["distinct_values"] or ""),

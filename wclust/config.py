@@ -56,6 +56,7 @@ _LAYER_FIELDS = (
     "outliers",
     "skip",
     "row_split",
+    "cluster_dim",
 )
 # Fields a row range of a split layer may change (``row_split``).
 _SEGMENT_FIELDS = tuple(f for f in _LAYER_FIELDS if f not in ("skip", "row_split"))
@@ -93,6 +94,12 @@ class ClusterConfig:
             with the layer's own settings (e.g. a token embedding's frequent rows at
             more bits: ``{"row_split": [{"until": 16000, "bits": 4}], "bits": 3}``).
         seed: RNG seed.
+        cluster_dim: weights per code (coremltools' name): 1 scalar codebooks; 2, 4
+            or 8 vector codebooks over that many consecutive weights of a row
+            (``core.vector``), with methods exact/kmeans (codebooks laid out by
+            ``granularity``) or scaled-exact/-lloyd/-fit (float16 scales per group of
+            ``group_size`` weights); ``bits`` still counts code bits per weight
+            (``n_clusters = 2**(bits * cluster_dim)``).
     """
 
     bits: int | None = 4
@@ -110,6 +117,7 @@ class ClusterConfig:
     min_numel: int = 0
     overrides: dict = field(default_factory=dict)
     seed: int = 0
+    cluster_dim: int = 1
 
     def __post_init__(self):
         for name in ("include", "exclude", "layer_types"):
@@ -233,9 +241,34 @@ def row_segments(settings: dict, where: str = "row_split") -> list[dict]:
     return out
 
 
+_VECTOR_METHODS = ("exact", "kmeans", "scaled-exact", "scaled-lloyd", "scaled-fit")
+
+
+def _check_cluster_dim(d: dict, where: str) -> int:
+    dim = d.get("cluster_dim", 1)
+    if type(dim) is not int or dim not in (1, 2, 4, 8):
+        raise ConfigError(f"{where}: cluster_dim must be 1, 2, 4 or 8, got {dim!r}")
+    if dim == 1:
+        return dim
+    if d["method"] not in _VECTOR_METHODS:
+        raise ConfigError(
+            f"{where}: cluster_dim={dim} works with methods {', '.join(_VECTOR_METHODS)}, "
+            f"not {d['method']!r}; use cluster_dim=1"
+        )
+    if d.get("keep_zeros") or d.get("outliers"):
+        raise ConfigError(f"{where}: keep_zeros and outliers need cluster_dim=1")
+    return dim
+
+
 def _check_layer_settings(d: dict, where: str) -> None:
+    dim = _check_cluster_dim(d, where)
     try:
-        _resolve_k(d.get("n_clusters"), d.get("bits"))
+        if dim == 1:
+            _resolve_k(d.get("n_clusters"), d.get("bits"))
+        else:
+            from .core.vector import _resolve_vector_k
+
+            _resolve_vector_k(d.get("n_clusters"), d.get("bits"), dim)
     except ValueError as e:
         raise ConfigError(f"{where}: {e}") from None
     if d["granularity"] not in GRANULARITIES:

@@ -267,7 +267,10 @@ def scaled_kmeans(
         raise ValueError(f"method must be 'exact' or 'lloyd', got {method!r}")
     rows = _groups(x, group_size)
     sw = None if sample_weight is None else sample_weight.detach().float().reshape(rows.shape)
-    scale = rows.abs().amax(1).clamp_min(1e-12).half()
+    # float16 scales floored at its smallest normal value: 1e-12 would round to 0
+    # and a group of zeros (e.g. a padding embedding row) would divide 0 by 0
+    floor = torch.finfo(torch.float16).tiny
+    scale = rows.abs().amax(1).half().clamp_min(floor)
     table = None
     if method == "lloyd":
         nf = normal_float_table(bits)  # the start, and the centroids the anchors keep
@@ -276,7 +279,7 @@ def scaled_kmeans(
             fixed = torch.zeros_like(fixed)
     for r in range(rounds + 1 if fit_scale else 1):
         if r:
-            scale = fit_scales(rows, table, sw)
+            scale = fit_scales(rows, table, sw).clamp_min(floor)
         s = scale.float()[:, None]
         normed = rows / s
         w = s.expand_as(rows) ** 2

@@ -16,6 +16,10 @@ altered file is rejected. Tensors:
 - a weight clustered in row ranges (``RowSplitWeight``) has ``parts`` in its header
   entry, each stored like a clustered weight under ``clustered.<i>.part<j>.*`` with
   its ``rows``; such files have format version 3.
+- a weight with a vector codebook (``nn.vector.VectorWeight``, one code per
+  ``cluster_dim`` weights) has ``cluster_dim`` in its entry, a 3-D codebook
+  (n_codebooks, n_clusters, cluster_dim) and codes of up to 16 bits; such files
+  have format version 4.
 - every other parameter and buffer under its own module path; a tensor used under
   several names is stored once, the other names listed in ``aliases``.
 
@@ -39,12 +43,14 @@ from torch import nn
 
 from ..nn.modules import ClusteredWeight, RowSplitWeight, base_class, swap_weight
 from ..nn.owners import clustered_weights, layer_type, set_module
+from ..nn.vector import VectorWeight
 
 __all__ = ["FORMAT_VERSION", "FormatError", "load", "read_header", "save", "stored_bytes"]
 
-# 2: entropy-coded codes; 3: row-split weights (each file says the lowest version
-# that has what it uses, so older readers keep reading the rest)
-FORMAT_VERSION = 3
+# 2: entropy-coded codes; 3: row-split weights; 4: vector codebooks (each file says
+# the lowest version that has what it uses, so older readers keep reading the rest)
+FORMAT_VERSION = 4
+VECTOR_VERSION = 4
 MAX_HEADER_BYTES = 64 << 20
 # Largest clustered weight a header may declare (2**36 weights, 64 Gi): a bound on
 # what decoding may allocate, checked before any tensor is read.
@@ -184,6 +190,12 @@ def _add_tensor(writer: FileWriter, key: str, cw: ClusteredWeight, entropy) -> d
     """Add one ClusteredWeight's codes, codebook and side tables; returns the header
     fields that describe them (key, shape, bits, dtype, meta, entropy)."""
     info = None
+    vector = isinstance(cw, VectorWeight)
+    if vector and entropy is not None:
+        raise ValueError(
+            f"{key}: entropy coding works with scalar codebooks; save vector codebooks "
+            "(cluster_dim > 1) with entropy=None"
+        )
     if entropy is None:
         writer.add(f"{key}.codes", cw.packed_rows())
     else:
@@ -206,6 +218,7 @@ def _add_tensor(writer: FileWriter, key: str, cw: ClusteredWeight, entropy) -> d
         "dtype": _dtype_name(cw.dtype),
         "meta": cw.meta,
         **({"entropy": info} if info is not None else {}),
+        **({"cluster_dim": cw.cluster_dim} if vector else {}),
     }
 
 
@@ -219,7 +232,7 @@ def plain_tensors(model: nn.Module, skip: set[int] = frozenset()):
     """
     first_name: dict[int, str] = {}
     for mod_name, mod in model.named_modules(remove_duplicate=False):
-        if isinstance(mod, ClusteredWeight):
+        if isinstance(mod, (ClusteredWeight, VectorWeight)):
             continue
         for kind, store in (("p", mod._parameters), ("b", mod._buffers)):
             for attr, t in store.items():
@@ -236,9 +249,11 @@ def plain_tensors(model: nn.Module, skip: set[int] = frozenset()):
 
 def make_header(model, entries, aliases, config, report, source, extra, entropy) -> dict:
     """The JSON header of a .wclust file (see the module docstring)."""
+    vector = any("cluster_dim" in p for e in entries for p in [e, *e.get("parts", ())])
+    version = 3 if any("parts" in e for e in entries) else 2 if entropy else 1
     return {
         "format": "wclust",
-        "version": 3 if any("parts" in e for e in entries) else 2 if entropy else 1,
+        "version": VECTOR_VERSION if vector else version,
         "arch": _arch(model),
         "clustered": entries,
         "aliases": aliases,
@@ -513,8 +528,18 @@ def _check_tensor_entry(e: dict, bad) -> None:
         bad(f"{e['key']}: shape {shape!r} is not a list of non-negative integers")
     if math.prod(shape) > MAX_NUMEL:
         bad(f"{e['key']}: shape {shape} declares more than {MAX_NUMEL} weights")
-    if type(bits) is not int or not 1 <= bits <= 8:
-        bad(f"{e['key']}: bits {bits!r} is not an integer from 1 to 8")
+    max_bits = 8
+    if "cluster_dim" in e:
+        dim = e["cluster_dim"]
+        if type(dim) is not int or dim not in (2, 4, 8):
+            bad(f"{e['key']}: cluster_dim {dim!r} is not 2, 4 or 8")
+        if not shape or (math.prod(shape) // max(shape[0], 1)) % dim:
+            bad(f"{e['key']}: cluster_dim {dim} does not divide the rows of shape {shape}")
+        if "entropy" in e:
+            bad(f"{e['key']}: vector codebooks are not entropy-coded")
+        max_bits = 16
+    if type(bits) is not int or not 1 <= bits <= max_bits:
+        bad(f"{e['key']}: bits {bits!r} is not an integer from 1 to {max_bits}")
     if not isinstance(e.get("dtype"), str) or e["dtype"] not in _DTYPES:
         bad(f"{e['key']}: unknown dtype {e.get('dtype')!r}")
     if not isinstance(e.get("meta"), dict | None) or not isinstance(e.get("entropy", {}), dict):
@@ -665,6 +690,8 @@ def _check_parts(key: str, e: dict, tensors: dict) -> None:
         t = tensors.get(f"{key}.{part}")
         if t is None:
             continue
+        if part == "codebook" and "cluster_dim" in e:
+            dims = 3  # (n_codebooks, n_clusters, cluster_dim)
         if t.dtype not in dtypes or (dims is not None and t.dim() != dims):
             raise FormatError(
                 f"{key}.{part}: dtype {_dtype_name(t.dtype)} with {t.dim()} dims is not a "
@@ -720,7 +747,7 @@ def _fill(model: nn.Module, header: dict, tensors: dict, cache: bool) -> None:
     left = [
         full
         for mod_name, mod in model.named_modules(remove_duplicate=False)
-        if not isinstance(mod, ClusteredWeight)
+        if not isinstance(mod, (ClusteredWeight, VectorWeight))
         for store in (mod._parameters, mod._buffers)
         for attr, t in store.items()
         if t is not None
@@ -739,6 +766,27 @@ def _clustered_tensor(e: dict, tensors: dict, transpose: bool) -> ClusteredWeigh
     key = e["key"]
     _check_parts(key, e, tensors)
     packed = _entropy_decode(key, e, tensors) if "entropy" in e else tensors[f"{key}.codes"]
+    if "cluster_dim" in e:
+        extra = {"group_offset", "outlier_idx", "outlier_val"} & {
+            n.rpartition(".")[2] for n in tensors if n.rpartition(".")[0] == key
+        }
+        if extra:
+            raise FormatError(f"{key}: a vector codebook has no {sorted(extra)} tensors")
+        try:
+            return VectorWeight(
+                packed,
+                tensors[f"{key}.codebook"],
+                tensors.get(f"{key}.scale"),
+                tuple(e["shape"]),
+                int(e["bits"]),
+                int(e["cluster_dim"]),
+                _DTYPES[e["dtype"]],
+                transpose,
+                e.get("meta"),
+                tensors.get(f"{key}.group_scale"),
+            )
+        except ValueError as err:
+            raise FormatError(f"{key}: {err}") from None
     cw = ClusteredWeight(
         packed,
         tensors[f"{key}.codebook"],

@@ -41,6 +41,8 @@ class KMeans:
         codebook_dtype: "float32" | "float16" | "bfloat16" | "int8".
         keep_zeros: pruned (zero) weights stay exactly zero.
         outliers: fraction of weights kept exactly in a sparse side table.
+        cluster_dim: weights per code: 1 (scalar), or 2, 4, 8 consecutive weights of
+            a row clustered as one vector (``2**(bits * cluster_dim)`` centroids).
     """
 
     bits: int | None = None
@@ -52,6 +54,7 @@ class KMeans:
     codebook_dtype: str = "float32"
     keep_zeros: bool = False
     outliers: float = 0.0
+    cluster_dim: int = 1
 
     kind = "kmeans"
 
@@ -105,6 +108,7 @@ class KMeans:
             "codebook_dtype": self.codebook_dtype,
             "keep_zeros": self.keep_zeros,
             "outliers": float(self.outliers),
+            "cluster_dim": self.cluster_dim,
         }
 
 
@@ -123,11 +127,14 @@ class ScaledCodebook:
             (Lloyd from the NormalFloat table, -1/0/+1 kept: never worse than NF4's
             weighted error) | "fit" (lloyd, then each group's scale fitted to its
             weighted error and the codebook learned again).
+        cluster_dim: weights per code: 1 (scalar), or 2, 4, 8 consecutive weights
+            clustered as one vector over the scaled groups.
     """
 
     bits: int = 4
     group_size: int = 64
     fit: str = "lloyd"
+    cluster_dim: int = 1
 
     kind = "scaled"
 
@@ -144,6 +151,7 @@ class ScaledCodebook:
             "granularity": "channel",
             "group_size": self.group_size,
             "method": _FITS[self.fit],
+            "cluster_dim": self.cluster_dim,
         }
 
 
@@ -208,6 +216,7 @@ _HINTS = {
     "algorithm": "algorithm belongs to 'kmeans'; the scaled quantizer's is 'fit'",
     "fit": "fit belongs to 'scaled'",
     "symmetric": "symmetric belongs to 'rtn'",
+    "cluster_dim": "vector codebooks (cluster_dim) belong to 'kmeans' and 'scaled'",
     "init": "init belongs to 'kmeans' with algorithm 'lloyd'",
     "group_size": "group_size of 'kmeans' needs granularity 'group'",
 }

@@ -39,6 +39,8 @@ class LayerReport:
     seconds: float = 0.0
     # a row-split weight: [{"rows": [start, end], "bits": ..., "group_size": ...}, ...]
     row_split: list | None = None
+    # weights per code of a vector codebook (``bits`` is then the code width)
+    cluster_dim: int | None = None
 
 
 @dataclass

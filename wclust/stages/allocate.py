@@ -72,8 +72,9 @@ def allocate_bits(
         config: base settings (granularity, method, outliers, selection, ...).
         sample_weights: importance per weight (from ``calibrate``); uniform if None.
         candidates: settings to choose from: widths, or ``(bits, group_size)`` pairs
-            (for methods with per-group scales: fewer, larger groups cost less);
-            default ``WIDTHS``.
+            (for methods with per-group scales: fewer, larger groups cost less), or
+            ``(bits, group_size, cluster_dim)`` triples (vector codebooks of that many
+            weights per code; group_size may be None); default ``WIDTHS``.
         progress: callback ``(layer name, index, total)``.
         memo: if given, filled with the clustering of each layer (or row range) at the
             setting chosen for it, keyed as ``compress_(..., _memo=memo)`` looks it
@@ -100,8 +101,11 @@ def allocate_bits(
     for t in {id(t): t for t in list(model.parameters()) + list(model.buffers())}.values():
         if id(t) not in layer_ids:
             fixed += t.numel() * t.element_size()
-    cands = [c if isinstance(c, tuple) else (c, None) for c in candidates or WIDTHS]
-    options: dict[str, list[tuple[tuple[int, int | None], int, float]]] = {}
+    # every candidate as (bits, group size or None, cluster_dim or None)
+    cands = [
+        (*c, None)[:3] if isinstance(c, tuple) else (c, None, None) for c in candidates or WIDTHS
+    ]
+    options: dict[str, list[tuple[tuple[int, int | None, int | None], int, float]]] = {}
     tried: dict = {}  # (unit, setting) -> (memo key, ClusteredWeight, stats)
     splits: dict[str, list[str]] = {}  # split layer: its ranges' unit names
     for i, (w, owners) in enumerate(groups):
@@ -129,18 +133,20 @@ def allocate_bits(
         unit_opts = {}
         for unit, udata, usw, useg in units:
             opts = []
-            for b, gs in cands:
+            for b, gs, dim in cands:
                 s = {**useg, "bits": b, "n_clusters": None}
                 if gs is not None:
                     s["group_size"] = gs
+                if dim is not None:
+                    s["cluster_dim"] = dim
                 try:
                     cw, st = TENSOR_METHODS.get(s["method"])(udata, s, usw, cfg.seed)
                 except ValueError:
                     continue
                 total_w = float(usw.double().sum()) if usw is not None else float(udata.numel())
-                opts.append(((b, gs), cw.nbytes, st["mse"] * total_w))
+                opts.append(((b, gs, dim), cw.nbytes, st["mse"] * total_w))
                 if memo is not None:
-                    tried[unit, (b, gs)] = (memo_key(unit, s), cw, st)
+                    tried[unit, (b, gs, dim)] = (memo_key(unit, s), cw, st)
             unit_opts[unit] = sorted(opts, key=lambda o: (o[1], o[2]))
         if not all(unit_opts.values()):
             fixed += w.numel() * w.element_size()
@@ -151,8 +157,9 @@ def allocate_bits(
     choice = {n: 0 for n in options}
     used = sum(o[0][1] for o in options.values())
     if used > budget:
-        b, gs = cands[0]
+        b, gs, dim = cands[0]
         cheapest = f"{b}-bit" + (f" in groups of {gs}" if gs else "")
+        cheapest += f" with cluster_dim {dim}" if dim else ""
         raise ValueError(
             f"target {target_bits} bits/weight is below what {cheapest} everywhere "
             f"costs ({8 * (used + fixed) / total_numel:.3f} bits/weight)"
@@ -179,16 +186,17 @@ def allocate_bits(
             key, cw, st = tried[n, setting]
             memo[key] = (cw, st)
     tried.clear()
-    bits = {n: b for n, (b, _) in chosen.items()}
+    bits = {n: b for n, (b, _, _) in chosen.items()}
     overrides = dict(cfg.overrides)
 
-    def _setting(b, gs):
-        return {"bits": b} if gs is None else {"bits": b, "group_size": gs}
+    def _setting(b, gs, dim):
+        out = {"bits": b} if gs is None else {"bits": b, "group_size": gs}
+        return out if dim is None else {**out, "cluster_dim": dim}
 
     in_split = {u for units in splits.values() for u in units}
-    for n, (b, gs) in chosen.items():
+    for n, setting in chosen.items():
         if n not in in_split:
-            overrides[n] = {**overrides.get(n, {}), **_setting(b, gs)}
+            overrides[n] = {**overrides.get(n, {}), **_setting(*setting)}
     for n, units in splits.items():
         user = cfg.for_layer(n)["row_split"]  # the user's ranges (their other fields kept)
         split = [{**seg, **_setting(*chosen[u])} for seg, u in zip(user, units[:-1], strict=True)]
@@ -200,6 +208,8 @@ def allocate_bits(
         "bits_per_weight": 8 * (used + fixed) / total_numel,
         "target_bits": target_bits,
     }
-    if any(gs is not None for _, gs in cands):
-        summary["group_size"] = {n: gs for n, (_, gs) in chosen.items()}
+    if any(gs is not None for _, gs, _ in cands):
+        summary["group_size"] = {n: gs for n, (_, gs, _) in chosen.items()}
+    if any(dim is not None for _, _, dim in cands):
+        summary["cluster_dim"] = {n: dim or 1 for n, (_, _, dim) in chosen.items()}
     return new_cfg, summary

@@ -117,10 +117,11 @@ def freeze_codebooks_(model: nn.Module) -> None:
             cb[:, 0] = 0.0
         dtype = cw.meta.get("codebook_dtype", "float32")
         scale = None
-        if dtype == "int8":
-            amax = cb.abs().amax(1)
+        if dtype == "int8":  # one scale per codebook (2-D scalar, 3-D vector codebooks)
+            amax = cb.abs().flatten(1).amax(1)
             scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
-            cb = torch.round(cb / scale[:, None]).clamp(-127, 127).to(torch.int8)
+            per = scale.view(-1, *[1] * (cb.dim() - 1))
+            cb = torch.round(cb / per).clamp(-127, 127).to(torch.int8)
         elif dtype in ("float16", "bfloat16"):
             cb = cb.to(getattr(torch, dtype))
         del cw._parameters["codebook"]
@@ -148,6 +149,8 @@ class _Reassigner:
 
     def __init__(self, cws: list[ClusteredWeight], lr: float):
         for cw in cws:
+            if getattr(cw, "cluster_dim", 1) > 1:
+                raise ValueError("re-assignment works on scalar codebooks (cluster_dim=1)")
             if cw.group_scale is not None or cw.outlier_idx is not None:
                 raise ValueError(
                     "re-assignment works on plain codebooks (no group scales, no outliers)"
