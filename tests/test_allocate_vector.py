@@ -4,10 +4,10 @@ import copy
 
 import torch
 from torch import nn
-from wclust.allocate import allocate_bits
 
 import wclust
 from wclust.config import ClusterConfig
+from wclust.stages.allocate import allocate_bits
 
 
 def test_allocator_chooses_cluster_dim_within_the_budget():

@@ -62,6 +62,8 @@ def test_refusals_name_where_the_field_belongs():
         get_recipe("nf4:bits=3")
     with pytest.raises(ConfigError, match="codebook_dtype belongs to 'kmeans'"):
         get_recipe("scaled:codebook_dtype=float16")
+    with pytest.raises(ConfigError, match="codebook_dtype belongs to 'kmeans'"):
+        get_recipe("nf4:codebook_dtype=float16")
     with pytest.raises(ConfigError, match="granularity 'group'"):
         KMeans(group_size=64)
     with pytest.raises(ConfigError, match="keep_zeros=true"):

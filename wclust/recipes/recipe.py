@@ -82,7 +82,7 @@ class Calibration:
 
 @dataclass(frozen=True)
 class Budget:
-    """Bits per layer chosen under an average (``wclust.allocate_bits``).
+    """Bits per layer chosen under an average (``wclust.stages.allocate.allocate_bits``).
 
     Args:
         bits: average bits per weight over every parameter, everything counted.

@@ -129,12 +129,15 @@ class ScaledCodebook:
             weighted error and the codebook learned again).
         cluster_dim: weights per code: 1 (scalar), or 2, 4, 8 consecutive weights
             clustered as one vector over the scaled groups.
+        codebook_dtype: of a vector codebook (cluster_dim > 1); a scalar one stays
+            float32.
     """
 
     bits: int = 4
     group_size: int = 64
     fit: str = "lloyd"
     cluster_dim: int = 1
+    codebook_dtype: str = "float32"
 
     kind = "scaled"
 
@@ -143,6 +146,11 @@ class ScaledCodebook:
         _check_group("scaled", self.group_size)
         if self.fit not in _FITS:
             raise ConfigError(f"scaled: fit must be one of {', '.join(_FITS)}, got {self.fit!r}")
+        if self.codebook_dtype != "float32" and self.cluster_dim == 1:
+            raise ConfigError(
+                "scaled: a scalar codebook (cluster_dim=1) stays float32 (the scales are "
+                "float16); codebook_dtype belongs to 'kmeans' or to vector codebooks"
+            )
 
     def layer(self) -> dict:
         return {
@@ -152,6 +160,7 @@ class ScaledCodebook:
             "group_size": self.group_size,
             "method": _FITS[self.fit],
             "cluster_dim": self.cluster_dim,
+            "codebook_dtype": self.codebook_dtype,
         }
 
 
