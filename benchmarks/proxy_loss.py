@@ -148,7 +148,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from wclust.cli import quiet_third_party
+    from wclust._env import quiet_third_party
 
     quiet_third_party()
     main()

@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from wclust.core.codebook import cluster_tensor
+from wclust.core.cluster import cluster_tensor
 from wclust.core.quantizers import scaled_kmeans
 from wclust.core.vector import cluster_vectors
 

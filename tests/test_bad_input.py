@@ -59,4 +59,5 @@ def test_directory_instead_of_a_file(tmp_path):
         wclust.read_header(tmp_path)
     r = CliRunner().invoke(app, ["inspect", str(tmp_path)])
     assert r.exit_code == 2 and isinstance(r.exception, SystemExit), r.output
-    assert "Is a directory" in " ".join(r.output.split())
+    # a folder is read as a Hugging Face folder: this one is none
+    assert "not a wclust Hugging Face folder" in " ".join(r.output.split())

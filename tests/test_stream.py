@@ -30,6 +30,7 @@ def header_and_tensors(path):
     raw = wf._read_raw_header(path)
     h = json.loads(raw["text"])
     h["report"]["seconds"] = 0
+    h["report"]["stages"] = {}  # seconds per stage
     for layer in h["report"]["layers"]:
         layer["seconds"] = 0
     return h, load_file(str(path))

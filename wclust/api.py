@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .config import ClusterConfig, row_segments
-from .core.codebook import cluster_tensor
+from .core.cluster import cluster_tensor
 from .core.quantizers import nf4, rtn, scaled_kmeans
 from .nn.modules import (
     ClusteredWeight,

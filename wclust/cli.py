@@ -269,7 +269,7 @@ def compress(
         _fail(f"--format must be wclust or hf, got {fmt!r}")
     if fmt == "hf" and (stream or entropy):
         _fail("--format hf writes packed codes of the whole model: drop --stream/--entropy")
-    if fmt == "wclust" and output.exists() and output.is_dir():
+    if fmt == "wclust" and _exists(output) and output.is_dir():
         _fail(f"{output} is a directory; give a file name such as {output / 'model.wclust'}")
     for flag, d in (("--distill-data", distill_data), ("--calib-data", calib_data)):
         if d is not None and ":" not in d and not _exists(d):
@@ -339,7 +339,14 @@ def _compress_recipe(
     if fmt == "hf":
         from wclust.integrations.transformers import save_hf
 
-        _run(save_hf, loaded.model, output, report=report, processor=loaded.processor)
+        _run(
+            save_hf,
+            loaded.model,
+            output,
+            report=report,
+            config=report.config,
+            processor=loaded.processor,
+        )
         _print_report(report.to_dict(), max_rows=12)
         size = sum(f.stat().st_size for f in output.glob("*.safetensors"))
         console.print(f"wrote {output}/ ({size / 1e6:.2f} MB of safetensors)")

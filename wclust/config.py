@@ -295,15 +295,10 @@ def _check_layer_settings(d: dict, where: str) -> None:
             f"{where}: nf4 has a fixed 4-bit table, got bits={d['bits']}; for other widths use "
             "a learned codebook (method scaled-lloyd) or rtn"
         )
-    scalar = d.get("cluster_dim", 1) == 1  # vector codebooks store any codebook dtype
-    if (
-        d["method"] not in _CLUSTER_METHODS
-        and scalar
-        and d.get("codebook_dtype", "float32") != "float32"
-    ):
+    if d["method"] in ("nf4", "rtn", "rtn-sym") and d.get("codebook_dtype", "float32") != "float32":
         raise ConfigError(
-            f"{where}: method {d['method']} keeps a float32 codebook and fp16 scales; "
-            "codebook_dtype works with methods exact and kmeans (or cluster_dim > 1)"
+            f"{where}: method {d['method']} has a fixed table and float16 scales; "
+            "codebook_dtype works with methods exact and kmeans (and vector codebooks)"
         )
     if d["init"] not in INITS:
         raise ConfigError(f"{where}: init {d['init']!r} is unknown; choose {', '.join(INITS)}")

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from wclust.core.codebook import cluster_tensor
+from wclust.core.cluster import cluster_tensor
 from wclust.core.packing import packed_nbytes, unpack_codes
 from wclust.core.quantizers import scaled_kmeans
 from wclust.core.vector import (

@@ -229,7 +229,7 @@ def test_asr_pipeline_runs_the_clustered_modules(asr_model_dir, monkeypatch):
     )
     proc = transformers.WhisperProcessor.from_pretrained(asr_model_dir)
     calls = []
-    for name in ("dense", "matvec"):
+    for name in ("dense", "linear", "rows"):
         orig = getattr(ClusteredWeight, name)
 
         def spy(self, *a, _orig=orig, **k):

@@ -73,7 +73,7 @@ def _cli(*args):
 
 def test_unknown_method_fails_fast(tmp_path):
     r = _cli("compare", "--methods", "fp32,nope", "-o", tmp_path)
-    assert r.exit_code == 2 and "unknown method 'nope'" in r.stderr
+    assert r.exit_code == 2 and "'nope' is neither a preset" in r.stderr
 
 
 def test_compare_refuses_to_calibrate_on_the_evaluation_data(tmp_path):

@@ -78,7 +78,7 @@ def test_cluster_config_refuses_what_a_method_would_drop():
     with pytest.raises(ConfigError, match="nf4"):
         ClusterConfig(method="nf4", bits=3, group_size=64)
     with pytest.raises(ConfigError, match="codebook_dtype"):
-        ClusterConfig(method="scaled-fit", group_size=64, codebook_dtype="float16")
+        ClusterConfig(method="rtn", group_size=64, codebook_dtype="float16")
 
 
 @pytest.mark.parametrize("name", PRESETS.names())

@@ -1,6 +1,7 @@
 """Pure tensor code: clustering, codebooks, packing. No nn.Module, no model knowledge."""
 
-from .codebook import ClusteredTensor, cluster_tensor, codebook_layout
+from .cluster import cluster_tensor
+from .codebook import ClusteredTensor, codebook_layout
 from .packing import pack_codes, packed_nbytes, unpack_codes
 
 __all__ = [

@@ -17,7 +17,7 @@ __all__ = [
     "GRANULARITIES",
     "METHODS",
     "ClusteredTensor",
-    "cluster_tensor",
+    "cluster_scalar",
     "codebook_layout",
 ]
 
@@ -206,7 +206,7 @@ def _validate(x, sample_weight, method, init, codebook_dtype):
     return None
 
 
-def cluster_tensor(
+def cluster_scalar(
     x: torch.Tensor,
     n_clusters: int | None = None,
     *,
@@ -220,10 +220,9 @@ def cluster_tensor(
     codebook_dtype: str = "float32",
     seed: int = 0,
     max_iter: int = 300,
-    cluster_dim: int = 1,
-    **vector_options,
-):
-    """Replace a tensor by codebooks of centroids plus one code per element.
+) -> ClusteredTensor:
+    """Replace a tensor by scalar codebooks of centroids plus one code per element
+    (``wclust.cluster_tensor`` with ``cluster_dim=1``).
 
     Args:
         x: floating-point tensor (fp32/fp16/bf16), any shape, finite.
@@ -243,41 +242,10 @@ def cluster_tensor(
             float32 scale per codebook). Codes are re-assigned to the rounded centroids.
         seed: RNG seed for the random inits; results are deterministic given it.
         max_iter: Lloyd iteration cap.
-        cluster_dim: weights per code (coremltools' name). 1: scalar codebooks
-            (this function). 2, 4 or 8: vector codebooks over that many consecutive
-            weights along the input dimension, ``core.vector.cluster_vectors`` (then
-            ``bits`` counts code bits per weight, ``n_clusters = 2**(bits * d)``,
-            ``method`` is ignored, ``init`` is "product" or "random" and
-            ``vector_options`` are its further arguments, e.g. ``scale_group_size``).
-
     Returns:
-        A :class:`ClusteredTensor` (``cluster_dim`` 1; a codebook with fewer distinct
-        values than ``n_clusters`` reproduces its values exactly: spare centroids
-        repeat a value), or a ``core.vector.VectorClusteredTensor``.
+        A :class:`ClusteredTensor` (a codebook with fewer distinct values than
+        ``n_clusters`` reproduces its values exactly: spare centroids repeat a value).
     """
-    if cluster_dim != 1:
-        from .vector import cluster_vectors
-
-        if keep_zeros:
-            raise ValueError("keep_zeros works with scalar codebooks only (cluster_dim=1)")
-        return cluster_vectors(
-            x,
-            n_clusters,
-            cluster_dim=cluster_dim,
-            bits=bits,
-            granularity=granularity,
-            group_size=group_size,
-            sample_weight=sample_weight,
-            init="product" if init == "kmeans++" else init,
-            codebook_dtype=codebook_dtype,
-            seed=seed,
-            **vector_options,
-        )
-    if vector_options:
-        raise TypeError(
-            f"unexpected argument(s) {sorted(vector_options)}: they are options of vector "
-            "codebooks (cluster_dim > 1)"
-        )
     k = _resolve_k(n_clusters, bits)
     sw = _validate(x, sample_weight, method, init, codebook_dtype)
     shape = tuple(x.shape)

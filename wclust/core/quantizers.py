@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .codebook import cluster_tensor
+from .codebook import cluster_scalar
 from .kmeans import lloyd_sorted
 
 __all__ = [
@@ -34,6 +34,10 @@ __all__ = [
 ]
 
 # Candidate scales for ``fit_scales``, as fractions of a group's absmax.
+# The smallest positive float16 (a subnormal): a scale that rounds to zero would turn a
+# group of equal values (e.g. a zero row) into 0/0.
+_FP16_MIN = 2.0**-24
+
 SCALE_GRID = tuple(0.70 + 0.02 * i for i in range(21))  # 0.70 .. 1.10
 
 # QLoRA's NormalFloat4 (Dettmers et al. 2023): quantiles of N(0,1), scaled to [-1, 1].
@@ -130,7 +134,7 @@ def _nearest(values: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
 def nf4(x: torch.Tensor, group_size: int = 64) -> ScaledCodes:
     """NF4: each group scaled by its absmax onto the fixed 16-value NF4 table."""
     rows = _groups(x, group_size)
-    scale = rows.abs().amax(1).clamp_min(1e-12).half()
+    scale = rows.abs().amax(1).clamp_min(_FP16_MIN).half()
     s = scale.float()[:, None]
     codes = _nearest(rows / s, NF4_TABLE)
     return _finish(x, rows, codes, NF4_TABLE, scale, None, group_size, 4)
@@ -147,12 +151,12 @@ def rtn(x: torch.Tensor, bits: int, group_size: int = 128, symmetric: bool = Fal
     levels = 1 << bits
     if symmetric:
         qmax = levels // 2 - 1
-        scale = (rows.abs().amax(1) / qmax).clamp_min(1e-12).half()
+        scale = (rows.abs().amax(1) / qmax).clamp_min(_FP16_MIN).half()
         q = torch.round(rows / scale.float()[:, None]).clamp(-qmax, qmax)
         table = torch.arange(-(levels // 2), levels // 2, dtype=torch.float32)
         return _finish(x, rows, q + levels // 2, table, scale, None, group_size, bits)
     lo, hi = rows.amin(1), rows.amax(1)
-    scale = ((hi - lo) / (levels - 1)).clamp_min(1e-12).half()
+    scale = ((hi - lo) / (levels - 1)).clamp_min(_FP16_MIN).half()
     s = scale.float()
     zero = torch.round(-lo / s).clamp(0, levels - 1)
     offset = (-zero * s).half()
@@ -286,7 +290,7 @@ def scaled_kmeans(
         if sw is not None:
             w = w * sw
         if method == "exact":
-            table = cluster_tensor(normed, bits=bits, method="exact", sample_weight=w).codebook[0]
+            table = cluster_scalar(normed, bits=bits, method="exact", sample_weight=w).codebook[0]
         else:
             init = nf if table is None else table  # later rounds start where it ended
             order = normed.reshape(-1).argsort()

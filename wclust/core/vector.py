@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .codebook import CODEBOOK_DTYPES, _validate, cluster_tensor, codebook_layout
+from .codebook import CODEBOOK_DTYPES, _validate, cluster_scalar, codebook_layout
 from .packing import MAX_CODE_BITS, pack_codes, packed_nbytes
 
 __all__ = [
@@ -473,7 +473,7 @@ def cluster_vectors(
             floor = torch.finfo(torch.float16).tiny  # as scaled_kmeans: no 0/0 on zeros
             scale = xf.view(-1, scale_group_size).abs().amax(1).half().clamp_min(floor)
     elif init == "product":
-        ct = cluster_tensor(  # the same codebooks, one per row of (n_cb, per)
+        ct = cluster_scalar(  # the same codebooks, one per row of (n_cb, per)
             xf.view(n_cb, per),
             n_clusters=m,
             granularity="channel" if n_cb > 1 else "tensor",

@@ -51,7 +51,7 @@ from transformers.quantizers.auto import (  # noqa: E402 - after the version che
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from ..config import ConfigError
+from ..config import ClusterConfig, ConfigError
 from ..formats.wclust_file import FormatError, _clustered_tensor, _dtype_name
 from ..nn.modules import ClusteredWeight, RowSplitWeight, base_class, swap_weight
 from ..nn.owners import clustered_weights, layer_type
@@ -89,7 +89,7 @@ _ST_DTYPES = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
-_FIELDS = ("recipe", "bits", "modules_to_not_convert", "layers", "version")
+_FIELDS = ("recipe", "bits", "modules_to_not_convert", "layers", "version", "cluster_config")
 
 
 class WclustConfig(QuantizationConfigMixin):
@@ -120,6 +120,7 @@ class WclustConfig(QuantizationConfigMixin):
         modules_to_not_convert: list[str] | None = None,
         layers: list | None = None,
         version: int = HF_LAYOUT_VERSION,
+        cluster_config: dict | None = None,
         **kwargs,
     ):
         kwargs.pop("quant_method", None)
@@ -138,6 +139,9 @@ class WclustConfig(QuantizationConfigMixin):
         )
         self.layers = layers
         self.version = version
+        # the per-layer ClusterConfig the clustering ran (a .wclust header's "config"),
+        # kept so a folder converts back to the same file; written by wclust
+        self.cluster_config = cluster_config
         self.post_init()
 
     def post_init(self) -> None:
@@ -169,6 +173,7 @@ class WclustConfig(QuantizationConfigMixin):
             "modules_to_not_convert": copy.copy(self.modules_to_not_convert),
             "layers": self.layers,  # shared: see __deepcopy__
             "version": self.version,
+            "cluster_config": self.cluster_config,
         }
 
     def __deepcopy__(self, memo):
@@ -630,6 +635,7 @@ def save_hf(
     report=None,
     processor=None,
     recipe: str | dict | None = None,
+    config=None,
 ) -> Path:
     """Write a model clustered by ``wclust.compress_`` (or loaded from a .wclust file)
     as a Hugging Face folder that ``from_pretrained`` reloads compressed.
@@ -642,6 +648,8 @@ def save_hf(
         processor: also saved into the folder (tokenizer / feature extractor), so
             ``pipeline(model=directory)`` finds it.
         recipe: the recipe to store (default: the report's).
+        config: the ``ClusterConfig`` (or its dict) the clustering ran, kept for
+            converting back to a .wclust file.
 
     Returns:
         The folder written.
@@ -657,7 +665,8 @@ def save_hf(
         raise ValueError("the model has no clustered weight; run wclust.compress_ first")
     if recipe is None and report is not None:
         recipe = report.get("recipe") if isinstance(report, dict) else report.recipe
-    q = WclustHfQuantizer(WclustConfig(recipe=recipe), pre_quantized=True)
+    cc = config.to_dict() if hasattr(config, "to_dict") else config
+    q = WclustHfQuantizer(WclustConfig(recipe=recipe, cluster_config=cc), pre_quantized=True)
     if report is not None:
         q.report = report if isinstance(report, dict) else report.to_dict()
     _attach(model, q)
@@ -737,6 +746,7 @@ def to_hf(file: str | os.PathLike, directory: str | os.PathLike) -> Path:
         directory,
         report=header.get("report"),
         recipe=header.get("recipe"),
+        config=header.get("config"),
         processor=processor,
     )
 
@@ -751,7 +761,12 @@ def from_hf(directory: str | os.PathLike, file: str | os.PathLike) -> Path:
 
     model = load_hf(directory, dtype="auto")
     q = model.hf_quantizer
-    config = _recipe(q.quantization_config).cluster_config()
+    stored = q.quantization_config.cluster_config
+    config = (
+        ClusterConfig.from_dict(stored)
+        if stored
+        else _recipe(q.quantization_config).cluster_config()
+    )
     report = None
     if q.report is not None:
         from ..report.layers import CompressionReport

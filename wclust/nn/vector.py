@@ -18,9 +18,9 @@ from torch import nn
 from ..core.packing import pack_codes, packed_nbytes, unpack_codes
 from .modules import ClusteredWeight, _version_key
 
-# rows of input a vector Linear runs through the table (decoder steps, beams); more
-# (the encoder's frames) go through the decoded weight and one matmul
-TABLE_ROWS = 8
+# rows of input a vector Linear runs through the table (a decoder step); more (beams,
+# the encoder's frames) go through the decoded weight and one matmul
+TABLE_ROWS = 1
 
 __all__ = ["VectorWeight"]
 
