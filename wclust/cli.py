@@ -569,7 +569,7 @@ def inspect(
     gzip: Annotated[bool, typer.Option(help="also measure the gzip size of the file")] = False,
 ):
     """Print the per-layer report and totals of a .wclust file or a wclust HF folder."""
-    if file.is_dir():
+    if _exists(file) and file.is_dir():
         from wclust.integrations.transformers import inspect_hf
 
         d = _run(inspect_hf, file)
