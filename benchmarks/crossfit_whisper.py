@@ -10,10 +10,10 @@ transcripts, then
 decodes that block. The hypotheses of all blocks are scored together, so the WER/CER
 cover all clips, same decoding and counting as ``wclust compare``.
 
-    python benchmarks/crossfit_whisper.py --data ../shared/data/speech/librispeech-test-other-100 \\
+    python benchmarks/crossfit_whisper.py --data wclust/data/speech/test-other \\
         --methods budget-4.25,nf4
     # distillation on the calibration block (KL to fp32), as `wclust compare --calib-data` does:
-    python benchmarks/crossfit_whisper.py --data ../shared/data/speech/librispeech-test-other-100 \
+    python benchmarks/crossfit_whisper.py --data wclust/data/speech/test-other \
         --methods fit-4b-enc64-g128-distill
     # other distillation settings than the methods': --distill-epochs 2 --lr 1e-4
     # --pseudo-labels: calibrate/distil without the transcripts (fp32 transcribes the clips)

@@ -10,7 +10,7 @@ dense norms/biases (lr/10) to match the fp32 model's next-token distributions
 ``flite`` from the package's built-in sentences (4 voices) plus the built-in clips:
 no LibriSpeech audio is used for training. Then decodes the evaluation clips.
 
-    python benchmarks/distill_whisper.py --data ../shared/data/speech/librispeech-test-other-100 \\
+    python benchmarks/distill_whisper.py --data wclust/data/speech/test-other \\
         --method fit-4b-enc64-g128-fisher --clips 159 --epochs 1 --lr 1e-4
 """
 

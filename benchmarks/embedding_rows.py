@@ -11,7 +11,7 @@ data-free proxy for frequency. No storage format for such a split exists in wclu
 this screen only says whether building one would pay. Reports the WER/CER of greedy
 decoding and the embedding's bits per weight (codes + fp16 scales).
 
-    python benchmarks/embedding_rows.py --data ../shared/data/speech/librispeech-test-other-100 \\
+    python benchmarks/embedding_rows.py --data wclust/data/speech/test-other \\
         --config 51865:4:4 --config 8000:4:2 --config 16000:4:3
 """
 

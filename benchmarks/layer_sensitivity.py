@@ -12,7 +12,7 @@ Example:
         --group depthwise='*_depthwise_conv' --group project='*_project_conv' \\
         --group head=_conv_head --group fc=_fc --group all='*'
     python benchmarks/layer_sensitivity.py --model whisper-base \
-        --data ../shared/data/speech/librispeech-test-other-100 --method nf4 --group-size 64 \
+        --data wclust/data/speech/test-other --method nf4 --group-size 64 \
         --group enc.attn='model.encoder.layers.*.self_attn.*' \
         --group embed='model.decoder.embed_tokens,proj_out'
 """

@@ -9,7 +9,7 @@ median per-clip time. Files are made first (``wclust.measure.worker`` prepare,
 each in its own process) and reused when present in ``--workdir``.
 
     python benchmarks/process_memory.py -m whisper-base \\
-        --methods fp32,cluster-4b-channel,lloyd-4b-g64 --clips 5 [--busy]
+        --methods fp32,kmeans-4b-channel,scaled-4b --clips 5 [--busy]
 
 ``--busy`` runs a ``while 1: pass`` process beside each measurement (the speed of
 a compressed model next to another busy process). Prints a markdown table.
@@ -25,7 +25,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-DEFAULT_DATA = "/work/shared/data/speech/librispeech-test-other-100"
+DEFAULT_DATA = None  # the built-in LibriSpeech evaluation clips
 
 CHILD = textwrap.dedent("""
     import json, statistics, sys, time
@@ -97,18 +97,22 @@ def measure(spec: dict, busy: bool) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("-m", "--model", default="whisper-base")
-    ap.add_argument("--methods", default="fp32,cluster-4b-channel,lloyd-4b-g64")
+    ap.add_argument("--methods", default="fp32,kmeans-4b-channel,scaled-4b")
     ap.add_argument("--clips", type=int, default=5, help="clips after the first")
     ap.add_argument("--data", default=DEFAULT_DATA)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--workdir", default="results/process_memory")
     ap.add_argument("--busy", action="store_true", help="a busy process runs beside each")
     a = ap.parse_args()
+    from wclust.recipes import resolve_method
+    from wclust.tasks.asr import builtin_eval_dir
+
+    a.data = a.data or str(builtin_eval_dir())
     work = Path(a.workdir)
     work.mkdir(parents=True, exist_ok=True)
     rows = []
     for method in a.methods.split(","):
-        path = work / f"{a.model}-{method}.wclust"
+        path = work / f"{a.model}-{resolve_method(method).artifact_name}.wclust"
         prepare(a.model, method, path)
         spec = dict(
             model=a.model,

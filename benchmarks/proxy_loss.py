@@ -14,7 +14,7 @@ Use it to choose what to measure with ``wclust compare``; the table in
 docs/results.md comes from ``compare``, not from this proxy.
 
     python benchmarks/proxy_loss.py --model whisper-base \\
-        --data ../shared/data/speech/librispeech-test-other-100 --every 5 \\
+        --data wclust/data/speech/test-other --every 5 \\
         --methods nf4,kmeans-4b-channel,scaled-4b
 """
 

@@ -17,10 +17,11 @@ import json
 import re
 import sys
 import time
+from pathlib import Path
 
 import torch
 
-EVAL = "/work/shared/data/speech/librispeech-test-other-100"
+EVAL = str(Path(__file__).resolve().parents[1] / "wclust/data/speech/test-other")
 
 
 def config_for(run: str):
