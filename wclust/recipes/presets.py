@@ -65,12 +65,13 @@ _preset(
     "scaled-4b",
     "scaled:bits=4",
     "recommended without data: a learned 4-bit codebook per tensor over absmax-scaled "
-    "groups of 64 (4.25 bits/weight)",
+    "groups of 64 (4.25 bits per clustered weight; positional tables stay fp32)",
 )
 _preset(
     "scaled-3b",
     "scaled:bits=3",
-    "a learned 3-bit codebook per tensor over absmax-scaled groups of 64 (3.25 bits/weight)",
+    "a learned 3-bit codebook per tensor over absmax-scaled groups of 64 (3.25 bits per "
+    "clustered weight)",
 )
 _BUDGET = "scaled:fit=fit+exclude:none+fisher+budget:{b}"
 for _t in ("4.25", "3.25"):
