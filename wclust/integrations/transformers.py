@@ -52,6 +52,7 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..config import ClusterConfig, ConfigError
+from ..formats.checkpoint import _DTYPES as _ST_DTYPES
 from ..formats.wclust_file import FormatError, _clustered_tensor, _dtype_name
 from ..nn.modules import ClusteredWeight, RowSplitWeight, base_class, swap_weight
 from ..nn.owners import clustered_weights, layer_type
@@ -76,18 +77,6 @@ _FILE_NAMES = {
     "group_offset": "group_offset",
     "outlier_idx": "outlier_idx",
     "outlier_val": "outlier_val",
-}
-_ST_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
 }
 _FIELDS = ("recipe", "bits", "modules_to_not_convert", "layers", "version", "cluster_config")
 
