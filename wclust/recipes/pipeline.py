@@ -71,7 +71,9 @@ def compress_(
     from ..api import compress_ as cluster_
 
     if isinstance(recipe, ClusterConfig) or recipe is None and sample_weights is not None:
-        report = cluster_(model, recipe, sample_weights=sample_weights, progress=_layers(progress))
+        report = cluster_(
+            model, recipe, sample_weights=sample_weights, progress=_tick(progress, "cluster")
+        )
         report.stages = {"cluster": round(report.seconds, 2)}
         report.config = recipe
         return report
@@ -81,13 +83,14 @@ def compress_(
     return _Run(model, r, data, sample_weights, progress, log).run()
 
 
-def _layers(progress):
-    """A ``(layer, i, n)`` callback from a pipeline progress callback."""
+def _tick(progress, stage: str):
+    """A ``(layer, i, n)`` callback for ``stage`` from a pipeline progress callback: a
+    4-argument one gets the stage name; a 3-argument one sees the clustering only."""
     if progress is None:
         return None
     if progress.__code__.co_argcount - (1 if hasattr(progress, "__self__") else 0) == 3:
-        return progress
-    return lambda name, i, n: progress("cluster", name, i, n)
+        return progress if stage == "cluster" else None
+    return lambda name, i, n: progress(stage, name, i, n)
 
 
 class _Run:
@@ -106,14 +109,7 @@ class _Run:
         self.log(f"{name}: {secs:.1f} s" + (f" ({what})" if what else ""))
 
     def _tick(self, stage: str):
-        if self.progress is None:
-            return None
-        if (
-            self.progress.__code__.co_argcount - (1 if hasattr(self.progress, "__self__") else 0)
-            == 3
-        ):
-            return self.progress if stage == "cluster" else None
-        return lambda name, i, n: self.progress(stage, name, i, n)
+        return _tick(self.progress, stage)
 
     def run(self) -> CompressionReport:
         r = self.recipe
