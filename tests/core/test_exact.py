@@ -217,3 +217,15 @@ def test_max_points_reduction_is_flagged():
         # optimal for 100 run means only: close to, never better than, the optimum
         a, b = _sse(x[r], w[r], cents[r]), _sse(x[r], w[r], full[r])
         assert b <= a * (1 + 1e-12) and a < 1.05 * b
+
+
+def test_argsort_f32_orders_like_the_floats_and_keeps_ties_in_order():
+    from wclust.core.kmeans import argsort_f32
+
+    special = torch.tensor([0.0, 1.0, -1.0, 3e-39, -3e-39, float("inf"), -float("inf"), 2.0, -2.0])
+    x = torch.cat([torch.randn(5000), special, torch.randint(-3, 3, (2000,)).float()])
+    order = argsort_f32(x)
+    assert torch.equal(x[order], x.sort().values)
+    # equal values keep their original order (what a stable sort gives)
+    ties = torch.randint(-3, 3, (3000,)).float()
+    assert torch.equal(argsort_f32(ties), torch.sort(ties, stable=True).indices)

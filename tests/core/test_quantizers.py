@@ -84,3 +84,28 @@ def test_scaled_kmeans_fit_scale_lowers_weighted_error():
         assert fit.codebook.numel() == 2**bits and {-1.0, 0.0, 1.0} <= set(fit.codebook[0].tolist())
         err = float(((fit.dequantize() - x) ** 2 * imp).sum() / imp.sum())
         assert err == pytest.approx(fit.mse, rel=1e-4)  # the reported error is the real one
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_grid_errors_use_the_nearest_codes_of_a_binary_search(bits):
+    """The bucketed code lookup gives searchsorted's codes, values on a midpoint
+    and far outside the table included."""
+    from wclust.core._scales import grid_errors
+
+    g = torch.Generator().manual_seed(bits)
+    table = torch.randn(2**bits, generator=g).sort().values
+    table = table / table.abs().max()
+    mids = 0.5 * (table[1:] + table[:-1])
+    rows = torch.randn(300, 64, generator=g)
+    rows[0, : min(64, len(mids))] = mids[:64]  # exactly on a boundary: the lower code
+    rows[1] *= 50  # far outside the table's range
+    w = torch.rand(300, 64, generator=g)
+    amax = rows.abs().amax(1)
+    cand = torch.stack([amax] + [amax * (0.7 + 0.02 * i) for i in range(21)], 1)
+    cand[0, 0] = 1.0  # the boundary row unscaled
+    got = grid_errors(rows.numpy(), w.numpy(), table.numpy(), mids.numpy(), cand.numpy())
+    v = rows[:, None, :] / cand[:, :, None]
+    codes = torch.searchsorted(mids, v.contiguous())
+    err = (table[codes] * cand[:, :, None] - rows[:, None, :]).double() ** 2
+    want = (err * w[:, None, :].double()).sum(2)
+    torch.testing.assert_close(torch.from_numpy(got), want, rtol=1e-5, atol=0)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["INITS", "init_centroids", "lloyd_sorted", "prefix_sums"]
+__all__ = ["INITS", "argsort_f32", "init_centroids", "lloyd_sorted", "prefix_sums"]
 
 INITS = ("linear", "density", "random", "kmeans++", "exact-coarse")
 
@@ -28,6 +28,19 @@ _KMPP_POINTS = 2048
 # heavy tails): 1-D Lloyd cannot move clusters from dense to sparse regions.
 _COARSE_PER_CLUSTER = 16
 _COARSE_MIN = 64
+
+
+def argsort_f32(x: torch.Tensor) -> torch.Tensor:
+    """Indices that sort the 1-D tensor ``x`` (compared as float32, no NaN) ascending,
+    equal values in their original order.
+
+    Sorts 32-bit integer keys that order like the floats (the magnitude bits of
+    negative values flipped): torch radix-sorts integers on CPU, about 10x faster
+    than its comparison sort of the floats on a million values.
+    """
+    bits = x.detach().to(torch.float32).contiguous().view(torch.int32)
+    key = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # arithmetic shift: all ones where negative
+    return torch.sort(key.to(torch.int64), stable=True).indices
 
 
 def prefix_sums(xs: torch.Tensor, ws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from .codebook import cluster_scalar
-from .kmeans import lloyd_sorted
+from .kmeans import argsort_f32, lloyd_sorted
 
 __all__ = [
     "NF4_TABLE",
@@ -293,7 +293,7 @@ def scaled_kmeans(
             table = cluster_scalar(normed, bits=bits, method="exact", sample_weight=w).codebook[0]
         else:
             init = nf if table is None else table  # later rounds start where it ended
-            order = normed.reshape(-1).argsort()
+            order = argsort_f32(normed.reshape(-1))
             xs = normed.reshape(-1)[order].double()[None]
             ws = w.reshape(-1)[order].double()[None]
             table = lloyd_sorted(xs, ws, init.double()[None], iters, fixed[None])[0].float()
