@@ -93,7 +93,54 @@ def allocate_bits(
         ValueError: the budget is below what the smallest width already costs.
     """
     cfg = config or ClusterConfig()
-    sample_weights = sample_weights or {}
+    # every candidate as (bits, group size or None, cluster_dim or None)
+    cands = [
+        (*c, None)[:3] if isinstance(c, tuple) else (c, None, None) for c in candidates or WIDTHS
+    ]
+    tried: dict = {}  # (unit, setting) -> (memo key, ClusteredWeight, stats)
+    options, splits, fixed, total_numel = _options(
+        model, cfg, cands, sample_weights or {}, progress, tried if memo is not None else None
+    )
+    budget = target_bits * total_numel / 8 - fixed
+    used = sum(o[0][1] for o in options.values())
+    if used > budget:
+        b, gs, dim = cands[0]
+        cheapest = f"{b}-bit" + (f" in groups of {gs}" if gs else "")
+        cheapest += f" with cluster_dim {dim}" if dim else ""
+        raise ValueError(
+            f"target {target_bits} bits/weight is below what {cheapest} everywhere "
+            f"costs ({8 * (used + fixed) / total_numel:.3f} bits/weight)"
+        )
+    choice, used = _greedy(options, used, budget)
+    chosen = {n: options[n][j][0] for n, j in choice.items()}
+    if memo is not None:
+        for n, setting in chosen.items():
+            key, cw, st = tried[n, setting]
+            memo[key] = (cw, st)
+    tried.clear()
+    summary = {
+        "bits": {n: b for n, (b, _, _) in chosen.items()},
+        "predicted_loss": sum(options[n][j][2] for n, j in choice.items()),
+        "bits_per_weight": 8 * (used + fixed) / total_numel,
+        "target_bits": target_bits,
+    }
+    if any(gs is not None for _, gs, _ in cands):
+        summary["group_size"] = {n: gs for n, (_, gs, _) in chosen.items()}
+    if any(dim is not None for _, _, dim in cands):
+        summary["cluster_dim"] = {n: dim or 1 for n, (_, _, dim) in chosen.items()}
+    return _with_choices(cfg, chosen, splits), summary
+
+
+def _options(model, cfg, cands, sample_weights, progress, tried):
+    """Each selectable unit (a layer, or a row range of a split layer) clustered at
+    every candidate setting.
+
+    Returns ``(options, splits, fixed, total_numel)``: per unit its candidates as
+    ``(setting, bytes, predicted loss)`` sorted by bytes; the split layers' unit
+    names; the bytes of everything not chosen for (other tensors, layers left dense);
+    the model's number of parameters. ``tried`` (if not None) gets every clustering,
+    keyed ``(unit, setting)``.
+    """
     groups = weight_owners(model)
     total_numel = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     layer_ids = {id(w) for w, _ in groups}
@@ -101,12 +148,7 @@ def allocate_bits(
     for t in {id(t): t for t in list(model.parameters()) + list(model.buffers())}.values():
         if id(t) not in layer_ids:
             fixed += t.numel() * t.element_size()
-    # every candidate as (bits, group size or None, cluster_dim or None)
-    cands = [
-        (*c, None)[:3] if isinstance(c, tuple) else (c, None, None) for c in candidates or WIDTHS
-    ]
     options: dict[str, list[tuple[tuple[int, int | None, int | None], int, float]]] = {}
-    tried: dict = {}  # (unit, setting) -> (memo key, ClusteredWeight, stats)
     splits: dict[str, list[str]] = {}  # split layer: its ranges' unit names
     for i, (w, owners) in enumerate(groups):
         name = owners[0][0]
@@ -119,9 +161,10 @@ def allocate_bits(
             continue
         if progress:
             progress(name, i, len(groups))
-        data = w.detach().t() if layer_type(owners[0][1]) == "Conv1D" else w.detach()
+        conv1d = layer_type(owners[0][1]) == "Conv1D"
+        data = w.detach().t() if conv1d else w.detach()
         sw = sample_weights.get(name)
-        if sw is not None and layer_type(owners[0][1]) == "Conv1D":
+        if sw is not None and conv1d:
             sw = sw.t()
         units = [(name, data, sw, settings)]
         if settings.get("row_split"):  # each row range chooses its own setting
@@ -130,41 +173,44 @@ def allocate_bits(
                 for a, e, seg, part, part_sw in _row_ranges(data, sw, settings, name)
             ]
             splits[name] = [u for u, *_ in units]
-        unit_opts = {}
-        for unit, udata, usw, useg in units:
-            opts = []
-            for b, gs, dim in cands:
-                s = {**useg, "bits": b, "n_clusters": None}
-                if gs is not None:
-                    s["group_size"] = gs
-                if dim is not None:
-                    s["cluster_dim"] = dim
-                try:
-                    cw, st = TENSOR_METHODS.get(s["method"])(udata, s, usw, cfg.seed)
-                except ValueError:
-                    continue
-                total_w = float(usw.double().sum()) if usw is not None else float(udata.numel())
-                opts.append(((b, gs, dim), cw.nbytes, st["mse"] * total_w))
-                if memo is not None:
-                    tried[unit, (b, gs, dim)] = (memo_key(unit, s), cw, st)
-            unit_opts[unit] = sorted(opts, key=lambda o: (o[1], o[2]))
-        if not all(unit_opts.values()):
+        unit_opts = {
+            u: _unit_options(u, d, usw, seg, cands, cfg.seed, tried) for u, d, usw, seg in units
+        }
+        if not all(unit_opts.values()):  # no candidate fits a unit: the layer stays dense
             fixed += w.numel() * w.element_size()
             splits.pop(name, None)
             continue
         options.update(unit_opts)
-    budget = target_bits * total_numel / 8 - fixed
+    return options, splits, fixed, total_numel
+
+
+def _unit_options(unit, data, sw, settings, cands, seed, tried) -> list:
+    """``(setting, bytes, predicted loss)`` of each candidate that applies to one
+    unit, sorted by bytes (then loss)."""
+    opts = []
+    total_w = float(sw.double().sum()) if sw is not None else float(data.numel())
+    for b, gs, dim in cands:
+        s = {**settings, "bits": b, "n_clusters": None}
+        if gs is not None:
+            s["group_size"] = gs
+        if dim is not None:
+            s["cluster_dim"] = dim
+        try:
+            cw, st = TENSOR_METHODS.get(s["method"])(data, s, sw, seed)
+        except ValueError:
+            continue
+        opts.append(((b, gs, dim), cw.nbytes, st["mse"] * total_w))
+        if tried is not None:
+            tried[unit, (b, gs, dim)] = (memo_key(unit, s), cw, st)
+    return sorted(opts, key=lambda o: (o[1], o[2]))
+
+
+def _greedy(options: dict, used: int, budget: float) -> tuple[dict, int]:
+    """From the cheapest setting everywhere, take the move with the largest
+    predicted-loss drop per extra byte until none fits the budget; returns each
+    unit's chosen option index and the bytes used."""
     choice = {n: 0 for n in options}
-    used = sum(o[0][1] for o in options.values())
-    if used > budget:
-        b, gs, dim = cands[0]
-        cheapest = f"{b}-bit" + (f" in groups of {gs}" if gs else "")
-        cheapest += f" with cluster_dim {dim}" if dim else ""
-        raise ValueError(
-            f"target {target_bits} bits/weight is below what {cheapest} everywhere "
-            f"costs ({8 * (used + fixed) / total_numel:.3f} bits/weight)"
-        )
-    while True:  # the move with the largest predicted-loss drop per extra byte
+    while True:
         best, best_gain = None, 0.0
         for n, opts in options.items():
             j = choice[n]
@@ -176,17 +222,15 @@ def allocate_bits(
                 if gain > best_gain:
                     best, best_gain = (n, jj), gain
         if best is None:
-            break
+            return choice, used
         n, jj = best
         used += options[n][jj][1] - options[n][choice[n]][1]
         choice[n] = jj
-    chosen = {n: options[n][j][0] for n, j in choice.items()}
-    if memo is not None:
-        for n, setting in chosen.items():
-            key, cw, st = tried[n, setting]
-            memo[key] = (cw, st)
-    tried.clear()
-    bits = {n: b for n, (b, _, _) in chosen.items()}
+
+
+def _with_choices(cfg: ClusterConfig, chosen: dict, splits: dict) -> ClusterConfig:
+    """``cfg`` with each chosen setting as a per-layer override (a split layer's
+    ranges inside its ``row_split``, the user's other fields kept)."""
     overrides = dict(cfg.overrides)
 
     def _setting(b, gs, dim):
@@ -201,15 +245,4 @@ def allocate_bits(
         user = cfg.for_layer(n)["row_split"]  # the user's ranges (their other fields kept)
         split = [{**seg, **_setting(*chosen[u])} for seg, u in zip(user, units[:-1], strict=True)]
         overrides[n] = {**overrides.get(n, {}), **_setting(*chosen[units[-1]]), "row_split": split}
-    new_cfg = cfg.replace(overrides=overrides)
-    summary = {
-        "bits": bits,
-        "predicted_loss": sum(options[n][j][2] for n, j in choice.items()),
-        "bits_per_weight": 8 * (used + fixed) / total_numel,
-        "target_bits": target_bits,
-    }
-    if any(gs is not None for _, gs, _ in cands):
-        summary["group_size"] = {n: gs for n, (_, gs, _) in chosen.items()}
-    if any(dim is not None for _, _, dim in cands):
-        summary["cluster_dim"] = {n: dim or 1 for n, (_, _, dim) in chosen.items()}
-    return new_cfg, summary
+    return cfg.replace(overrides=overrides)

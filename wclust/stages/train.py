@@ -405,83 +405,13 @@ def distill_(
         ValueError: nothing in the model is clustered, no batches, bad arguments,
             or a model without logits.
     """
-    if not isinstance(epochs, int) or epochs < 1:
-        raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
-    if not lr > 0:
-        raise ValueError(f"lr must be positive, got {lr!r}")
-    dense_lr = lr / 10 if dense_lr is None else dense_lr
-    if dense_lr < 0:
-        raise ValueError(f"dense_lr must be >= 0, got {dense_lr!r}")
-    batches = list(batches)
-    val = list(val_batches or [])
-    if not batches:
-        raise ValueError("distillation needs at least one batch of inputs")
-    if teacher is model:
-        raise ValueError(
-            "the teacher must be a separate, uncompressed model (copy.deepcopy(model) "
-            "before compress_)"
-        )
-    if not hidden >= 0:
-        raise ValueError(f"hidden must be >= 0, got {hidden!r}")
+    batches, val = list(batches), list(val_batches or [])
+    dense_lr = _check_distill_args(model, teacher, batches, epochs, lr, dense_lr, hidden)
     cws = _all_cws(model)
-    everything = batches + val
     teacher_mode = teacher.training
     teacher.eval()
-
-    def matched(i: int) -> bool:
-        """Whether item ``i`` also matches hidden states (training items only: the
-        held-out ones are scored by the output KL alone)."""
-        return bool(hidden) and i < len(batches)
-
-    def inputs(i: int):
-        x = _model_inputs(everything[i])
-        if matched(i):
-            if not isinstance(x, dict):
-                raise ValueError("hidden-state matching needs dict inputs (keyword arguments)")
-            x = {**x, "output_hidden_states": True}
-        return x
-
-    @torch.no_grad()
-    def target(i: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        out = _forward(teacher, inputs(i))
-        # bfloat16: half the memory, rounding far below the errors being matched
-        states = [h.detach().to(torch.bfloat16) for h in _hidden_states(out)] if matched(i) else []
-        return F.log_softmax(_logits(out).float(), -1), states
-
-    def nbytes(t) -> int:
-        return sum(x.numel() * x.element_size() for x in [t[0], *t[1]])
-
-    cache: list | None = None
-    first = target(0)
-    if nbytes(first) * len(everything) <= cache_bytes:
-        cache = [first] + [target(i) for i in range(1, len(everything))]
-
-    def losses(i: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(output KL, summed relative hidden-state error or None) of item ``i``."""
-        tgt, tgt_states = cache[i] if cache is not None else target(i)
-        out = _forward(model, inputs(i))
-        kl = F.kl_div(
-            F.log_softmax(_logits(out).float(), -1), tgt, log_target=True, reduction="batchmean"
-        )
-        if not matched(i):
-            return kl, None
-        rel = sum(
-            (s.float() - t.float()).pow(2).mean() / t.float().pow(2).mean().clamp_min(1e-12)
-            for s, t in zip(_hidden_states(out), tgt_states, strict=True)
-        )
-        return kl, rel
-
-    def kl(i: int) -> torch.Tensor:
-        return losses(i)[0]
-
-    params = trainable_codebooks_(model, scales=scales)
-    ids = {id(p) for p in params}
-    groups = [{"params": params, "lr": lr}]
-    dense = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
-    if dense and dense_lr > 0:
-        groups.append({"params": dense, "lr": dense_lr})
-    trained = [p for g in groups for p in g["params"]]
-    opt = torch.optim.Adam(groups)
+    targets = _Targets(teacher, batches + val, len(batches), hidden, cache_bytes)
+    opt, trained = _distill_optimizer(model, lr, dense_lr, scales)
     positive = [cw.group_scale for cw in cws if isinstance(cw.group_scale, nn.Parameter)]
     gen = torch.Generator().manual_seed(seed)
     was_training = model.training
@@ -489,45 +419,40 @@ def distill_(
 
     @torch.no_grad()
     def held_out() -> float:
-        return sum(float(kl(len(batches) + j)) for j in range(len(val))) / len(val)
+        return sum(
+            float(targets.losses(model, len(batches) + j)[0]) for j in range(len(val))
+        ) / len(val)
 
-    kls, val_kls, hid, steps, t_start = [], [], [], 0, time.perf_counter()
+    def step(i: int) -> tuple[float, float]:
+        out_kl, rel = targets.losses(model, i)
+        loss = out_kl if rel is None else out_kl + hidden * rel
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            for p in positive:  # a scale stays a (positive) scale
+                p.clamp_(min=1e-8)
+        _zero_pruned_centroids(cws)
+        return float(out_kl.detach()), 0.0 if rel is None else float(rel.detach())
+
+    kls, val_kls, hid, t_start = [], [], [], time.perf_counter()
     best = (float("inf"), 0, None)  # (held-out KL, epoch, saved tensors)
     try:
         if val:
             val_kls.append(held_out())
             best = (val_kls[0], 0, [p.detach().clone() for p in trained])
         for epoch in range(epochs):
-            total, total_hid, t0 = 0.0, 0.0, time.perf_counter()
-            for i in torch.randperm(len(batches), generator=gen).tolist():
-                out_kl, rel = losses(i)
-                loss = out_kl if rel is None else out_kl + hidden * rel
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                with torch.no_grad():
-                    for p in positive:  # a scale stays a (positive) scale
-                        p.clamp_(min=1e-8)
-                _zero_pruned_centroids(cws)
-                total += float(out_kl.detach())
-                total_hid += 0.0 if rel is None else float(rel.detach())
-                steps += 1
-            kls.append(total / len(batches))
+            t0 = time.perf_counter()
+            per_item = [step(i) for i in torch.randperm(len(batches), generator=gen).tolist()]
+            kls.append(sum(k for k, _ in per_item) / len(batches))
             if hidden:
-                hid.append(total_hid / len(batches))
+                hid.append(sum(h for _, h in per_item) / len(batches))
             if val:
                 val_kls.append(held_out())
                 if val_kls[-1] < best[0]:
                     best = (val_kls[-1], epoch + 1, [p.detach().clone() for p in trained])
             secs, held = time.perf_counter() - t0, val_kls[-1] if val else None
-            logger.info(
-                "distillation epoch %d: mean KL %.4f, held-out %s%s (%.0f s)",
-                epoch + 1,
-                kls[-1],
-                "-" if held is None else f"{held:.4f}",
-                f", hidden-state error {hid[-1]:.4f}" if hidden else "",
-                secs,
-            )
+            _log_epoch(epoch, kls[-1], held, hid[-1] if hidden else None, secs)
             if log:
                 log(epoch, kls[-1], held, secs)
         if val and best[1] < epochs:  # an earlier state was better on the held-out data
@@ -543,6 +468,107 @@ def distill_(
         "hidden": hid,
         "val_kl": val_kls,
         "best_epoch": best[1] if val else epochs,
-        "steps": steps,
+        "steps": epochs * len(batches),
         "seconds": time.perf_counter() - t_start,
     }
+
+
+def _check_distill_args(model, teacher, batches, epochs, lr, dense_lr, hidden) -> float:
+    """Refuses bad ``distill_`` arguments; returns the dense learning rate."""
+    if not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
+    if not lr > 0:
+        raise ValueError(f"lr must be positive, got {lr!r}")
+    dense_lr = lr / 10 if dense_lr is None else dense_lr
+    if dense_lr < 0:
+        raise ValueError(f"dense_lr must be >= 0, got {dense_lr!r}")
+    if not batches:
+        raise ValueError("distillation needs at least one batch of inputs")
+    if teacher is model:
+        raise ValueError(
+            "the teacher must be a separate, uncompressed model (copy.deepcopy(model) "
+            "before compress_)"
+        )
+    if not hidden >= 0:
+        raise ValueError(f"hidden must be >= 0, got {hidden!r}")
+    return dense_lr
+
+
+def _log_epoch(epoch: int, kl: float, held: float | None, hid: float | None, secs: float):
+    logger.info(
+        "distillation epoch %d: mean KL %.4f, held-out %s%s (%.0f s)",
+        epoch + 1,
+        kl,
+        "-" if held is None else f"{held:.4f}",
+        "" if hid is None else f", hidden-state error {hid:.4f}",
+        secs,
+    )
+
+
+def _distill_optimizer(model: nn.Module, lr: float, dense_lr: float, scales: bool):
+    """Adam over the codebooks (and scales) at ``lr`` and the model's other trainable
+    parameters at ``dense_lr`` (none at 0); returns it and the trained parameters."""
+    params = trainable_codebooks_(model, scales=scales)
+    ids = {id(p) for p in params}
+    groups = [{"params": params, "lr": lr}]
+    dense = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
+    if dense and dense_lr > 0:
+        groups.append({"params": dense, "lr": dense_lr})
+    return torch.optim.Adam(groups), [p for g in groups for p in g["params"]]
+
+
+class _Targets:
+    """The teacher's outputs for ``items`` (the first ``n_train`` train, the rest are
+    held out) and the student's losses against them.
+
+    The teacher's log-probabilities (and, where ``hidden``, its hidden states in
+    bfloat16: half the memory, rounding far below the errors being matched) are kept
+    in memory when they take at most ``cache_bytes``, else computed at every step.
+    """
+
+    def __init__(self, teacher, items: list, n_train: int, hidden: float, cache_bytes: float):
+        self.teacher, self.items, self.n_train, self.hidden = teacher, items, n_train, hidden
+        self.cache = None
+        first = self.target(0)
+        if _nbytes(first) * len(items) <= cache_bytes:
+            self.cache = [first] + [self.target(i) for i in range(1, len(items))]
+
+    def matched(self, i: int) -> bool:
+        """Whether item ``i`` also matches hidden states (training items only: the
+        held-out ones are scored by the output KL alone)."""
+        return bool(self.hidden) and i < self.n_train
+
+    def inputs(self, i: int):
+        x = _model_inputs(self.items[i])
+        if self.matched(i):
+            if not isinstance(x, dict):
+                raise ValueError("hidden-state matching needs dict inputs (keyword arguments)")
+            x = {**x, "output_hidden_states": True}
+        return x
+
+    @torch.no_grad()
+    def target(self, i: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        out = _forward(self.teacher, self.inputs(i))
+        states = (
+            [h.detach().to(torch.bfloat16) for h in _hidden_states(out)] if self.matched(i) else []
+        )
+        return F.log_softmax(_logits(out).float(), -1), states
+
+    def losses(self, model, i: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(output KL, summed relative hidden-state error or None) of item ``i``."""
+        tgt, tgt_states = self.cache[i] if self.cache is not None else self.target(i)
+        out = _forward(model, self.inputs(i))
+        kl = F.kl_div(
+            F.log_softmax(_logits(out).float(), -1), tgt, log_target=True, reduction="batchmean"
+        )
+        if not self.matched(i):
+            return kl, None
+        rel = sum(
+            (s.float() - t.float()).pow(2).mean() / t.float().pow(2).mean().clamp_min(1e-12)
+            for s, t in zip(_hidden_states(out), tgt_states, strict=True)
+        )
+        return kl, rel
+
+
+def _nbytes(target) -> int:
+    return sum(x.numel() * x.element_size() for x in [target[0], *target[1]])
