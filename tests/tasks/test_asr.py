@@ -152,6 +152,19 @@ def test_load_audio_dir_without_transcripts(tmp_path, audio_dir):
         load_audio_dir(tmp_path / "none", transcripts=False)
 
 
+def test_load_audio_dir_reads_machine_transcripts_where_there_are_no_references(audio_dir):
+    (audio_dir / "transcripts.tsv").unlink()
+    (audio_dir / "machine_transcripts.tsv").write_text(
+        'file\ttext\nb.flac\tMr. Smith said "no", twice.\n', encoding="utf-8"
+    )
+    a, b = load_audio_dir(audio_dir, transcripts=False)
+    assert (a.text, a.machine) == ("", False)  # not listed: the model transcribes it
+    assert (b.text, b.machine) == ('Mr. Smith said "no", twice.', True)
+    assert not load_audio_dir(audio_dir, transcripts=False, machine=False)[1].text
+    with pytest.raises(ValueError, match="transcripts.tsv not found"):  # never references
+        load_audio_dir(audio_dir)
+
+
 def _peak_hz(audio: np.ndarray) -> float:
     spectrum = np.abs(np.fft.rfft(audio))
     return float(np.fft.rfftfreq(len(audio), 1 / SAMPLE_RATE)[spectrum.argmax()])
@@ -296,4 +309,11 @@ def test_calibration_batches_transcribe_clips_without_text(tiny_whisper):
     assert own["decoder_input_ids"][0].tolist() == prompt + said  # the model's own words
     assert given["decoder_input_ids"][0, n:].tolist() == tok.encode(
         " Hello world", add_special_tokens=False
+    )
+    # a machine transcript is taken as written (references are upper case: lowered)
+    (machine,) = calibration_batches(
+        model, processor, [AudioSample("z", audio, "Mr. Smith's HAT", machine=True)]
+    )
+    assert machine["decoder_input_ids"][0, n:].tolist() == tok.encode(
+        " Mr. Smith's HAT", add_special_tokens=False
     )

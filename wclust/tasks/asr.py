@@ -36,6 +36,8 @@ MAX_SECONDS = 30.0
 """Whisper's window; longer clips would be cut silently, so ``transcribe`` refuses them."""
 
 TRANSCRIPTS = "transcripts.tsv"
+MACHINE_TRANSCRIPTS = "machine_transcripts.tsv"
+"""Pseudo-labels of a folder without references (``scripts/make_machine_transcripts.py``)."""
 
 _DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 
@@ -59,6 +61,9 @@ class AudioSample:
     name: str
     audio: np.ndarray
     text: str
+    # text is a model's transcript (a pseudo-label), used as written, not a
+    # person's reference in LibriSpeech's upper case
+    machine: bool = False
 
     @property
     def seconds(self) -> float:
@@ -106,8 +111,31 @@ def read_audio(path: str | Path) -> np.ndarray:
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3")
 
 
+def _read_tsv(tsv: Path) -> list[tuple[int, dict]]:
+    """(line number, row) of each row of a transcripts file naming a file; none if
+    the file does not exist."""
+    if not tsv.is_file():
+        return []
+    # QUOTE_NONE: transcripts contain quotes and apostrophes that must stay literal.
+    with tsv.open(newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        missing = {"file", "text"} - set(reader.fieldnames or [])
+        if missing:
+            raise ValueError(
+                f"{tsv} lacks the column(s) {sorted(missing)} in its header line "
+                f"(found {reader.fieldnames}); the header must name 'file' and 'text', tab-separated"
+            )
+        # skip blank file cells so a trailing empty line is harmless
+        return [(i + 2, r) for i, r in enumerate(reader) if (r["file"] or "").strip()]
+
+
 def load_audio_dir(
-    path: str | Path, limit: int | None = None, every: int = 1, *, transcripts: bool = True
+    path: str | Path,
+    limit: int | None = None,
+    every: int = 1,
+    *,
+    transcripts: bool = True,
+    machine: bool = True,
 ) -> list[AudioSample]:
     """Loads the clips listed in ``<path>/transcripts.tsv``.
 
@@ -117,8 +145,11 @@ def load_audio_dir(
         limit: keep at most this many clips (after ``every``); None keeps all.
         every: keep every n-th row (1 = all), for quick subsets spread over the set.
         transcripts: False allows a folder without ``transcripts.tsv``: its audio
-            files (``AUDIO_SUFFIXES``, sorted by name) load with empty text (for
-            calibration and distillation, which then use the model's own transcript).
+            files (``AUDIO_SUFFIXES``, sorted by name) load with the text of
+            ``machine_transcripts.tsv`` where that lists them (``machine`` True), else
+            empty (for calibration and distillation, which then use the model's own
+            transcript).
+        machine: read ``machine_transcripts.tsv`` where ``transcripts`` is False.
     Returns:
         The clips in file order, as ``AudioSample`` (name = the ``file`` column).
     Raises:
@@ -141,24 +172,18 @@ def load_audio_dir(
                 f"{root} holds neither {TRANSCRIPTS} nor audio files ({', '.join(AUDIO_SUFFIXES)})"
             )
         files = files[::every][:limit]
-        return [AudioSample(p.name, read_audio(p), "") for p in files]
+        said = _read_tsv(root / MACHINE_TRANSCRIPTS) if machine else []
+        said = {row["file"].strip(): (row["text"] or "").strip() for _, row in said}
+        return [
+            AudioSample(p.name, read_audio(p), said.get(p.name, ""), p.name in said)
+            for p in files
+        ]
     if not tsv.is_file():
         raise ValueError(
             f"{tsv} not found; add a tab-separated {TRANSCRIPTS} with a header line "
             "and the columns 'file' (audio path relative to the folder) and 'text'"
         )
-    # QUOTE_NONE: transcripts contain quotes and apostrophes that must stay literal.
-    with tsv.open(newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        missing = {"file", "text"} - set(reader.fieldnames or [])
-        if missing:
-            raise ValueError(
-                f"{tsv} lacks the column(s) {sorted(missing)} in its header line "
-                f"(found {reader.fieldnames}); the header must name 'file' and 'text', tab-separated"
-            )
-        # (line number, row); skip blank file cells so a trailing empty line is harmless
-        rows = [(i + 2, r) for i, r in enumerate(reader) if (r["file"] or "").strip()]
-    rows = rows[::every]
+    rows = _read_tsv(tsv)[::every]
     if limit is not None:
         rows = rows[:limit]
 
@@ -206,7 +231,7 @@ def speed_perturb(samples: list[AudioSample], speeds=(0.9, 1.1)) -> list[AudioSa
                     f"longer than Whisper's {MAX_SECONDS:.0f} s window; use speeds >= 1 or "
                     "shorter clips"
                 )
-            out.append(AudioSample(f"{s.name}@{speed:g}x", audio, s.text))
+            out.append(AudioSample(f"{s.name}@{speed:g}x", audio, s.text, s.machine))
     return out
 
 
@@ -435,7 +460,9 @@ def calibration_batches(model, processor, samples: list[AudioSample]) -> list[di
     out = []
     for s in samples:
         feats = processor.feature_extractor(s.audio, sampling_rate=SAMPLE_RATE, return_tensors="pt")
-        if s.text.strip():
+        if s.machine and s.text.strip():  # a model's transcript, as it wrote it
+            said = s.text.strip()
+        elif s.text.strip():
             said = s.text.strip().lower().capitalize()
         else:  # no transcript: the model's own
             said = transcribe(model, processor, s.audio)
