@@ -302,7 +302,6 @@ DEFAULT_COMPARE = (
     "fp32",
     "kmeans-8b-tensor",
     "kmeans-4b-channel",
-    "scaled-4b",
     "budget-4.25",
     "nf4",
     "int4-rtn",

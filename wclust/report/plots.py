@@ -109,8 +109,6 @@ def pareto_plot(
         ``path``. With no point to draw, the figure says so instead of being empty.
     """
     plt = _pyplot()
-    from matplotlib.ticker import FixedLocator, LogFormatter, NullFormatter, NullLocator
-
     metric = metric or _default_metric(rows)
     pts = []  # (bits, quality, method, family)
     for r in rows:
@@ -143,62 +141,7 @@ def pareto_plot(
         ax.set_xticks([])
         ax.set_yticks([])
     else:
-        ax.set_xscale("log", base=2)
-        ys = [q for _, q, _, _ in pts]
-        if log_y is None:
-            log_y = min(ys) > 0 and max(ys) >= 10 * min(ys)
-        if log_y:
-            ax.set_yscale("log")
-            plain = LogFormatter(labelOnlyBase=False)  # "20", "200", not 2x10^1
-            ax.yaxis.set_major_formatter(plain)
-            ax.yaxis.set_minor_formatter(
-                LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5))
-            )
-            ax.set_ylabel(f"{ylabel}, {better} is better (log scale)")
-        seen: dict[str, bool] = {}
-        for b, q, _, fam in pts:
-            marker, color, size = _FAMILY_STYLE.get(fam, _OTHER_STYLE)
-            label = fam or "other"
-            ax.scatter(
-                b,
-                q,
-                marker=marker,
-                color=color,
-                s=size,
-                zorder=3,
-                edgecolors="white",
-                linewidths=0.6,
-                label=None if label in seen else label,
-            )
-            seen[label] = True
-
-        front = pareto_front([(b, q) for b, q, _, _ in pts], lower_is_better=lower_is_better)
-        fx = [b for b, _ in front]
-        fy = [q for _, q in front]
-        xmax = max(b for b, _, _, _ in pts)
-        if fx[-1] < xmax:  # carry the best level to the right edge of the data
-            fx.append(xmax)
-            fy.append(fy[-1])
-        ax.step(
-            fx, fy, where="post", color="tab:red", alpha=0.6, lw=1.5, zorder=2, label="Pareto front"
-        )
-
-        xs = [b for b, _, _, _ in pts]
-        lo, hi = min(xs), max(xs)
-        ax.set_xlim(lo / 1.25, hi * 1.6)  # room for the labels on the right
-        nice = (0.5, 1, 1.5, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32, 64)
-        ticks = [t for t in nice if lo / 1.25 <= t <= hi * 1.6]
-        if len(ticks) < 2:  # a narrow range: the points' own values
-            ticks = sorted(set(xs))
-        ax.xaxis.set_major_locator(FixedLocator(ticks))
-        ax.xaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:g}"))
-        ax.xaxis.set_minor_locator(NullLocator())
-        ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.grid(True, which="major", alpha=0.3)
-        ax.legend(loc="best", fontsize=9)
-        fig.tight_layout()
-        # after the limits and the layout: the labelling works in pixels
-        _label_points(ax, pts, list(zip(fx, fy, strict=True)))
+        _draw_points(plt, fig, ax, pts, lower_is_better, log_y, ylabel, better)
 
     fig.tight_layout()
     out = Path(path)
@@ -206,6 +149,67 @@ def pareto_plot(
     fig.savefig(out)
     plt.close(fig)
     return out
+
+
+def _draw_points(plt, fig, ax, pts, lower_is_better, log_y, ylabel, better) -> None:
+    """The points (one marker per family), the Pareto front as a step line, the axes
+    and the labels of ``pareto_plot``."""
+    from matplotlib.ticker import FixedLocator, LogFormatter, NullFormatter, NullLocator
+
+    ax.set_xscale("log", base=2)
+    ys = [q for _, q, _, _ in pts]
+    if log_y is None:
+        log_y = min(ys) > 0 and max(ys) >= 10 * min(ys)
+    if log_y:
+        ax.set_yscale("log")
+        plain = LogFormatter(labelOnlyBase=False)  # "20", "200", not 2x10^1
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
+        ax.set_ylabel(f"{ylabel}, {better} is better (log scale)")
+    seen: dict[str, bool] = {}
+    for b, q, _, fam in pts:
+        marker, color, size = _FAMILY_STYLE.get(fam, _OTHER_STYLE)
+        label = fam or "other"
+        ax.scatter(
+            b,
+            q,
+            marker=marker,
+            color=color,
+            s=size,
+            zorder=3,
+            edgecolors="white",
+            linewidths=0.6,
+            label=None if label in seen else label,
+        )
+        seen[label] = True
+
+    front = pareto_front([(b, q) for b, q, _, _ in pts], lower_is_better=lower_is_better)
+    fx = [b for b, _ in front]
+    fy = [q for _, q in front]
+    xmax = max(b for b, _, _, _ in pts)
+    if fx[-1] < xmax:  # carry the best level to the right edge of the data
+        fx.append(xmax)
+        fy.append(fy[-1])
+    ax.step(
+        fx, fy, where="post", color="tab:red", alpha=0.6, lw=1.5, zorder=2, label="Pareto front"
+    )
+
+    xs = [b for b, _, _, _ in pts]
+    lo, hi = min(xs), max(xs)
+    ax.set_xlim(lo / 1.25, hi * 1.6)  # room for the labels on the right
+    nice = (0.5, 1, 1.5, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32, 64)
+    ticks = [t for t in nice if lo / 1.25 <= t <= hi * 1.6]
+    if len(ticks) < 2:  # a narrow range: the points' own values
+        ticks = sorted(set(xs))
+    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.xaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(loc="best", fontsize=9)
+    fig.tight_layout()
+    # after the limits and the layout: the labelling works in pixels
+    _label_points(ax, pts, list(zip(fx, fy, strict=True)))
 
 
 def _label_points(ax, pts, step_line: list[tuple[float, float]]) -> None:
