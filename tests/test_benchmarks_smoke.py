@@ -81,6 +81,7 @@ HELP_ONLY = {
     "deep_compression.py": "needs the Fashion-MNIST files and minutes of training",
     "distill_whisper.py": "needs whisper-base, speech and espeak",
     "embedding_rows.py": "needs whisper-base and decodes speech",
+    "hf_wer.py": "needs whisper-base and decodes speech through two paths",
     "kernels.py": "compiles the numba kernels: ~1 min even at one small shape",
     "layer_sensitivity.py": "needs a pretrained model and its task's data",
     "proxy_loss.py": "needs whisper-base and real speech with transcripts",

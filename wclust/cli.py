@@ -817,7 +817,10 @@ def compare(
             if k > 1:
                 per = (started[-1] - started[0]) / (k - 1)
                 left = f", ~{max(0.0, per * (cells - k + 1)) / 60:.0f} min left"
-            prog.update(task, description=f"[{k}/{cells}{left}] {model}: {method}: {stage}")
+            line = f"[{k}/{cells}{left}] {model}: {method}: {stage}"
+            prog.update(task, description=line)
+            if not console.is_terminal:  # a log or a pipe: no live display, a line each
+                console.print(line, markup=False, highlight=False, soft_wrap=True)
 
         rows, meta = _run(
             run_compare,

@@ -60,6 +60,11 @@ def test_compare_cli_end_to_end(asr_model_dir, tmp_path):
     assert (out / "results.csv").read_text().count("\n") == 5
     assert (out / "pareto.png").stat().st_size > 0
     assert res["meta"]["machine"]["torch"].startswith("2.")
+    # stderr is a pipe here: no live display, one progress line per step instead
+    steps = [ln for ln in r.stderr.splitlines() if ln.startswith("[") and "/" in ln.split("]")[0]]
+    # 3 files made (int8-dynamic runs on fp32's), 4 rows measured
+    assert len(steps) == 7 and steps[0].startswith("[1/7]"), r.stderr[-2000:]
+    assert any("min left" in ln for ln in steps)
 
 
 def _cli(*args):

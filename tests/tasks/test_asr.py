@@ -155,12 +155,17 @@ def test_load_audio_dir_without_transcripts(tmp_path, audio_dir):
 def test_load_audio_dir_reads_machine_transcripts_where_there_are_no_references(audio_dir):
     (audio_dir / "transcripts.tsv").unlink()
     (audio_dir / "machine_transcripts.tsv").write_text(
-        'file\ttext\nb.flac\tMr. Smith said "no", twice.\n', encoding="utf-8"
+        'file\tmodel\ttext\nb.flac\tm1\tMr. Smith said "no", twice.\na.wav\tm2\tOther.\n',
+        encoding="utf-8",
     )
-    a, b = load_audio_dir(audio_dir, transcripts=False)
-    assert (a.text, a.machine) == ("", False)  # not listed: the model transcribes it
+    a, b = load_audio_dir(audio_dir, transcripts=False, machine="m1")
+    assert (a.text, a.machine) == ("", False)  # only m2's: m1 transcribes it itself
     assert (b.text, b.machine) == ('Mr. Smith said "no", twice.', True)
-    assert not load_audio_dir(audio_dir, transcripts=False, machine=False)[1].text
+    assert [s.text for s in load_audio_dir(audio_dir, transcripts=False)] == ["", ""]
+    assert [s.text for s in load_audio_dir(audio_dir, transcripts=False, machine="m2")] == [
+        "Other.",
+        "",
+    ]
     with pytest.raises(ValueError, match="transcripts.tsv not found"):  # never references
         load_audio_dir(audio_dir)
 
@@ -317,3 +322,17 @@ def test_calibration_batches_transcribe_clips_without_text(tiny_whisper):
     assert machine["decoder_input_ids"][0, n:].tolist() == tok.encode(
         " Mr. Smith's HAT", add_special_tokens=False
     )
+
+
+def test_calibration_data_takes_only_the_loaded_models_own_transcripts(audio_dir):
+    from wclust.models import LoadedModel
+    from wclust.tasks import TaskData
+
+    (audio_dir / "transcripts.tsv").unlink()
+    (audio_dir / "machine_transcripts.tsv").write_text(
+        "file\tmodel\ttext\na.wav\twhisper-x\tHello.\n", encoding="utf-8"
+    )
+    own = TaskData.load(LoadedModel(None, None, "asr", "whisper-x"), str(audio_dir))
+    other = TaskData.load(LoadedModel(None, None, "asr", "whisper-y"), str(audio_dir))
+    assert [(s.text, s.machine) for s in own.items] == [("Hello.", True), ("", False)]
+    assert [s.text for s in other.items] == ["", ""]

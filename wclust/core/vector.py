@@ -404,6 +404,80 @@ def cluster_vectors(
         scales, ``m = n_clusters**(1/d)`` centroids).
     """
     d = cluster_dim
+    k, sw, n_cb, per, m = _check_vector_args(
+        x,
+        n_clusters,
+        d,
+        bits,
+        granularity,
+        group_size,
+        scale_group_size,
+        scalar,
+        init,
+        sample_weight,
+        codebook_dtype,
+    )
+    shape, numel = tuple(x.shape), x.numel()
+    xf = x.detach().to("cpu", torch.float32).reshape(-1)
+    w = sw.float().reshape(-1) if sw is not None else torch.ones(numel)
+    # A codebook whose weights are all zero falls back to uniform weights.
+    wr = w.view(n_cb, per)
+    dead = wr.sum(1) <= 0
+    if dead.any():
+        wr[dead] = 1.0
+    scale, cb1 = _scales_and_scalar_codebook(
+        xf, w, shape, n_cb, per, k, m, d, init, scalar, scale_group_size, codebook_dtype
+    )
+    v, wv = xf, w
+    if scale is not None:
+        s = scale.float().repeat_interleave(scale_group_size)
+        v, wv = xf / s, w * s * s
+    v = v.view(n_cb, per // d, d)
+    wv = wv.view(n_cb, per // d, d)
+    if init == "product":
+        cents0 = product_codebook(cb1, d)
+    else:
+        gen = torch.Generator().manual_seed(seed)
+        pw = wv.sum(2).double() + 1e-30
+        pick = torch.multinomial(pw.float(), k, replacement=per // d < k, generator=gen)
+        cents0 = v.gather(1, pick[:, :, None].expand(-1, -1, d)).double()
+    c, cscale, codes, err = _fit_and_keep_best(
+        v, wv, cents0, k, codebook_dtype, seed, max_iter, tol
+    )
+    wsum = float(w.double().sum())
+    return VectorClusteredTensor(
+        codebook=c.float(),
+        codes=codes.to(torch.int32).reshape(-1),
+        shape=shape,
+        dtype=x.dtype,
+        cluster_dim=d,
+        granularity=granularity,
+        group_size=group_size if granularity == "group" else None,
+        n_clusters=k,
+        codebook_dtype=codebook_dtype,
+        mse=float(err.sum()) / wsum if wsum > 0 else 0.0,
+        init=init,
+        codebook_scale=cscale,
+        scale=scale,
+        scale_group_size=scale_group_size,
+    )
+
+
+def _check_vector_args(
+    x,
+    n_clusters,
+    d,
+    bits,
+    granularity,
+    group_size,
+    scale_group_size,
+    scalar,
+    init,
+    sample_weight,
+    codebook_dtype,
+):
+    """Refuses what ``cluster_vectors`` cannot do; returns ``(k, validated sample
+    weight, codebooks, weights per codebook, product side m or None)``."""
     if d not in CLUSTER_DIMS or d == 1:
         raise ValueError(
             f"cluster_dim must be one of {', '.join(map(str, CLUSTER_DIMS[1:]))} for vector "
@@ -442,61 +516,51 @@ def cluster_vectors(
             f"init='product' needs n_clusters = m**{d} (e.g. {4**d} or {8**d}), got {k}; "
             "use init='random'"
         )
+    if scale_group_size is not None and init == "product" and m & (m - 1):
+        raise ValueError(
+            f"scaled groups with init='product' need n_clusters = (2**b)**{d}, got {k}"
+        )
+    return k, sw, n_cb, per, m
 
-    xf = x.detach().to("cpu", torch.float32).reshape(-1)
-    w = sw.float().reshape(-1) if sw is not None else torch.ones(numel)
-    # A codebook whose weights are all zero falls back to uniform weights.
-    wr = w.view(n_cb, per)
-    dead = wr.sum(1) <= 0
-    if dead.any():
-        wr[dead] = 1.0
-    scale = None
+
+def _scales_and_scalar_codebook(
+    xf, w, shape, n_cb, per, k, m, d, init, scalar, scale_group_size, codebook_dtype
+):
+    """The float16 group scales (None without scale groups) and, for the "product"
+    init, the scalar codebooks ``(n_cb, m)`` it starts from (else None)."""
     if scale_group_size is not None:
         from .quantizers import scaled_kmeans
 
-        if init == "product":
-            if m & (m - 1):
-                raise ValueError(
-                    f"scaled groups with init='product' need n_clusters = (2**b)**{d}, got {k}"
-                )
-            sc = scaled_kmeans(
-                xf.view(shape),
-                m.bit_length() - 1,
-                scale_group_size,
-                sample_weight=w.view(shape),
-                method="exact" if scalar == "exact" else "lloyd",
-                fit_scale=scalar == "fit",
-            )
-            scale = sc.scale
-            cb1 = sc.codebook.double().expand(n_cb, -1)
-        else:
+        if init != "product":
             floor = torch.finfo(torch.float16).tiny  # as scaled_kmeans: no 0/0 on zeros
-            scale = xf.view(-1, scale_group_size).abs().amax(1).half().clamp_min(floor)
-    elif init == "product":
-        ct = cluster_scalar(  # the same codebooks, one per row of (n_cb, per)
-            xf.view(n_cb, per),
-            n_clusters=m,
-            granularity="channel" if n_cb > 1 else "tensor",
-            method="exact",
-            sample_weight=w.view(n_cb, per),
-            codebook_dtype=codebook_dtype if codebook_dtype != "int8" else "float32",
+            return xf.view(-1, scale_group_size).abs().amax(1).half().clamp_min(floor), None
+        sc = scaled_kmeans(
+            xf.view(shape),
+            m.bit_length() - 1,
+            scale_group_size,
+            sample_weight=w.view(shape),
+            method="exact" if scalar == "exact" else "lloyd",
+            fit_scale=scalar == "fit",
         )
-        cb1 = ct.codebook.double()  # (n_cb, m)
+        return sc.scale, sc.codebook.double().expand(n_cb, -1)
+    if init != "product":
+        return None, None
+    ct = cluster_scalar(  # the same codebooks, one per row of (n_cb, per)
+        xf.view(n_cb, per),
+        n_clusters=m,
+        granularity="channel" if n_cb > 1 else "tensor",
+        method="exact",
+        sample_weight=w.view(n_cb, per),
+        codebook_dtype=codebook_dtype if codebook_dtype != "int8" else "float32",
+    )
+    return None, ct.codebook.double()  # (n_cb, m)
 
-    v, wv = xf, w
-    if scale is not None:
-        s = scale.float().repeat_interleave(scale_group_size)
-        v, wv = xf / s, w * s * s
-    v = v.view(n_cb, per // d, d)
-    wv = wv.view(n_cb, per // d, d)
-    if init == "product":
-        cents0 = product_codebook(cb1, d)
-    else:
-        gen = torch.Generator().manual_seed(seed)
-        pw = wv.sum(2).double() + 1e-30
-        pick = torch.multinomial(pw.float(), k, replacement=per // d < k, generator=gen)
-        cents0 = v.gather(1, pick[:, :, None].expand(-1, -1, d)).double()
 
+def _fit_and_keep_best(v, wv, cents0, k, codebook_dtype, seed, max_iter, tol):
+    """Lloyd from ``cents0`` (on a sample of the vectors where there are many), then
+    per codebook the better of the result and the start, both rounded to the storage
+    dtype with codes re-assigned: rounding never makes it worse than its start.
+    Returns ``(centroids, codebook scales or None, codes, error per codebook)``."""
     init_c, _ = _round_codebook(cents0, codebook_dtype)
     n_train = max(TRAIN_PER_CLUSTER * k, TRAIN_MIN)
     if v.shape[1] > n_train:
@@ -504,8 +568,6 @@ def cluster_vectors(
         cents, _ = vector_lloyd(v[:, pick], wv[:, pick], cents0, max_iter, tol)
     else:
         cents, _ = vector_lloyd(v, wv, cents0, max_iter, tol)
-    # Stored centroids (rounded) with codes re-assigned to them; the rounded init is
-    # kept where it is better, so rounding never makes the result worse than it.
     best = None
     for cand in (cents, init_c):
         c, cscale = _round_codebook(cand, codebook_dtype)
@@ -520,21 +582,4 @@ def cluster_vectors(
             best[3] = torch.where(better, err, best[3])
             if cscale is not None:
                 best[1][better] = cscale[better]
-    c, cscale, codes, err = best
-    wsum = float(w.double().sum())
-    return VectorClusteredTensor(
-        codebook=c.float(),
-        codes=codes.to(torch.int32).reshape(-1),
-        shape=shape,
-        dtype=x.dtype,
-        cluster_dim=d,
-        granularity=granularity,
-        group_size=group_size if granularity == "group" else None,
-        n_clusters=k,
-        codebook_dtype=codebook_dtype,
-        mse=float(err.sum()) / wsum if wsum > 0 else 0.0,
-        init=init,
-        codebook_scale=cscale,
-        scale=scale,
-        scale_group_size=scale_group_size,
-    )
+    return tuple(best)

@@ -48,10 +48,12 @@ def _asr_load(path: str | None, limit: int | None = None, every: int = 1):
     return load_audio_dir(path or builtin_eval_dir(), limit=limit, every=every)
 
 
-def _asr_load_calibration(path: str | None, limit: int | None = None):
+def _asr_load_calibration(path: str | None, limit: int | None = None, model: str | None = None):
     from .asr import builtin_calibration_dir, load_audio_dir
 
-    return load_audio_dir(path or builtin_calibration_dir(), limit=limit, transcripts=False)
+    return load_audio_dir(
+        path or builtin_calibration_dir(), limit=limit, transcripts=False, machine=model
+    )
 
 
 def _asr_augment(data, speeds):
@@ -185,11 +187,16 @@ def get_task(name: str) -> Task:
     return TASKS.get(name)
 
 
-def calibration_data(task: Task, path: str | None, limit: int | None = None):
+def calibration_data(
+    task: Task, path: str | None, limit: int | None = None, model: str | None = None
+):
     """The data ``task`` calibrates or distils on: ``path`` (None: its built-in data),
     read by ``task.load_calibration`` where the task allows unlabelled data (speech
-    without transcripts), else by ``task.load_data``."""
-    return (task.load_calibration or task.load_data)(path, limit)
+    without transcripts: ``model``'s own stored transcripts stand in where there are
+    some), else by ``task.load_data``."""
+    if task.load_calibration is not None:
+        return task.load_calibration(path, limit, model)
+    return task.load_data(path, limit)
 
 
 class TaskData:
@@ -221,7 +228,7 @@ class TaskData:
         task = get_task(loaded.task) if loaded.task else None
         if task is None:
             raise ValueError(f"no task is known for {loaded.name}, so it has no data to use")
-        return cls(loaded, calibration_data(task, path, limit))
+        return cls(loaded, calibration_data(task, path, limit, loaded.name))
 
     def __len__(self) -> int:
         return len(self.items)

@@ -37,7 +37,8 @@ MAX_SECONDS = 30.0
 
 TRANSCRIPTS = "transcripts.tsv"
 MACHINE_TRANSCRIPTS = "machine_transcripts.tsv"
-"""Pseudo-labels of a folder without references (``scripts/make_machine_transcripts.py``)."""
+"""Models' own transcripts of a folder without references, one row per clip and model
+(``scripts/make_machine_transcripts.py``)."""
 
 _DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 
@@ -111,19 +112,20 @@ def read_audio(path: str | Path) -> np.ndarray:
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3")
 
 
-def _read_tsv(tsv: Path) -> list[tuple[int, dict]]:
+def _read_tsv(tsv: Path, more: tuple[str, ...] = ()) -> list[tuple[int, dict]]:
     """(line number, row) of each row of a transcripts file naming a file; none if
-    the file does not exist."""
+    the file does not exist. Its header must name ``file``, ``text`` and ``more``."""
     if not tsv.is_file():
         return []
     # QUOTE_NONE: transcripts contain quotes and apostrophes that must stay literal.
     with tsv.open(newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        missing = {"file", "text"} - set(reader.fieldnames or [])
+        missing = {"file", "text", *more} - set(reader.fieldnames or [])
         if missing:
+            need = ", ".join(repr(c) for c in ("file", *more, "text"))
             raise ValueError(
                 f"{tsv} lacks the column(s) {sorted(missing)} in its header line "
-                f"(found {reader.fieldnames}); the header must name 'file' and 'text', tab-separated"
+                f"(found {reader.fieldnames}); the header must name {need}, tab-separated"
             )
         # skip blank file cells so a trailing empty line is harmless
         return [(i + 2, r) for i, r in enumerate(reader) if (r["file"] or "").strip()]
@@ -135,7 +137,7 @@ def load_audio_dir(
     every: int = 1,
     *,
     transcripts: bool = True,
-    machine: bool = True,
+    machine: str | None = None,
 ) -> list[AudioSample]:
     """Loads the clips listed in ``<path>/transcripts.tsv``.
 
@@ -145,11 +147,14 @@ def load_audio_dir(
         limit: keep at most this many clips (after ``every``); None keeps all.
         every: keep every n-th row (1 = all), for quick subsets spread over the set.
         transcripts: False allows a folder without ``transcripts.tsv``: its audio
-            files (``AUDIO_SUFFIXES``, sorted by name) load with the text of
-            ``machine_transcripts.tsv`` where that lists them (``machine`` True), else
-            empty (for calibration and distillation, which then use the model's own
-            transcript).
-        machine: read ``machine_transcripts.tsv`` where ``transcripts`` is False.
+            files (``AUDIO_SUFFIXES``, sorted by name) load with empty text, or with
+            ``machine``'s transcript (for calibration and distillation, which
+            transcribe a clip without text with the model first).
+        machine: a model name: where ``transcripts`` is False, take that model's own
+            transcripts from ``machine_transcripts.tsv`` (columns ``file``, ``model``,
+            ``text``) for the clips it lists (``AudioSample.machine`` set). Only the
+            model that wrote them should use them: its Fisher weights then equal those
+            from transcribing the clips itself.
     Returns:
         The clips in file order, as ``AudioSample`` (name = the ``file`` column).
     Raises:
@@ -172,8 +177,12 @@ def load_audio_dir(
                 f"{root} holds neither {TRANSCRIPTS} nor audio files ({', '.join(AUDIO_SUFFIXES)})"
             )
         files = files[::every][:limit]
-        said = _read_tsv(root / MACHINE_TRANSCRIPTS) if machine else []
-        said = {row["file"].strip(): (row["text"] or "").strip() for _, row in said}
+        said = _read_tsv(root / MACHINE_TRANSCRIPTS, ("model",)) if machine else []
+        said = {
+            row["file"].strip(): (row["text"] or "").strip()
+            for _, row in said
+            if (row["model"] or "").strip() == machine
+        }
         return [
             AudioSample(p.name, read_audio(p), said.get(p.name, ""), p.name in said)
             for p in files
