@@ -184,8 +184,7 @@ def load_audio_dir(
             if (row["model"] or "").strip() == machine
         }
         return [
-            AudioSample(p.name, read_audio(p), said.get(p.name, ""), p.name in said)
-            for p in files
+            AudioSample(p.name, read_audio(p), said.get(p.name, ""), p.name in said) for p in files
         ]
     if not tsv.is_file():
         raise ValueError(
