@@ -204,3 +204,25 @@ def test_loading_decodes_no_weight(tmp_path, monkeypatch):
     monkeypatch.setattr(ClusteredWeight, "dense", no_dense)
     loaded = wclust.load(tmp_path / "w.wclust")
     assert any(isinstance(b, ClusteredWeight) for b in loaded.modules())
+
+
+@pytest.mark.parametrize("code_bits", [4, 8])
+def test_many_rows_span_several_decoded_blocks(code_bits, isa):
+    """Wide inputs make the decoded blocks a few rows each, so the matmul writes
+    several column blocks of the output (with bias and outliers in later blocks)."""
+    g = torch.Generator().manual_seed(code_bits)
+    out_f, in_f, n = 70, 1 << 15, 12  # blocks of 32 rows: 0-31, 32-63, 64-69
+    width = in_f // 2 if code_bits == 4 else in_f
+    codes = torch.randint(0, 256, (out_f, width), dtype=torch.uint8, generator=g)
+    cb = torch.randn(out_f, 1 << code_bits, generator=g)
+    scale = torch.rand(out_f * in_f // 64, generator=g) + 0.5
+    idx = torch.tensor([5, 40 * in_f + 3, 69 * in_f + in_f - 1], dtype=torch.int32)
+    val = torch.tensor([2.0, -3.0, 4.0], dtype=torch.float16)
+    x, bias = torch.randn(n, in_f, generator=g), torch.randn(out_f, generator=g)
+    w = ops.decode(codes, code_bits, cb, scale, None, idx, val)
+    assert w.view(-1)[idx.long()].tolist() == [2.0, -3.0, 4.0]
+    want = torch.nn.functional.linear(x, w, bias)
+    got = ops.linear(x, codes, code_bits, cb, scale, None, idx, val, bias)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)
+    got = ops.linear(x, codes, code_bits, cb, scale, None, idx, val, None)
+    torch.testing.assert_close(got, want - bias, rtol=1e-4, atol=1e-3)
