@@ -102,6 +102,23 @@ def test_spec_maps_field_for_field():
     assert r.distill == Distill(epochs=3, lr=1e-4, speeds=(0.9, 1.1))
 
 
+def test_budget_takes_vector_candidates_and_allocates_with_them():
+    r = get_recipe("scaled:fit=fit+exclude:none+budget:3.25,candidates=3x64|2x64x2|3x64x2")
+    assert r.budget.candidates == ((3, 64), (2, 64, 2), (3, 64, 2))
+    assert parse_spec(r.spec()) == r and Recipe.from_dict(r.to_dict()) == r
+    for bad in ("3x64x3", "3x64x2x1", "3xx2"):
+        with pytest.raises(ConfigError, match="budget candidate"):
+            get_recipe(f"scaled+budget:3.25,candidates={bad}")
+    from wclust.nn.vector import VectorWeight
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.Linear(256, 256))
+    report = wclust.compress_(model, r)
+    assert report.bits_per_weight <= 3.25 + 1e-9
+    # at equal code bits a vector codebook has the lower error: the allocator takes it
+    assert any(isinstance(model[i].clustered, VectorWeight) for i in (0, 1))
+
+
 def test_overrides_are_typed_and_json_only():
     r = Recipe(overrides={"fc*": {"bits": 8}, "head": {"kind": "nf4"}})
     cfg = r.cluster_config()

@@ -86,9 +86,10 @@ class Budget:
 
     Args:
         bits: average bits per weight over every parameter, everything counted.
-        candidates: settings each layer may take: widths (``4``) or ``(bits,
-            group_size)`` pairs; empty: (3,128) (4,128) (4,64) (5,64) (8,64) for the
-            scaled quantizers, widths 2-8 otherwise.
+        candidates: settings each layer may take: widths (``4``), ``(bits,
+            group_size)`` pairs or ``(bits, group_size, cluster_dim)`` triples (vector
+            codes of ``cluster_dim`` weights; spec ``3x64x2``); empty: (3,128) (4,128)
+            (4,64) (5,64) (8,64) for the scaled quantizers, widths 2-8 otherwise.
         rows: "auto": token embeddings choose bits per row range (frequent tokens
             first: cuts at rows 4000/16000/32000); "none": one setting per layer.
     """
@@ -103,11 +104,14 @@ class Budget:
         object.__setattr__(self, "bits", float(self.bits))
         cands = []
         for c in self.candidates:
-            if isinstance(c, (list, tuple)) and len(c) == 2:
-                c = (int(c[0]), int(c[1]))
+            if isinstance(c, (list, tuple)) and len(c) in (2, 3):
+                c = tuple(int(v) for v in c)
+                if len(c) == 3 and c[2] not in (1, 2, 4, 8):
+                    raise ConfigError(f"budget candidate {c!r}: cluster_dim must be 1, 2, 4 or 8")
             elif type(c) is not int:
                 raise ConfigError(
-                    f"budget candidates are widths or (bits, group_size) pairs, got {c!r}"
+                    "budget candidates are widths, (bits, group_size) pairs or (bits, "
+                    f"group_size, cluster_dim) triples, got {c!r}"
                 )
             cands.append(c)
         object.__setattr__(self, "candidates", tuple(cands))
@@ -472,13 +476,17 @@ def parse_spec(spec: str) -> Recipe:
 
 
 def _candidate(text: str):
-    b, x, g = text.partition("x")
+    parts = text.split("x")
     try:
-        return (int(b), int(g)) if x else int(b)
+        if len(parts) > 3:
+            raise ValueError
+        vals = tuple(int(p) for p in parts)
     except ValueError:
         raise ConfigError(
-            f"budget candidate {text!r}: write a width (4) or bits x group size (4x64)"
+            f"budget candidate {text!r}: write a width (4), bits x group size (4x64) or bits "
+            "x group size x cluster_dim (3x64x2: vector codes of 2 weights)"
         ) from None
+    return vals[0] if len(vals) == 1 else vals
 
 
 def _stage(cls, name: str, vals: dict):
@@ -562,7 +570,7 @@ def format_spec(r: Recipe) -> str:
         b = _changed(r.budget, main="bits")
         if "candidates" in b:
             b["candidates"] = tuple(
-                f"{c[0]}x{c[1]}" if isinstance(c, tuple) else str(c) for c in b["candidates"]
+                "x".join(map(str, c)) if isinstance(c, tuple) else str(c) for c in b["candidates"]
             )
         parts.append("budget:" + _kv(b, main="bits"))
     if r.gptq is not None:
