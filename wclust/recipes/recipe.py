@@ -49,13 +49,15 @@ __all__ = [
 RECIPE_VERSION = 1
 
 
-def _fields_error(stage: str, cls, values: dict) -> None:
+def _fields_error(stage: str, cls, values: dict, hide: tuple[str, ...] = ()) -> None:
+    """Refuses ``values`` naming a field ``cls`` lacks; the message lists its fields
+    except ``hide``."""
     names = [f.name for f in fields(cls)]
     unknown = sorted(set(values) - set(names))
     if unknown:
         raise ConfigError(
             f"{stage} has no field(s) {', '.join(map(repr, unknown))}; its fields: "
-            f"{', '.join(names)}"
+            f"{', '.join(n for n in names if n not in hide)}"
         )
 
 
@@ -490,13 +492,7 @@ def _candidate(text: str):
 
 
 def _stage(cls, name: str, vals: dict):
-    names = [f.name for f in fields(cls)]
-    unknown = sorted(set(vals) - set(names))
-    if unknown:
-        raise ConfigError(
-            f"recipe spec stage {name!r} has no field(s) {', '.join(map(repr, unknown))}; its "
-            f"fields: {', '.join(n for n in names if n != 'kind')}"
-        )
+    _fields_error(f"recipe spec stage {name!r}", cls, vals, hide=("kind",))
     try:
         return cls(**vals)
     except TypeError as e:
