@@ -47,6 +47,31 @@ def test_embedding_subclass_with_own_forward_and_kwargs():
     torch.testing.assert_close(out, pos.clustered.dense()[3:8], rtol=0, atol=0)
 
 
+def test_position_table_decoded_once_per_change(monkeypatch):
+    # a positional table read whole per generated token is decoded once for inference,
+    # again after its codebook changes, and never kept while training
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"pos": _PositionTable(32, 64)})
+    wclust.compress_(model, wclust.ClusterConfig(bits=4, exclude=()))
+    pos, cw = model["pos"], model["pos"].clustered
+    calls = []
+    dense = type(cw).dense
+    monkeypatch.setattr(type(cw), "dense", lambda self: calls.append(1) or dense(self))
+    ids = torch.zeros(1, 1, dtype=torch.long)
+    with torch.no_grad():
+        first = [pos(ids, past_key_values_length=t) for t in range(5)]
+        assert len(calls) == 1
+        cw.codebook.mul_(2)  # an in-place change: decoded again, with the new values
+        again = pos(ids, past_key_values_length=4)
+    assert len(calls) == 2
+    torch.testing.assert_close(again, 2 * first[4], rtol=0, atol=0)
+    pos(ids, past_key_values_length=1)  # grad mode: no kept table
+    pos(ids, past_key_values_length=1)
+    assert len(calls) == 4
+    cw.set_cache(False)  # the memory setting drops the kept table
+    assert "_table" not in cw.__dict__
+
+
 def test_few_and_many_rows_never_build_the_dense_weight(monkeypatch):
     # up to 8 rows share each code look-up; more rows decode blocks of the weight
     # inside the kernel: the module never holds a dense copy of the weight

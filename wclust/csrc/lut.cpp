@@ -561,7 +561,17 @@ at::Tensor lut_linear(const at::Tensor& x_in, const at::Tensor& codes, int64_t c
   // transposing copy: that copy made a 1500-row encoder layer 1.47x slower than
   // decoding the whole weight for F.linear; written in place it takes the same time)
   const int64_t block = std::max<int64_t>(16, (int64_t{1} << 20) / std::max<int64_t>(1, w.in_f));
-  at::Tensor wbuf = at::empty({std::min(block, w.out_f), w.in_f}, x.options());
+  // The decoded block lives in one buffer per calling thread, kept between calls: a
+  // fresh ~4 MB tensor per layer call, interleaved with the activations, left holes in
+  // the heap that grew the whole process by tens of MB while transcribing.
+  static thread_local std::vector<float> decoded;
+  const int64_t rows = std::min(block, w.out_f);
+  if (static_cast<int64_t>(decoded.size()) < rows * w.in_f) {
+    decoded.clear();
+    decoded.shrink_to_fit();
+    decoded.resize(rows * w.in_f);
+  }
+  at::Tensor wbuf = at::from_blob(decoded.data(), {rows, w.in_f}, x.options());
   y = at::empty({n, w.out_f}, x.options());
   for (int64_t r0 = 0; r0 < w.out_f; r0 += block) {
     const int64_t r1 = std::min(w.out_f, r0 + block);

@@ -349,6 +349,22 @@ class ClusteredWeight(nn.Module):
         self.__dict__["_kargs"] = (key, args)
         return args
 
+    def table(self) -> torch.Tensor:
+        """``dense()`` for inference code that reads the whole weight on every call (a
+        positional embedding slices its table once per generated token): decoded once
+        and kept while no buffer changes (the key of ``_call_args``). Rebuilding it per
+        token cost time and left many same-sized temporaries on the heap."""
+        if self.trainable() or torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return self.dense()
+        b = self._buffers
+        key = tuple(_version_key(b[n]) for n in _KERNEL_BUFFERS)
+        kept = self.__dict__.get("_table")
+        if kept is not None and kept[0] == key:
+            return kept[1]
+        w = self.dense()
+        self.__dict__["_table"] = (key, w)
+        return w
+
     def _outliers(self) -> tuple:
         """(int32 indices, float16 values) of the exact outliers, or (None, None)."""
         if self.outlier_idx is None or not self.outlier_idx.numel():
@@ -371,6 +387,7 @@ class ClusteredWeight(nn.Module):
         self.cache = bool(enabled)
         if not enabled:
             self._dense = None
+            self.__dict__.pop("_table", None)
 
     @property
     def nbytes(self) -> int:
@@ -543,6 +560,14 @@ class _ClusteredLinearMixin(_ClusteredMixin):
 
 
 class _ClusteredEmbeddingMixin(_ClusteredMixin):
+    @property
+    def weight(self):  # noqa: D401 - property
+        cw = self.clustered
+        if base_class(self).forward is not nn.Embedding.forward and hasattr(cw, "table"):
+            # a subclass' own lookup (positional tables) reads the whole weight per call
+            return cw.table()
+        return cw.dense()
+
     def forward(self, ids, *args, **kwargs):
         cw = self.clustered
         if (
