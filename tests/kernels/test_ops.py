@@ -22,6 +22,8 @@ CONFIGS = [
     dict(bits=5, method="rtn", group_size=64),  # one code per byte
     dict(bits=8, method="kmeans", granularity="tensor"),
     dict(bits=6, method="exact"),  # 64-entry codebook per row
+    dict(bits=5, method="scaled-fit", group_size=64),  # 32 entries from registers, scaled
+    dict(bits=7, method="exact"),  # more than 64 entries: gathers
 ]
 
 

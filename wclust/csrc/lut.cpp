@@ -278,35 +278,70 @@ __attribute__((target("avx512f"))) void decode4_avx512(const Weight& w, float* o
   }
 }
 
-// 8-bit codes: gathers from the row's codebook (or its scaled table).
+// 5- to 8-bit codes. The row's codebook is looked up unscaled: up to 64 entries from
+// registers (one vpermt2ps over 32 entries, or two and a blend on the code's bit 5),
+// more by gathers; a group's sum is scaled once (s * sum(cb[c] x) + off * sum(x))
+// instead of building a scaled table for every group of every row.
 template <int NB>
 __attribute__((target("avx512f"))) void rows8_avx512(const Weight& w, const float* x,
                                                      int64_t ldx, float* y, int64_t ldy,
                                                      int64_t o0, int64_t o1) {
   alignas(64) float t[256];
   std::memset(t, 0, sizeof(t));  // codes past the codebook read 0, never garbage
+  const int64_t K = w.K;
+  const int mode = K <= 32 ? 0 : K <= 64 ? 1 : 2;
+  // the inputs' sum per group (times the group's offset) when there are offsets
+  std::vector<float> xsum;
+  if (w.offset) {
+    xsum.assign(NB * w.n_groups, 0.f);
+    for (int b = 0; b < NB; ++b)
+      for (int64_t g = 0; g < w.n_groups; ++g)
+        for (int64_t j = g * w.group; j < (g + 1) * w.group; ++j)
+          xsum[b * w.n_groups + g] += x[b * ldx + j];
+  }
+  if (w.cb_stride == 0) std::memcpy(t, w.cb, K * sizeof(float));
+  const __m512i bit5 = _mm512_set1_epi32(32);
   for (int64_t o = o0; o < o1; ++o) {
+    if (w.cb_stride) std::memcpy(t, w.cb + o * w.cb_stride, K * sizeof(float));
+    const __m512 t0 = _mm512_load_ps(t), t1 = _mm512_load_ps(t + 16);
+    const __m512 t2 = _mm512_load_ps(t + 32), t3 = _mm512_load_ps(t + 48);
     const uint8_t* r = w.codes + o * w.row_bytes;
     __m512 acc[NB];
     float tail[NB];
     for (int b = 0; b < NB; ++b) acc[b] = _mm512_setzero_ps(), tail[b] = 0.f;
     for (int64_t g = 0; g < w.n_groups; ++g) {
-      const float* tab;
-      if (w.scale || w.K < 256) {
-        group_table(w, o, g, t, w.K);  // entries >= K stay 0 (zeroed once)
-        tab = t;
-      } else {
-        tab = w.cb + o * w.cb_stride;
-      }
+      __m512 gacc[NB];
+      float gtail[NB];
+      for (int b = 0; b < NB; ++b) gacc[b] = _mm512_setzero_ps(), gtail[b] = 0.f;
       int64_t j = g * w.group, end = (g + 1) * w.group;
       for (; j + 16 <= end; j += 16) {
         __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r + j)));
-        __m512 wv = _mm512_i32gather_ps(idx, tab, 4);
+        __m512 wv;
+        if (mode == 0) {
+          wv = _mm512_permutex2var_ps(t0, idx, t1);
+        } else if (mode == 1) {
+          __mmask16 hi = _mm512_test_epi32_mask(idx, bit5);
+          wv = _mm512_mask_blend_ps(hi, _mm512_permutex2var_ps(t0, idx, t1),
+                                    _mm512_permutex2var_ps(t2, idx, t3));
+        } else {
+          wv = _mm512_i32gather_ps(idx, t, 4);
+        }
         for (int b = 0; b < NB; ++b)
-          acc[b] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + b * ldx + j), acc[b]);
+          gacc[b] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + b * ldx + j), gacc[b]);
       }
       for (; j < end; ++j)
-        for (int b = 0; b < NB; ++b) tail[b] += tab[r[j]] * x[b * ldx + j];
+        for (int b = 0; b < NB; ++b) gtail[b] += t[r[j]] * x[b * ldx + j];
+      if (w.scale) {
+        const float sc = w.scale[o * w.n_groups + g];
+        const __m512 sv = _mm512_set1_ps(sc);
+        for (int b = 0; b < NB; ++b) {
+          acc[b] = _mm512_fmadd_ps(sv, gacc[b], acc[b]);
+          tail[b] += sc * gtail[b];
+          if (w.offset) tail[b] += w.offset[o * w.n_groups + g] * xsum[b * w.n_groups + g];
+        }
+      } else {
+        for (int b = 0; b < NB; ++b) acc[b] = _mm512_add_ps(acc[b], gacc[b]), tail[b] += gtail[b];
+      }
     }
     for (int b = 0; b < NB; ++b) y[b * ldy + o] = hsum512(acc[b]) + tail[b];
   }
