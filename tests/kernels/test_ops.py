@@ -208,6 +208,27 @@ def test_loading_decodes_no_weight(tmp_path, monkeypatch):
     assert any(isinstance(b, ClusteredWeight) for b in loaded.modules())
 
 
+def test_loading_prepares_the_kernel_layout(tmp_path):
+    # loading switches 3-bit codes to the kernels' 4-bit pairs and builds the call
+    # arguments before any forward; the model still computes what it computed before
+    m = nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 16))
+    wclust.compress_(m, wclust.ClusterConfig(bits=3, method="kmeans", granularity="tensor"))
+    wclust.save(m, tmp_path / "m.wclust")
+    if not ops.available():
+        pytest.skip("compiled kernels not built")
+    loaded = wclust.load(
+        tmp_path / "m.wclust",
+        lambda: nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 16)),
+    )
+    for i in (0, 2):
+        cw = loaded[i].clustered
+        assert cw.layout == "nibbles" and "_kargs" in cw.__dict__
+        assert torch.equal(cw.codes(), m[i].clustered.codes())
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), m(x), rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("code_bits", [4, 8])
 def test_many_rows_span_several_decoded_blocks(code_bits, isa):
     """Wide inputs make the decoded blocks a few rows each, so the matmul writes
@@ -228,3 +249,27 @@ def test_many_rows_span_several_decoded_blocks(code_bits, isa):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)
     got = ops.linear(x, codes, code_bits, cb, scale, None, idx, val, None)
     torch.testing.assert_close(got, want - bias, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 5, 6, 7])
+def test_kernel_layout_matches_unpacking_with_torch_ops(bits, monkeypatch):
+    from wclust.core.packing import pack_codes
+
+    if not ops.available():
+        pytest.skip("compiled kernels not built")
+    g = torch.Generator().manual_seed(bits)
+    rows, cols = 37, 70  # 2590 codes: streams ending mid-byte for the odd widths
+    codes = torch.randint(0, 1 << bits, (rows, cols), generator=g)
+    packed = pack_codes(codes, bits)
+    got = ops.kernel_layout(packed, bits, rows, cols)
+    monkeypatch.setattr(ops, "_AVAILABLE", False)
+    want = ops.kernel_layout(packed, bits, rows, cols)
+    assert got.shape == want.shape == (rows, cols // 2 if bits < 4 else cols)
+    assert torch.equal(got, want)
+    if bits > 4:
+        assert torch.equal(got, codes.to(torch.uint8))
+    else:  # low nibble: even column, high nibble: odd column
+        assert torch.equal(got & 15, codes[:, 0::2].to(torch.uint8))
+        assert torch.equal(got >> 4, codes[:, 1::2].to(torch.uint8))
+    with pytest.raises(RuntimeError, match="need"):
+        torch.ops.wclust.kernel_layout(packed[:-1], bits, rows, cols)

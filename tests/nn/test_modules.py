@@ -102,18 +102,18 @@ def test_threads_sharing_a_model_switch_the_layout_once(monkeypatch):
 
     from wclust.nn import modules
 
-    pack, calls = modules.pack_codes, []
+    layout, calls = modules.kernel_ops.kernel_layout, []
 
-    def slow_pack(*args):  # widen the window in which a second thread could switch again
+    def slow_layout(*args):  # widen the window in which a second thread could switch again
         calls.append(1)
         time.sleep(0.05)
-        return pack(*args)
+        return layout(*args)
 
     torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(256, 96, bias=False))
     wclust.compress_(m, wclust.ClusterConfig(bits=3, method="kmeans", granularity="tensor"))
     ref_codes = m[0].clustered.codes().clone()
-    monkeypatch.setattr(modules, "pack_codes", slow_pack)
+    monkeypatch.setattr(modules.kernel_ops, "kernel_layout", slow_layout)
     x = torch.randn(1, 256)
     outs, errors = [], []
 
@@ -131,7 +131,7 @@ def test_threads_sharing_a_model_switch_the_layout_once(monkeypatch):
         t.join()
     assert not errors and len(outs) == 8
     assert m[0].clustered.layout == "nibbles" and len(calls) == 1
-    monkeypatch.setattr(modules, "pack_codes", pack)
+    monkeypatch.undo()
     assert torch.equal(m[0].clustered.codes(), ref_codes)
     assert all(torch.allclose(o, outs[0], atol=1e-6) for o in outs)
 

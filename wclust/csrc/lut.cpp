@@ -664,6 +664,45 @@ at::Tensor lut_rows(const at::Tensor& codes, int64_t code_bits, const at::Tensor
   return out;
 }
 
+at::Tensor kernel_layout(const at::Tensor& packed, int64_t bits, int64_t rows, int64_t cols) {
+  // The canonical bit stream (code i at bits [i*b, (i+1)*b), little-endian) of a
+  // (rows, cols) weight -> the layout the kernels read: codes of 1-3 bits as 4-bit
+  // pairs (rows, cols / 2), 5-7 bits one per byte (rows, cols). One pass, no
+  // temporaries (unpacking with torch ops made int64 copies of every chunk).
+  TORCH_CHECK(packed.dim() == 1 && packed.scalar_type() == at::kByte && packed.is_contiguous(),
+              "wclust: packed codes must be a contiguous 1-D uint8 tensor");
+  TORCH_CHECK(bits >= 1 && bits <= 8 && bits != 4 && bits != 8,
+              "wclust: kernel_layout converts codes of 1-3 or 5-7 bits");
+  TORCH_CHECK(rows >= 0 && cols >= 0 && (bits > 4 || cols % 2 == 0),
+              "wclust: codes of up to 3 bits need an even row length");
+  const int64_t n = rows * cols;
+  TORCH_CHECK(packed.numel() == (n * bits + 7) / 8, "wclust: ", n, " codes of ", bits,
+              " bits need ", (n * bits + 7) / 8, " bytes, got ", packed.numel());
+  const uint8_t* p = packed.data_ptr<uint8_t>();
+  const uint32_t mask = (1u << bits) - 1;
+  auto code = [&](int64_t i) -> uint8_t {
+    const int64_t bit = i * bits, byte = bit >> 3;
+    uint32_t v = p[byte];
+    if (byte + 1 < packed.numel()) v |= static_cast<uint32_t>(p[byte + 1]) << 8;
+    return static_cast<uint8_t>((v >> (bit & 7)) & mask);
+  };
+  at::Tensor out;
+  if (bits < 4) {
+    out = at::empty({rows, cols / 2}, packed.options());
+    uint8_t* q = out.data_ptr<uint8_t>();
+    at::parallel_for(0, n / 2, 1 << 16, [&](int64_t a, int64_t b) {
+      for (int64_t i = a; i < b; ++i) q[i] = code(2 * i) | (code(2 * i + 1) << 4);
+    });
+  } else {
+    out = at::empty({rows, cols}, packed.options());
+    uint8_t* q = out.data_ptr<uint8_t>();
+    at::parallel_for(0, n, 1 << 16, [&](int64_t a, int64_t b) {
+      for (int64_t i = a; i < b; ++i) q[i] = code(i);
+    });
+  }
+  return out;
+}
+
 std::string isa(const std::string& cap) {
   // "" reads the active instruction set; a name caps it (never above the CPU's)
   if (cap == "portable") active_isa() = kPortable;
@@ -685,6 +724,7 @@ TORCH_LIBRARY(wclust, m) {
   m.def(
       "lut_rows(Tensor codes, int code_bits, Tensor codebook, Tensor? scale, Tensor? offset, "
       "Tensor idx) -> Tensor");
+  m.def("kernel_layout(Tensor packed, int bits, int rows, int cols) -> Tensor");
   m.def("isa(str cap) -> str", &isa);
 }
 
@@ -692,6 +732,7 @@ TORCH_LIBRARY_IMPL(wclust, CPU, m) {
   m.impl("lut_linear", &lut_linear);
   m.impl("lut_decode", &lut_decode);
   m.impl("lut_rows", &lut_rows);
+  m.impl("kernel_layout", &kernel_layout);
 }
 
 }  // namespace wclust

@@ -41,7 +41,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..nn.modules import ClusteredWeight, RowSplitWeight, base_class, swap_weight
+from ..nn.modules import (
+    ClusteredWeight,
+    RowSplitWeight,
+    base_class,
+    prepare_kernels,
+    swap_weight,
+)
 from ..nn.owners import clustered_weights, layer_type, set_module
 from ..nn.vector import VectorWeight
 
@@ -626,6 +632,8 @@ def load(
         ArithmeticError,
     ) as e:
         raise FormatError(f"{path}: does not match the model architecture: {e}") from None
+    del tensors
+    prepare_kernels(model)
     return model.eval()
 
 

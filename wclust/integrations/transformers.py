@@ -54,7 +54,13 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from ..config import ClusterConfig, ConfigError
 from ..formats.checkpoint import _DTYPES as _ST_DTYPES
 from ..formats.wclust_file import FormatError, _clustered_tensor, _dtype_name
-from ..nn.modules import ClusteredWeight, RowSplitWeight, base_class, swap_weight
+from ..nn.modules import (
+    ClusteredWeight,
+    RowSplitWeight,
+    base_class,
+    prepare_kernels,
+    swap_weight,
+)
 from ..nn.owners import clustered_weights, layer_type
 from ..nn.owners import set_module as _set_module
 from ..recipes import KMeans, Recipe, compress_, get_recipe
@@ -269,6 +275,7 @@ class WclustHfQuantizer(HfQuantizer):
             report = compress_(model, _recipe(self.quantization_config))
             _warn_dense(report)
             self.report = report.to_dict()
+        prepare_kernels(model)
         _attach(model, self)
         return model
 

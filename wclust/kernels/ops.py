@@ -83,9 +83,25 @@ def _register_fakes() -> None:
     def _(codes, code_bits, codebook, scale, offset, outlier_idx, outlier_val):
         return codebook.new_empty(codes.shape[0], _in_features(codes, code_bits))
 
+    @torch.library.register_fake("wclust::kernel_layout")
+    def _(packed, bits, rows, cols):
+        return packed.new_empty(rows, cols // 2 if bits < 4 else cols)
+
     @torch.library.register_fake("wclust::lut_rows")
     def _(codes, code_bits, codebook, scale, offset, idx):
         return codebook.new_empty(idx.numel(), _in_features(codes, code_bits))
+
+
+def kernel_layout(packed: torch.Tensor, bits: int, rows: int, cols: int) -> torch.Tensor:
+    """Codes of 1-3 or 5-7 bits from their canonical bit stream (``core.packing``) to
+    the layout the kernels read: 4-bit pairs (rows, cols / 2) for up to 3 bits, one
+    byte per code (rows, cols) above."""
+    if available():
+        return torch.ops.wclust.kernel_layout(packed, bits, rows, cols)
+    from ..core.packing import pack_codes, unpack_codes
+
+    codes = unpack_codes(packed, bits, rows * cols)
+    return (pack_codes(codes, 4) if bits < 4 else codes).view(rows, -1)
 
 
 def linear(x, codes, code_bits, codebook, scale, offset, outlier_idx, outlier_val, bias):

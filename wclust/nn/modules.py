@@ -26,6 +26,7 @@ __all__ = [
     "base_class",
     "clustered_parts",
     "is_clustered",
+    "prepare_kernels",
     "swap_weight",
     "unswap_weight",
 ]
@@ -313,10 +314,8 @@ class ClusteredWeight(nn.Module):
                 out_f = self.shape[0]
                 if self.bits in (4, 8):
                     p = p.view(out_f, -1)
-                elif self.bits < 4:
-                    p = pack_codes(unpack_codes(p, self.bits, self.numel), 4).view(out_f, -1)
                 else:
-                    p = unpack_codes(p, self.bits, self.numel).view(out_f, -1)
+                    p = kernel_ops.kernel_layout(p, self.bits, out_f, self.numel // out_f)
                 self.packed = p  # one assignment: codes and layout
         return p
 
@@ -509,6 +508,23 @@ class RowSplitWeight(nn.Module):
         return f"shape={self.shape}, rows={self.bounds}, bits={[p.bits for p in self.parts]}"
 
 
+def prepare_kernels(model: nn.Module) -> None:
+    """Make now what a compressed model's first forward would: every weight the
+    compiled kernels take in their code layout with its call arguments, and the
+    positional tables that subclasses read whole (``table``). Called right after
+    loading, so these long-lived tensors sit together instead of between the first
+    forward's activations, where they left holes that grew a whisper-base process by
+    ~50-100 MB while it transcribed. Without the compiled kernels it does nothing."""
+    if not kernel_ops.available():
+        return
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, ClusteredWeight) and not m.cache and m.kernel_ok():
+                m._call_args()
+            elif _reads_whole_table(m):
+                m.weight  # noqa: B018 - keeps the table (``table``)
+
+
 def clustered_parts(cw) -> list[ClusteredWeight]:
     """The ``ClusteredWeight``s a clustered weight is made of (itself, or a row
     split's parts)."""
@@ -559,14 +575,20 @@ class _ClusteredLinearMixin(_ClusteredMixin):
         return super().forward(x)
 
 
+def _reads_whole_table(module) -> bool:
+    """A clustered embedding whose class has its own lookup (positional tables): it
+    reads the whole weight on every call."""
+    return (
+        isinstance(module, _ClusteredEmbeddingMixin)
+        and base_class(module).forward is not nn.Embedding.forward
+        and hasattr(module.clustered, "table")
+    )
+
+
 class _ClusteredEmbeddingMixin(_ClusteredMixin):
     @property
     def weight(self):  # noqa: D401 - property
-        cw = self.clustered
-        if base_class(self).forward is not nn.Embedding.forward and hasattr(cw, "table"):
-            # a subclass' own lookup (positional tables) reads the whole weight per call
-            return cw.table()
-        return cw.dense()
+        return self.clustered.table() if _reads_whole_table(self) else self.clustered.dense()
 
     def forward(self, ids, *args, **kwargs):
         cw = self.clustered
