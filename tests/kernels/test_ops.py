@@ -273,3 +273,53 @@ def test_kernel_layout_matches_unpacking_with_torch_ops(bits, monkeypatch):
         assert torch.equal(got >> 4, codes[:, 1::2].to(torch.uint8))
     with pytest.raises(RuntimeError, match="need"):
         torch.ops.wclust.kernel_layout(packed[:-1], bits, rows, cols)
+
+
+@pytest.mark.parametrize("cfg", [CONFIGS[1], CONFIGS[3], CONFIGS[7]], ids=["rtn", "outliers", "8b"])
+def test_int8_products_match_the_float_product_to_8_bit_error(cfg):
+    # compiled and torch-op versions compute the same quantized product (same scales,
+    # same rounding); both stay within 8-bit error of the exact float product
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(192, 72))
+    wclust.compress_(m, wclust.ClusterConfig(**cfg))
+    args = m[0].clustered._call_args()
+    x, bias = torch.randn(300, 192), m[0].bias.detach()
+    with torch.no_grad():
+        exact = ops.linear(x, *args, bias)
+        got = ops.linear_int8(x, *args, bias)
+        assert ((got - exact).norm() / exact.norm()) < 0.02
+        if ops.available():
+            ops._AVAILABLE = False
+            try:
+                torch_ops = ops.linear_int8(x, *args, bias)
+            finally:
+                ops._AVAILABLE = None
+            torch.testing.assert_close(got, torch_ops, rtol=1e-4, atol=1e-4)
+
+
+def test_int8_matmul_setting_runs_many_rows_in_int8_and_survives_a_file(tmp_path, monkeypatch):
+    from wclust.nn.modules import INT8_MIN_ROWS, set_int8_matmul
+
+    torch.manual_seed(0)
+
+    def make():
+        return nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
+
+    m = make()
+    wclust.compress_(m, wclust.ClusterConfig(bits=4, method="nf4"))
+    assert set_int8_matmul(m) == 2
+    wclust.save(m, tmp_path / "m.wclust")
+    loaded = wclust.load(tmp_path / "m.wclust", make)
+    calls = []
+    real = ops.linear_int8
+    monkeypatch.setattr(ops, "linear_int8", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    with torch.no_grad():
+        loaded(torch.randn(INT8_MIN_ROWS + 1, 64))
+        assert calls == [INT8_MIN_ROWS + 1] * 2
+        loaded(torch.randn(3, 64))  # decoder steps keep the exact lookups
+        assert len(calls) == 2
+    set_int8_matmul(loaded, False)
+    wclust.save(loaded, tmp_path / "off.wclust")
+    assert not any(
+        "int8_matmul" in e for e in wclust.read_header(tmp_path / "off.wclust")["clustered"]
+    )

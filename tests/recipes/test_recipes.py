@@ -250,3 +250,13 @@ def test_cli_refuses_recipe_with_quantizer_options(tmp_path):
         app, ["compress", "x", "-o", str(tmp_path / "o.wclust"), "--method", "nf4", "--bits", "3"]
     )
     assert r.exit_code == 2 and "nf4" in r.output and "bits" in r.output
+
+
+def test_int8_stage_switches_the_compressed_layers_to_int8_products():
+    from wclust.nn.modules import ClusteredWeight
+
+    m = torch.nn.Sequential(torch.nn.Linear(64, 64))
+    wclust.compress_(m, "nf4+int8")
+    assert all(cw.int8_matmul for cw in m.modules() if isinstance(cw, ClusteredWeight))
+    with pytest.raises(ConfigError, match=r"write \+int8"):
+        parse_spec("nf4+int8:yes")

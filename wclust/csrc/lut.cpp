@@ -23,6 +23,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
@@ -628,6 +629,116 @@ at::Tensor lut_linear(const at::Tensor& x_in, const at::Tensor& codes, int64_t c
   return y;
 }
 
+// One row to int8 with its absmax scale (returned): q = round-half-even(v / s).
+float quantize_row_portable(const float* v, int64_t len, int8_t* q) {
+  float amax = 0.f;
+  for (int64_t j = 0; j < len; ++j) amax = std::max(amax, std::fabs(v[j]));
+  const float s = amax > 0.f ? amax / 127.f : 1.f, inv = 1.f / s;
+  for (int64_t j = 0; j < len; ++j) q[j] = static_cast<int8_t>(std::nearbyint(v[j] * inv));
+  return s;
+}
+
+#ifdef WCLUST_X86
+__attribute__((target("avx512f"))) float quantize_row_avx512(const float* v, int64_t len,
+                                                            int8_t* q) {
+  __m512 m = _mm512_setzero_ps();
+  int64_t j = 0;
+  for (; j + 16 <= len; j += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(v + j)));
+  float amax = _mm512_reduce_max_ps(m);
+  for (; j < len; ++j) amax = std::max(amax, std::fabs(v[j]));
+  const float s = amax > 0.f ? amax / 127.f : 1.f, inv = 1.f / s;
+  const __m512 iv = _mm512_set1_ps(inv);
+  for (j = 0; j + 16 <= len; j += 16) {
+    // cvtps rounds half to even (the default rounding mode), as nearbyint does
+    __m512i r = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(v + j), iv));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + j), _mm512_cvtsepi32_epi8(r));
+  }
+  for (; j < len; ++j) q[j] = static_cast<int8_t>(std::nearbyint(v[j] * inv));
+  return s;
+}
+#endif
+
+at::Tensor lut_linear_int8(const at::Tensor& x_in, const at::Tensor& codes, int64_t code_bits,
+                           const at::Tensor& codebook, const c10::optional<at::Tensor>& scale,
+                           const c10::optional<at::Tensor>& offset,
+                           const c10::optional<at::Tensor>& outlier_idx,
+                           const c10::optional<at::Tensor>& outlier_val,
+                           const c10::optional<at::Tensor>& bias) {
+  // x @ W.T + bias with int8 arithmetic, for many rows (an encoder's frames): each row
+  // of x is quantized to int8 with its own absmax scale, blocks of W are decoded and
+  // quantized to int8 with one scale per output row, and the int8 GEMM (VNNI where the
+  // CPU has it) sums in int32. No dense copy of W is kept; the buffers are per thread.
+  Weight w = make_weight(codes, code_bits, codebook, scale, offset);
+  check_x(x_in, w);
+  at::Tensor x = x_in.contiguous();
+  Outliers ol = make_outliers(outlier_idx, outlier_val, w.out_f * w.in_f);
+  const int64_t n = x.size(0), in_f = w.in_f;
+  const int isa = active_isa().load(std::memory_order_relaxed);
+  const float* xp = x.data_ptr<float>();
+  at::Tensor xq = at::empty({n, in_f}, x.options().dtype(at::kChar));
+  std::vector<float> sx(n);
+  int8_t* xqp = xq.data_ptr<int8_t>();
+  auto quantize_row = [isa](const float* v, int64_t len, int8_t* q) {
+#ifdef WCLUST_X86
+    if (isa == kAvx512) return quantize_row_avx512(v, len, q);
+#endif
+    return quantize_row_portable(v, len, q);
+  };
+  at::parallel_for(0, n, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, in_f)),
+                   [&](int64_t a, int64_t b) {
+                     for (int64_t i = a; i < b; ++i)
+                       sx[i] = quantize_row(xp + i * in_f, in_f, xqp + i * in_f);
+                   });
+  // blocks of at most ~1M decoded weights and ~1M int32 sums (4 MB each)
+  const int64_t per = std::min((int64_t{1} << 20) / std::max<int64_t>(1, in_f),
+                               (int64_t{1} << 20) / std::max<int64_t>(1, n));
+  const int64_t block = std::min(w.out_f, std::max<int64_t>(16, per));
+  static thread_local std::vector<float> decoded;
+  static thread_local std::vector<int8_t> wq;
+  static thread_local std::vector<int32_t> acc;
+  if (static_cast<int64_t>(decoded.size()) < block * in_f) decoded.resize(block * in_f);
+  if (static_cast<int64_t>(wq.size()) < block * in_f) wq.resize(block * in_f);
+  if (static_cast<int64_t>(acc.size()) < n * block) acc.resize(n * block);
+  // thread_local buffers are read here, in the calling thread: a worker thread
+  // naming them would get its own (empty) ones
+  float* const dp = decoded.data();
+  int8_t* const wqp = wq.data();
+  int32_t* const ap = acc.data();
+  std::vector<float> sw(block);
+  at::Tensor y = at::empty({n, w.out_f}, x.options());
+  float* yp = y.data_ptr<float>();
+  const float* bp = bias.has_value() ? bias->contiguous().data_ptr<float>() : nullptr;
+  for (int64_t r0 = 0; r0 < w.out_f; r0 += block) {
+    const int64_t r1 = std::min(w.out_f, r0 + block), rows = r1 - r0;
+    at::parallel_for(r0, r1, grain_rows(w, 1), [&](int64_t o0, int64_t o1) {
+      run_decode(w, dp + (o0 - r0) * in_f, o0, o1, isa);
+    });
+    for (int64_t i = 0; i < ol.n; ++i) {
+      int64_t o = ol.idx[i] / in_f;
+      if (o >= r0 && o < r1) dp[(o - r0) * in_f + ol.idx[i] % in_f] = static_cast<float>(ol.val[i]);
+    }
+    at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, in_f)),
+                     [&](int64_t a, int64_t b) {
+                       for (int64_t o = a; o < b; ++o)
+                         sw[o] = quantize_row(dp + o * in_f, in_f, wqp + o * in_f);
+                     });
+    at::Tensor wt = at::from_blob(wqp, {rows, in_f}, xq.options());
+    at::Tensor ab = at::from_blob(ap, {n, rows}, x.options().dtype(at::kInt));
+    at::_int_mm_out(ab, xq, wt.t());
+    at::parallel_for(0, n, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, rows)),
+                     [&](int64_t a, int64_t b) {
+                       for (int64_t i = a; i < b; ++i) {
+                         float* yr = yp + i * w.out_f + r0;
+                         const int32_t* ar = ap + i * rows;
+                         for (int64_t o = 0; o < rows; ++o)
+                           yr[o] = static_cast<float>(ar[o]) * sx[i] * sw[o] +
+                                   (bp ? bp[r0 + o] : 0.f);
+                       }
+                     });
+  }
+  return y;
+}
+
 at::Tensor lut_decode(const at::Tensor& codes, int64_t code_bits, const at::Tensor& codebook,
                       const c10::optional<at::Tensor>& scale,
                       const c10::optional<at::Tensor>& offset,
@@ -724,6 +835,9 @@ TORCH_LIBRARY(wclust, m) {
   m.def(
       "lut_rows(Tensor codes, int code_bits, Tensor codebook, Tensor? scale, Tensor? offset, "
       "Tensor idx) -> Tensor");
+  m.def(
+      "lut_linear_int8(Tensor x, Tensor codes, int code_bits, Tensor codebook, Tensor? scale, "
+      "Tensor? offset, Tensor? outlier_idx, Tensor? outlier_val, Tensor? bias) -> Tensor");
   m.def("kernel_layout(Tensor packed, int bits, int rows, int cols) -> Tensor");
   m.def("isa(str cap) -> str", &isa);
 }
@@ -733,6 +847,7 @@ TORCH_LIBRARY_IMPL(wclust, CPU, m) {
   m.impl("lut_decode", &lut_decode);
   m.impl("lut_rows", &lut_rows);
   m.impl("kernel_layout", &kernel_layout);
+  m.impl("lut_linear_int8", &lut_linear_int8);
 }
 
 }  // namespace wclust

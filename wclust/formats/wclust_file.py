@@ -45,6 +45,7 @@ from ..nn.modules import (
     ClusteredWeight,
     RowSplitWeight,
     base_class,
+    clustered_parts,
     prepare_kernels,
     swap_weight,
 )
@@ -181,6 +182,8 @@ def add_clustered(writer: FileWriter, key: str, cw, owners, entropy) -> dict:
         "transpose": cw.transpose,
         "meta": cw.meta,
     }
+    if any(getattr(p, "int8_matmul", False) for p in clustered_parts(cw)):
+        entry["int8_matmul"] = True  # a runtime setting the loaded model keeps
     if not isinstance(cw, RowSplitWeight):
         return {**entry, **_add_tensor(writer, key, cw, entropy)}
     entry["parts"] = [
@@ -498,6 +501,8 @@ def _check_header(path, header: dict) -> None:
             bad(f"{e['key']}: 'owners'/'owner_types' are not equal, non-empty lists of names")
         if not isinstance(e.get("transpose"), bool):
             bad(f"{e['key']}: transpose {e.get('transpose')!r} is not true or false")
+        if not isinstance(e.get("int8_matmul", False), bool):
+            bad(f"{e['key']}: int8_matmul {e.get('int8_matmul')!r} is not true or false")
         if "parts" not in e:
             _check_tensor_entry(e, bad)
             continue
@@ -732,6 +737,9 @@ def _fill(model: nn.Module, header: dict, tensors: dict, cache: bool) -> None:
         else:
             cw = _clustered_tensor(e, tensors, bool(e["transpose"]))
         cw.set_cache(cache)
+        if e.get("int8_matmul"):
+            for part in clustered_parts(cw):
+                part.int8_matmul = True
         for owner, mod in owners:
             set_module(model, owner, swap_weight(mod, cw))
     keys = {e["key"] for e in header["clustered"]}

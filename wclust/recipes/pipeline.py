@@ -139,6 +139,10 @@ class _Run:
             self._gptq(report, hessians, originals)
         if r.distill is not None:
             report.distill = self._distill(report)
+        if r.int8_matmul:
+            from ..nn.modules import set_int8_matmul
+
+            set_int8_matmul(self.model)
         report.stages = self.stages
         report.recipe = r.to_dict()
         report.config = cfg

@@ -209,6 +209,9 @@ class Recipe:
         budget: bits chosen per layer under an average, or None.
         gptq: GPTQ codes, or None.
         distill: distillation toward the original, or None.
+        int8_matmul: the compressed Linear layers compute products of many rows (an
+            encoder's frames) in int8 (``nn.modules.set_int8_matmul``); a runtime
+            setting stored in the file. Spec stage ``int8``.
         seed: RNG seed.
     """
 
@@ -223,6 +226,7 @@ class Recipe:
     budget: Budget | None = None
     gptq: GPTQ | None = None
     distill: Distill | None = None
+    int8_matmul: bool = False
     seed: int = 0
 
     def __post_init__(self):
@@ -381,7 +385,7 @@ def layer_selection(preset: str) -> dict:
 # first listed) may be written without its key.
 
 _STAGES = ("layers", "include", "exclude", "prune", "fisher", "activation", "budget", "gptq")
-_STAGES += ("distill", "seed")
+_STAGES += ("distill", "int8", "seed")
 
 
 def _value(text: str):
@@ -455,6 +459,10 @@ def parse_spec(spec: str) -> Recipe:
             kw["prune"] = _pairs(rest, name, "fraction").get("fraction")
         elif name == "seed":
             kw["seed"] = _pairs(rest, name, "seed").get("seed")
+        elif name == "int8":
+            if rest:
+                raise ConfigError("recipe spec stage 'int8' takes no settings: write +int8")
+            kw["int8"] = True
         elif name in ("fisher", "activation"):
             kw["calibration"] = _stage(
                 Calibration, name, {"kind": name, **_pairs(rest, name, "items")}
@@ -474,6 +482,7 @@ def parse_spec(spec: str) -> Recipe:
             if "speeds" in vals:
                 vals["speeds"] = tuple(float(s) for s in vals["speeds"].split("|"))
             kw["distill"] = _stage(Distill, name, vals)
+    kw["int8_matmul"] = kw.pop("int8", False)
     return Recipe(**kw)
 
 
@@ -575,6 +584,8 @@ def format_spec(r: Recipe) -> str:
     if r.distill is not None:
         d = _changed(r.distill)
         parts.append("distill" + (":" + _kv(d) if d else ""))
+    if r.int8_matmul:
+        parts.append("int8")
     if r.seed:
         parts.append(f"seed:{r.seed}")
     return "+".join(parts)
@@ -618,4 +629,6 @@ def describe(r: Recipe) -> str:
         text += ", GPTQ codes"
     if r.distill is not None:
         text += f", distilled ({r.distill.epochs} epochs)"
+    if r.int8_matmul:
+        text += ", int8 products of many rows"
     return text
