@@ -125,6 +125,27 @@ def rows_for(shape, batches, reps):
     return res
 
 
+def int8_rows(shape, reps, n=1500):
+    """(format, fp32 F.linear ms, lut_linear ms, lut_linear_int8 ms) for n rows (a
+    Whisper encoder's frames), the int8 products against the float paths."""
+    out_f, in_f = shape
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(in_f, out_f, bias=False)
+    x = torch.randn(n, in_f)
+    res = []
+    with torch.inference_mode():
+        fp32 = bench(lambda: torch.nn.functional.linear(x, lin.weight), reps)
+        for name, cfg in FORMATS:
+            m = torch.nn.Sequential(torch.nn.Linear(in_f, out_f, bias=False))
+            m[0].weight.data.copy_(lin.weight)
+            wclust.compress_(m, wclust.ClusterConfig(**cfg))
+            args = m[0].clustered._kernel_args()
+            lut_ms = bench(lambda: torch.ops.wclust.lut_linear(x, *args, *[None] * 3), reps)  # noqa: B023
+            i8_ms = bench(lambda: torch.ops.wclust.lut_linear_int8(x, *args, *[None] * 3), reps)  # noqa: B023
+            res.append((name, fp32, lut_ms, i8_ms))
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer shapes and repetitions")
@@ -156,6 +177,21 @@ def main() -> None:
                     f"| {shape[0]}x{shape[1]} | {n} | {name} | {before:.3f} | {after:.3f} | "
                     f"{before / after:.2f}x |"
                 )
+            print(lines[-1], flush=True)
+    lines += [
+        "",
+        "1500 rows (an encoder's frames): float products against int8 products",
+        "(`wclust::lut_linear_int8`, `set_int8_matmul`)",
+        "",
+        "| shape (out x in) | format | fp32 F.linear ms | lut_linear ms | int8 ms | int8 vs fp32 |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for shape in shapes[:3]:
+        for name, fp32, lut_ms, i8_ms in int8_rows(shape, max(3, reps // 3)):
+            lines.append(
+                f"| {shape[0]}x{shape[1]} | {name} | {fp32:.2f} | {lut_ms:.2f} | {i8_ms:.2f} | "
+                f"{fp32 / i8_ms:.2f}x |"
+            )
             print(lines[-1], flush=True)
     text = "\n".join(lines)
     print(text)
