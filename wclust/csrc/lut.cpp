@@ -431,34 +431,54 @@ __attribute__((target("avx2,fma"))) void decode4_avx2(const Weight& w, float* ou
   }
 }
 
+// 5- to 8-bit codes: gathers from the row's unscaled codebook; a group's sum is scaled
+// once (s * sum(cb[c] x) + off * sum(x)), as on AVX-512.
 template <int NB>
 __attribute__((target("avx2,fma"))) void rows8_avx2(const Weight& w, const float* x,
                                                     int64_t ldx, float* y, int64_t ldy,
                                                     int64_t o0, int64_t o1) {
   alignas(32) float t[256];
   std::memset(t, 0, sizeof(t));  // codes past the codebook read 0, never garbage
+  const int64_t K = w.K;
+  std::vector<float> xsum;
+  if (w.offset) {
+    xsum.assign(NB * w.n_groups, 0.f);
+    for (int b = 0; b < NB; ++b)
+      for (int64_t g = 0; g < w.n_groups; ++g)
+        for (int64_t j = g * w.group; j < (g + 1) * w.group; ++j)
+          xsum[b * w.n_groups + g] += x[b * ldx + j];
+  }
+  if (w.cb_stride == 0) std::memcpy(t, w.cb, K * sizeof(float));
   for (int64_t o = o0; o < o1; ++o) {
+    if (w.cb_stride) std::memcpy(t, w.cb + o * w.cb_stride, K * sizeof(float));
     const uint8_t* r = w.codes + o * w.row_bytes;
     __m256 acc[NB];
     float tail[NB];
     for (int b = 0; b < NB; ++b) acc[b] = _mm256_setzero_ps(), tail[b] = 0.f;
     for (int64_t g = 0; g < w.n_groups; ++g) {
-      const float* tab;
-      if (w.scale || w.K < 256) {
-        group_table(w, o, g, t, w.K);  // entries >= K stay 0 (zeroed once)
-        tab = t;
-      } else {
-        tab = w.cb + o * w.cb_stride;
-      }
+      __m256 gacc[NB];
+      float gtail[NB];
+      for (int b = 0; b < NB; ++b) gacc[b] = _mm256_setzero_ps(), gtail[b] = 0.f;
       int64_t j = g * w.group, end = (g + 1) * w.group;
       for (; j + 8 <= end; j += 8) {
         __m256i idx = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(r + j)));
-        __m256 wv = _mm256_i32gather_ps(tab, idx, 4);
+        __m256 wv = _mm256_i32gather_ps(t, idx, 4);
         for (int b = 0; b < NB; ++b)
-          acc[b] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + b * ldx + j), acc[b]);
+          gacc[b] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + b * ldx + j), gacc[b]);
       }
       for (; j < end; ++j)
-        for (int b = 0; b < NB; ++b) tail[b] += tab[r[j]] * x[b * ldx + j];
+        for (int b = 0; b < NB; ++b) gtail[b] += t[r[j]] * x[b * ldx + j];
+      if (w.scale) {
+        const float sc = w.scale[o * w.n_groups + g];
+        const __m256 sv = _mm256_set1_ps(sc);
+        for (int b = 0; b < NB; ++b) {
+          acc[b] = _mm256_fmadd_ps(sv, gacc[b], acc[b]);
+          tail[b] += sc * gtail[b];
+          if (w.offset) tail[b] += w.offset[o * w.n_groups + g] * xsum[b * w.n_groups + g];
+        }
+      } else {
+        for (int b = 0; b < NB; ++b) acc[b] = _mm256_add_ps(acc[b], gacc[b]), tail[b] += gtail[b];
+      }
     }
     for (int b = 0; b < NB; ++b) y[b * ldy + o] = hsum256(acc[b]) + tail[b];
   }
