@@ -362,8 +362,8 @@ class ClusteredWeight(nn.Module):
         kept = self.__dict__.get("_table")
         if kept is not None and kept[0] == key:
             return kept[1]
-        w = self.dense()
-        self.__dict__["_table"] = (key, w)
+        w = self.dense()  # may switch the codes' layout: key them afterwards
+        self.__dict__["_table"] = (tuple(_version_key(b[n]) for n in _KERNEL_BUFFERS), w)
         return w
 
     def _outliers(self) -> tuple:
