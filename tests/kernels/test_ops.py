@@ -323,3 +323,20 @@ def test_int8_matmul_setting_runs_many_rows_in_int8_and_survives_a_file(tmp_path
     assert not any(
         "int8_matmul" in e for e in wclust.read_header(tmp_path / "off.wclust")["clustered"]
     )
+
+
+def test_new_operators_pass_torch_library_opcheck():
+    # schema, fake (meta) implementation and dispatch agree, as torch.compile needs
+    from wclust.core.packing import pack_codes
+
+    if not ops.available():
+        pytest.skip("compiled kernels not built")
+    ops._register_fakes()
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(64, 24))
+    wclust.compress_(m, wclust.ClusterConfig(bits=4, method="nf4"))
+    args = m[0].clustered._call_args()
+    x = torch.randn(70, 64)
+    torch.library.opcheck(torch.ops.wclust.lut_linear_int8, (x, *args, m[0].bias.detach()))
+    packed = pack_codes(torch.randint(0, 8, (6, 10)), 3)
+    torch.library.opcheck(torch.ops.wclust.kernel_layout, (packed, 3, 6, 10))
