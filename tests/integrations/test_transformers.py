@@ -255,3 +255,16 @@ def test_asr_pipeline_runs_the_clustered_modules(asr_model_dir, monkeypatch):
     used = {id(c) for c in calls}
     assert id(m.model.encoder.layers[0].fc1.clustered) in used
     assert id(m.proj_out.clustered) in used
+
+
+def test_int8_products_setting_survives_save_pretrained(tmp_path):
+    from wclust.nn.modules import ClusteredWeight
+
+    tiny_bert().save_pretrained(tmp_path / "fp")
+    cls = transformers.BertModel
+    cfg = wclust.WclustConfig(recipe="nf4+int8")
+    m = cls.from_pretrained(tmp_path / "fp", quantization_config=cfg)
+    m.save_pretrained(tmp_path / "q")
+    r = cls.from_pretrained(tmp_path / "q")
+    flags = [cw.int8_matmul for cw in r.modules() if isinstance(cw, ClusteredWeight)]
+    assert flags and all(flags)

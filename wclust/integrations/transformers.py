@@ -58,6 +58,7 @@ from ..nn.modules import (
     ClusteredWeight,
     RowSplitWeight,
     base_class,
+    clustered_parts,
     prepare_kernels,
     swap_weight,
 )
@@ -336,6 +337,8 @@ def layer_entries(model) -> list[dict]:
             "transpose": cw.transpose,
             **_tensor_entry(cw),
         }
+        if any(getattr(p, "int8_matmul", False) for p in clustered_parts(cw)):
+            e["int8_matmul"] = True  # a runtime setting the loaded model keeps
         if isinstance(cw, RowSplitWeight):
             e["parts"] = [
                 {**_tensor_entry(p), "rows": [a, b]}
@@ -356,6 +359,7 @@ def hf_state_dict(model) -> dict[str, torch.Tensor]:
     """The model's state dict as the folder stores it: each clustered weight once,
     under its first owner, its codes in the canonical packing (not a kernel layout)."""
     sd = model.state_dict()
+    seen: set[int] = set()
     for cw, owners in clustered_weights(model).values():
         for name, _ in owners:
             for k in [k for k in sd if k.startswith(f"{name}.clustered.")]:
@@ -365,7 +369,13 @@ def hf_state_dict(model) -> dict[str, torch.Tensor]:
             for buf in _FILE_NAMES:
                 t = part.packed_rows() if buf == "packed" else getattr(part, buf)
                 if t is not None:
-                    sd[f"{first}.{prefix}{buf}"] = t.detach()
+                    t = t.detach()
+                    if t.numel() and t.data_ptr() in seen:
+                        # one table shared by many weights (NF4's 16 values):
+                        # safetensors refuses tensors that share memory
+                        t = t.clone()
+                    seen.add(t.data_ptr())
+                    sd[f"{first}.{prefix}{buf}"] = t
     return sd
 
 
@@ -407,6 +417,8 @@ def _check_entry(e: dict, i: int) -> None:
         bad("'owners'/'owner_types' are not equal, non-empty lists of module names")
     if not isinstance(e.get("transpose"), bool):
         bad("'transpose' is not true or false")
+    if not isinstance(e.get("int8_matmul", False), bool):
+        bad("'int8_matmul' is not true or false")
     for t in [e, *(e.get("parts") or [])]:
         shape = t.get("shape")
         if not (isinstance(shape, list) and all(type(s) is int and s >= 0 for s in shape)):
@@ -553,6 +565,9 @@ def _rebuild_loaded(model, layers: list[dict], ckpt: dict, dtype=None) -> None:
         if dtype is not None:
             for part in [cw, *getattr(cw, "parts", ())]:
                 part.dtype = dtype
+        if e.get("int8_matmul"):
+            for part in clustered_parts(cw):
+                part.int8_matmul = True
         for owner in e["owners"]:
             model.get_submodule(owner)._modules["clustered"] = cw
 
