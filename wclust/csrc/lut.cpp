@@ -152,6 +152,19 @@ inline void group_table(const Weight& w, int64_t o, int64_t g, float* t, int64_t
   for (int64_t i = k; i < size; ++i) t[i] = 0.f;
 }
 
+// The inputs' sum per (row of x, scale group), which a group's offset multiplies;
+// empty without offsets.
+std::vector<float> group_input_sums(const Weight& w, const float* x, int nb, int64_t ldx) {
+  std::vector<float> xsum;
+  if (!w.offset) return xsum;
+  xsum.assign(nb * w.n_groups, 0.f);
+  for (int b = 0; b < nb; ++b)
+    for (int64_t g = 0; g < w.n_groups; ++g)
+      for (int64_t j = g * w.group; j < (g + 1) * w.group; ++j)
+        xsum[b * w.n_groups + g] += x[b * ldx + j];
+  return xsum;
+}
+
 // ---------------------------------------------------------------- portable ----------
 
 void rows_portable(const Weight& w, const float* x, int64_t n, int64_t ldx, float* y,
@@ -291,15 +304,7 @@ __attribute__((target("avx512f"))) void rows8_avx512(const Weight& w, const floa
   std::memset(t, 0, sizeof(t));  // codes past the codebook read 0, never garbage
   const int64_t K = w.K;
   const int mode = K <= 32 ? 0 : K <= 64 ? 1 : 2;
-  // the inputs' sum per group (times the group's offset) when there are offsets
-  std::vector<float> xsum;
-  if (w.offset) {
-    xsum.assign(NB * w.n_groups, 0.f);
-    for (int b = 0; b < NB; ++b)
-      for (int64_t g = 0; g < w.n_groups; ++g)
-        for (int64_t j = g * w.group; j < (g + 1) * w.group; ++j)
-          xsum[b * w.n_groups + g] += x[b * ldx + j];
-  }
+  const std::vector<float> xsum = group_input_sums(w, x, NB, ldx);
   if (w.cb_stride == 0) std::memcpy(t, w.cb, K * sizeof(float));
   const __m512i bit5 = _mm512_set1_epi32(32);
   for (int64_t o = o0; o < o1; ++o) {
@@ -440,14 +445,7 @@ __attribute__((target("avx2,fma"))) void rows8_avx2(const Weight& w, const float
   alignas(32) float t[256];
   std::memset(t, 0, sizeof(t));  // codes past the codebook read 0, never garbage
   const int64_t K = w.K;
-  std::vector<float> xsum;
-  if (w.offset) {
-    xsum.assign(NB * w.n_groups, 0.f);
-    for (int b = 0; b < NB; ++b)
-      for (int64_t g = 0; g < w.n_groups; ++g)
-        for (int64_t j = g * w.group; j < (g + 1) * w.group; ++j)
-          xsum[b * w.n_groups + g] += x[b * ldx + j];
-  }
+  const std::vector<float> xsum = group_input_sums(w, x, NB, ldx);
   if (w.cb_stride == 0) std::memcpy(t, w.cb, K * sizeof(float));
   for (int64_t o = o0; o < o1; ++o) {
     if (w.cb_stride) std::memcpy(t, w.cb + o * w.cb_stride, K * sizeof(float));
@@ -579,6 +577,33 @@ void check_x(const at::Tensor& x, const Weight& w) {
               w.in_f);
 }
 
+// Rows [r0, r1) of the dense weight, outliers in place, into dst (row o at
+// dst + (o - r0) * in), the rows decoded in parallel.
+void decode_block(const Weight& w, const Outliers& ol, float* dst, int64_t r0, int64_t r1,
+                  int isa) {
+  at::parallel_for(r0, r1, grain_rows(w, 1), [&](int64_t o0, int64_t o1) {
+    run_decode(w, dst + (o0 - r0) * w.in_f, o0, o1, isa);
+  });
+  for (int64_t i = 0; i < ol.n; ++i) {
+    const int64_t o = ol.idx[i] / w.in_f;
+    if (o >= r0 && o < r1) dst[(o - r0) * w.in_f + ol.idx[i] % w.in_f] = static_cast<float>(ol.val[i]);
+  }
+}
+
+// A buffer of at least n elements kept by the caller between calls (a thread_local
+// vector, named in the calling thread: a worker thread would get its own). It grows
+// without copying its old contents and never shrinks: a fresh buffer per call,
+// interleaved with the activations, left holes in the heap that grew the process.
+template <typename T>
+T* kept_buffer(std::vector<T>& v, int64_t n) {
+  if (static_cast<int64_t>(v.size()) < n) {
+    v.clear();
+    v.shrink_to_fit();
+    v.resize(n);
+  }
+  return v.data();
+}
+
 // ---------------------------------------------------------------- operators ---------
 
 at::Tensor lut_linear(const at::Tensor& x_in, const at::Tensor& codes, int64_t code_bits,
@@ -617,29 +642,15 @@ at::Tensor lut_linear(const at::Tensor& x_in, const at::Tensor& codes, int64_t c
   // transposing copy: that copy made a 1500-row encoder layer 1.47x slower than
   // decoding the whole weight for F.linear; written in place it takes the same time)
   const int64_t block = std::max<int64_t>(16, (int64_t{1} << 20) / std::max<int64_t>(1, w.in_f));
-  // The decoded block lives in one buffer per calling thread, kept between calls: a
-  // fresh ~4 MB tensor per layer call, interleaved with the activations, left holes in
-  // the heap that grew the whole process by tens of MB while transcribing.
   static thread_local std::vector<float> decoded;
   const int64_t rows = std::min(block, w.out_f);
-  if (static_cast<int64_t>(decoded.size()) < rows * w.in_f) {
-    decoded.clear();
-    decoded.shrink_to_fit();
-    decoded.resize(rows * w.in_f);
-  }
-  at::Tensor wbuf = at::from_blob(decoded.data(), {rows, w.in_f}, x.options());
+  at::Tensor wbuf =
+      at::from_blob(kept_buffer(decoded, rows * w.in_f), {rows, w.in_f}, x.options());
   y = at::empty({n, w.out_f}, x.options());
   for (int64_t r0 = 0; r0 < w.out_f; r0 += block) {
     const int64_t r1 = std::min(w.out_f, r0 + block);
     at::Tensor wb = wbuf.narrow(0, 0, r1 - r0);
-    float* wp = wb.data_ptr<float>();
-    at::parallel_for(r0, r1, grain_rows(w, 1), [&](int64_t o0, int64_t o1) {
-      run_decode(w, wp + (o0 - r0) * w.in_f, o0, o1, isa);
-    });
-    for (int64_t i = 0; i < ol.n; ++i) {
-      int64_t o = ol.idx[i] / w.in_f;
-      if (o >= r0 && o < r1) wp[(o - r0) * w.in_f + ol.idx[i] % w.in_f] = static_cast<float>(ol.val[i]);
-    }
+    decode_block(w, ol, wb.data_ptr<float>(), r0, r1, isa);
     at::Tensor yb = y.narrow(1, r0, r1 - r0);
     if (bias.has_value())
       at::addmm_out(yb, bias->narrow(0, r0, r1 - r0), x, wb.t());
@@ -664,7 +675,10 @@ __attribute__((target("avx512f"))) float quantize_row_avx512(const float* v, int
   __m512 m = _mm512_setzero_ps();
   int64_t j = 0;
   for (; j + 16 <= len; j += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(v + j)));
-  float amax = _mm512_reduce_max_ps(m);
+  alignas(64) float lanes[16];  // (gcc's _mm512_reduce_max_ps warns of uninitialized use)
+  _mm512_store_ps(lanes, m);
+  float amax = 0.f;
+  for (float v16 : lanes) amax = std::max(amax, v16);
   for (; j < len; ++j) amax = std::max(amax, std::fabs(v[j]));
   const float s = amax > 0.f ? amax / 127.f : 1.f, inv = 1.f / s;
   const __m512 iv = _mm512_set1_ps(inv);
@@ -716,27 +730,17 @@ at::Tensor lut_linear_int8(const at::Tensor& x_in, const at::Tensor& codes, int6
   static thread_local std::vector<float> decoded;
   static thread_local std::vector<int8_t> wq;
   static thread_local std::vector<int32_t> acc;
-  if (static_cast<int64_t>(decoded.size()) < block * in_f) decoded.resize(block * in_f);
-  if (static_cast<int64_t>(wq.size()) < block * in_f) wq.resize(block * in_f);
-  if (static_cast<int64_t>(acc.size()) < n * block) acc.resize(n * block);
-  // thread_local buffers are read here, in the calling thread: a worker thread
-  // naming them would get its own (empty) ones
-  float* const dp = decoded.data();
-  int8_t* const wqp = wq.data();
-  int32_t* const ap = acc.data();
+  float* const dp = kept_buffer(decoded, block * in_f);
+  int8_t* const wqp = kept_buffer(wq, block * in_f);
+  int32_t* const ap = kept_buffer(acc, n * block);
   std::vector<float> sw(block);
   at::Tensor y = at::empty({n, w.out_f}, x.options());
   float* yp = y.data_ptr<float>();
-  const float* bp = bias.has_value() ? bias->contiguous().data_ptr<float>() : nullptr;
+  at::Tensor b_c = bias.has_value() ? bias->contiguous() : at::Tensor();  // held: bp reads it
+  const float* bp = b_c.defined() ? b_c.data_ptr<float>() : nullptr;
   for (int64_t r0 = 0; r0 < w.out_f; r0 += block) {
     const int64_t r1 = std::min(w.out_f, r0 + block), rows = r1 - r0;
-    at::parallel_for(r0, r1, grain_rows(w, 1), [&](int64_t o0, int64_t o1) {
-      run_decode(w, dp + (o0 - r0) * in_f, o0, o1, isa);
-    });
-    for (int64_t i = 0; i < ol.n; ++i) {
-      int64_t o = ol.idx[i] / in_f;
-      if (o >= r0 && o < r1) dp[(o - r0) * in_f + ol.idx[i] % in_f] = static_cast<float>(ol.val[i]);
-    }
+    decode_block(w, ol, dp, r0, r1, isa);
     at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, in_f)),
                      [&](int64_t a, int64_t b) {
                        for (int64_t o = a; o < b; ++o)
@@ -768,11 +772,7 @@ at::Tensor lut_decode(const at::Tensor& codes, int64_t code_bits, const at::Tens
   Outliers ol = make_outliers(outlier_idx, outlier_val, w.out_f * w.in_f);
   const int isa = active_isa().load(std::memory_order_relaxed);
   at::Tensor out = at::empty({w.out_f, w.in_f}, codebook.options());
-  float* p = out.data_ptr<float>();
-  at::parallel_for(0, w.out_f, grain_rows(w, 1), [&](int64_t o0, int64_t o1) {
-    run_decode(w, p + o0 * w.in_f, o0, o1, isa);
-  });
-  for (int64_t i = 0; i < ol.n; ++i) p[ol.idx[i]] = static_cast<float>(ol.val[i]);
+  decode_block(w, ol, out.data_ptr<float>(), 0, w.out_f, isa);
   return out;
 }
 
