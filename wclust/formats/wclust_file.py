@@ -47,6 +47,7 @@ from ..nn.modules import (
     base_class,
     clustered_parts,
     prepare_kernels,
+    set_int8_matmul,
     swap_weight,
 )
 from ..nn.owners import clustered_weights, layer_type, set_module
@@ -738,8 +739,7 @@ def _fill(model: nn.Module, header: dict, tensors: dict, cache: bool) -> None:
             cw = _clustered_tensor(e, tensors, bool(e["transpose"]))
         cw.set_cache(cache)
         if e.get("int8_matmul"):
-            for part in clustered_parts(cw):
-                part.int8_matmul = True
+            set_int8_matmul(cw)  # the weight, or every part of a row split
         for owner, mod in owners:
             set_module(model, owner, swap_weight(mod, cw))
     keys = {e["key"] for e in header["clustered"]}

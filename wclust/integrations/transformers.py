@@ -60,6 +60,7 @@ from ..nn.modules import (
     base_class,
     clustered_parts,
     prepare_kernels,
+    set_int8_matmul,
     swap_weight,
 )
 from ..nn.owners import clustered_weights, layer_type
@@ -566,8 +567,7 @@ def _rebuild_loaded(model, layers: list[dict], ckpt: dict, dtype=None) -> None:
             for part in [cw, *getattr(cw, "parts", ())]:
                 part.dtype = dtype
         if e.get("int8_matmul"):
-            for part in clustered_parts(cw):
-                part.int8_matmul = True
+            set_int8_matmul(cw)  # the weight, or every part of a row split
         for owner in e["owners"]:
             model.get_submodule(owner)._modules["clustered"] = cw
 
