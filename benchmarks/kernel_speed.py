@@ -13,7 +13,7 @@ dense weight, numba against ``wclust::lut_decode``. Warm: one copy of each weigh
 (small formats then sit in the L3 cache). Prints a markdown table of the fastest
 call of each (on a busy machine a median mostly measures the scheduler).
 
-    python benchmarks/kernel_speed.py [--quick] [--threads 2] [--out FILE]
+    python benchmarks/kernel_speed.py [--quick] [--threads 2] [--formats 8-bit,NF4] [--out FILE]
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ def time_format(cw, batches, reps):
     return out
 
 
-def rows_for(shape, batches, reps):
+def rows_for(shape, batches, reps, formats=FORMATS):
     out_f, in_f = shape
     torch.manual_seed(0)
     lin = torch.nn.Linear(in_f, out_f, bias=False)
@@ -116,7 +116,7 @@ def rows_for(shape, batches, reps):
             x = torch.randn(n, in_f)
             ms = bench(lambda: torch.nn.functional.linear(x, w), reps)  # noqa: B023
             res.append((n, "fp32 F.linear", ms, None))
-        for name, cfg in FORMATS:
+        for name, cfg in formats:
             m = torch.nn.Sequential(torch.nn.Linear(in_f, out_f, bias=False))
             m[0].weight.data.copy_(lin.weight)
             wclust.compress_(m, wclust.ClusterConfig(**cfg))
@@ -125,7 +125,7 @@ def rows_for(shape, batches, reps):
     return res
 
 
-def int8_rows(shape, reps, n=1500):
+def int8_rows(shape, reps, n=1500, formats=FORMATS):
     """(format, fp32 F.linear ms, lut_linear ms, lut_linear_int8 ms) for n rows (a
     Whisper encoder's frames), the int8 products against the float paths."""
     out_f, in_f = shape
@@ -135,7 +135,7 @@ def int8_rows(shape, reps, n=1500):
     res = []
     with torch.inference_mode():
         fp32 = bench(lambda: torch.nn.functional.linear(x, lin.weight), reps)
-        for name, cfg in FORMATS:
+        for name, cfg in formats:
             m = torch.nn.Sequential(torch.nn.Linear(in_f, out_f, bias=False))
             m[0].weight.data.copy_(lin.weight)
             wclust.compress_(m, wclust.ClusterConfig(**cfg))
@@ -151,6 +151,11 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer shapes and repetitions")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--shapes", help="comma-separated OUTxIN shapes (default: whisper-base's)")
+    ap.add_argument(
+        "--formats",
+        help="only the formats whose name contains one of these "
+        "comma-separated strings (e.g. '8-bit,NF4')",
+    )
     ap.add_argument("--out", help="also write the table to this file")
     args = ap.parse_args()
     if not ops.available():
@@ -161,6 +166,12 @@ def main() -> None:
     shapes = WHISPER_BASE_SHAPES[:2] if args.quick else WHISPER_BASE_SHAPES
     if args.shapes:
         shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    formats = FORMATS
+    if args.formats:
+        keys = [k.strip().lower() for k in args.formats.split(",")]
+        formats = [f for f in FORMATS if any(k in f[0].lower() for k in keys)]
+        if not formats:
+            raise SystemExit(f"no format matches {args.formats!r}; see FORMATS")
     lines = [
         f"threads: {args.threads}; compiled ISA: {ops.isa()}; numba AVX-512 kernel: "
         f"{'yes' if simd.available() else 'no'}; warm (one copy per weight)",
@@ -169,7 +180,7 @@ def main() -> None:
         "|---|---:|---|---:|---:|---:|",
     ]
     for shape in shapes:
-        for n, name, before, after in rows_for(shape, (1, 4, 8, 64), reps):
+        for n, name, before, after in rows_for(shape, (1, 4, 8, 64), reps, formats):
             if after is None:
                 lines.append(f"| {shape[0]}x{shape[1]} | {n} | {name} | {before:.3f} | | |")
             else:
@@ -187,7 +198,7 @@ def main() -> None:
         "|---|---|---:|---:|---:|---:|",
     ]
     for shape in shapes[:3]:
-        for name, fp32, lut_ms, i8_ms in int8_rows(shape, max(3, reps // 3)):
+        for name, fp32, lut_ms, i8_ms in int8_rows(shape, max(3, reps // 3), formats=formats):
             lines.append(
                 f"| {shape[0]}x{shape[1]} | {name} | {fp32:.2f} | {lut_ms:.2f} | {i8_ms:.2f} | "
                 f"{fp32 / i8_ms:.2f}x |"

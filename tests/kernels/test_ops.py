@@ -20,10 +20,10 @@ CONFIGS = [
     dict(bits=3, method="scaled-fit", group_size=64),  # widened to 4-bit pairs
     dict(bits=2, method="kmeans", granularity="tensor"),
     dict(bits=5, method="rtn", group_size=64),  # one code per byte
-    dict(bits=8, method="kmeans", granularity="tensor"),
+    dict(bits=8, method="kmeans", granularity="tensor"),  # 256 entries: 8 pairs
     dict(bits=6, method="exact"),  # 64-entry codebook per row
     dict(bits=5, method="scaled-fit", group_size=64),  # 32 entries from registers, scaled
-    dict(bits=7, method="exact"),  # more than 64 entries: gathers
+    dict(bits=7, method="exact"),  # 128 entries per row: a 4-pair permute tree
 ]
 
 
@@ -249,6 +249,9 @@ def test_many_rows_span_several_decoded_blocks(code_bits, isa):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)
     got = ops.linear(x, codes, code_bits, cb, scale, None, idx, val, None)
     torch.testing.assert_close(got, want - bias, rtol=1e-4, atol=1e-3)
+    with torch.inference_mode():  # the blocks' matmuls write inference tensors
+        got = ops.linear(x, codes, code_bits, cb, scale, None, idx, val, bias)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 5, 6, 7])

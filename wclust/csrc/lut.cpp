@@ -11,14 +11,17 @@
 //
 // The 4-bit kernels keep a group's 16 weights (codebook * scale + offset, one FMA per
 // group) in one AVX-512 register and look up 16 codes at once with vpermps (two
-// 8-lane permutes and a blend on AVX2); 8-bit codes use gathers. Up to kMaxBatch
-// input rows share each look-up; more rows decode blocks of the weight and call the
-// BLAS matmul. Threads come from torch's own pool (at::parallel_for), so nothing
+// 8-lane permutes and a blend on AVX2); byte codes keep the whole codebook (up to 256
+// entries) in registers on AVX-512 and use gathers on AVX2. Up to kMaxBatch input rows
+// share each look-up; with more rows each thread decodes blocks of the weight and
+// calls the BLAS matmul on them. Threads come from torch's own pool (at::parallel_for), so nothing
 // competes with torch's OpenMP threads. The instruction set is chosen at run time
 // (__builtin_cpu_supports), so one build runs on any x86-64 CPU.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <Python.h>
 #include <torch/library.h>
 
@@ -292,25 +295,62 @@ __attribute__((target("avx512f"))) void decode4_avx512(const Weight& w, float* o
   }
 }
 
-// 5- to 8-bit codes. The row's codebook is looked up unscaled: up to 64 entries from
-// registers (one vpermt2ps over 32 entries, or two and a blend on the code's bit 5),
-// more by gathers; a group's sum is scaled once (s * sum(cb[c] x) + off * sum(x))
-// instead of building a scaled table for every group of every row.
-template <int NB>
-__attribute__((target("avx512f"))) void rows8_avx512(const Weight& w, const float* x,
-                                                     int64_t ldx, float* y, int64_t ldy,
-                                                     int64_t o0, int64_t o1) {
+// 5- to 8-bit codes: a row's unscaled codebook (zero-padded to a multiple of 32
+// entries, at most 256) lives in registers, and 16 codes are looked up with one
+// vpermt2ps per 32 entries and a blend tree on the code's bits 5-7 (at K = 256: 8
+// permutes and 7 blends). On these CPUs a gather of 16 floats costs more than the
+// permute tree, even for 256 entries.
+template <int P>  // 32-entry register pairs: 1, 2, 4 or 8
+struct ByteTable512 {
+  __m512 r[2 * P];
+  __attribute__((target("avx512f"), always_inline)) void load(const float* t) {
+    for (int i = 0; i < 2 * P; ++i) r[i] = _mm512_load_ps(t + 16 * i);
+  }
+  __attribute__((target("avx512f"), always_inline)) __m512 pair(int i, __m512i idx) const {
+    return _mm512_permutex2var_ps(r[2 * i], idx, r[2 * i + 1]);
+  }
+  __attribute__((target("avx512f"), always_inline)) __m512 lookup(__m512i idx) const {
+    if constexpr (P == 1) {
+      return pair(0, idx);
+    } else {
+      const __mmask16 b5 = _mm512_test_epi32_mask(idx, _mm512_set1_epi32(32));
+      __m512 v = _mm512_mask_blend_ps(b5, pair(0, idx), pair(1, idx));
+      if constexpr (P >= 4) {
+        const __mmask16 b6 = _mm512_test_epi32_mask(idx, _mm512_set1_epi32(64));
+        v = _mm512_mask_blend_ps(b6, v, _mm512_mask_blend_ps(b5, pair(2, idx), pair(3, idx)));
+        if constexpr (P == 8) {
+          __m512 q = _mm512_mask_blend_ps(b6,
+                                          _mm512_mask_blend_ps(b5, pair(4, idx), pair(5, idx)),
+                                          _mm512_mask_blend_ps(b5, pair(6, idx), pair(7, idx)));
+          v = _mm512_mask_blend_ps(_mm512_test_epi32_mask(idx, _mm512_set1_epi32(128)), v, q);
+        }
+      }
+      return v;
+    }
+  }
+};
+
+// The table's register pairs for K entries.
+inline int table_pairs(int64_t K) { return K <= 32 ? 1 : K <= 64 ? 2 : K <= 128 ? 4 : 8; }
+
+__attribute__((target("avx512f"), always_inline)) inline __m512i codes16(const uint8_t* p) {
+  return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+// A group's sum is scaled once (s * sum(cb[c] x) + off * sum(x)) instead of building
+// a scaled table for every group of every row.
+template <int NB, int P>
+__attribute__((target("avx512f"))) void rows8p_avx512(const Weight& w, const float* x,
+                                                      int64_t ldx, float* y, int64_t ldy,
+                                                      int64_t o0, int64_t o1) {
   alignas(64) float t[256];
   std::memset(t, 0, sizeof(t));  // codes past the codebook read 0, never garbage
-  const int64_t K = w.K;
-  const int mode = K <= 32 ? 0 : K <= 64 ? 1 : 2;
   const std::vector<float> xsum = group_input_sums(w, x, NB, ldx);
-  if (w.cb_stride == 0) std::memcpy(t, w.cb, K * sizeof(float));
-  const __m512i bit5 = _mm512_set1_epi32(32);
+  if (w.cb_stride == 0) std::memcpy(t, w.cb, w.K * sizeof(float));
+  ByteTable512<P> bt;
   for (int64_t o = o0; o < o1; ++o) {
-    if (w.cb_stride) std::memcpy(t, w.cb + o * w.cb_stride, K * sizeof(float));
-    const __m512 t0 = _mm512_load_ps(t), t1 = _mm512_load_ps(t + 16);
-    const __m512 t2 = _mm512_load_ps(t + 32), t3 = _mm512_load_ps(t + 48);
+    if (w.cb_stride) std::memcpy(t, w.cb + o * w.cb_stride, w.K * sizeof(float));
+    bt.load(t);
     const uint8_t* r = w.codes + o * w.row_bytes;
     __m512 acc[NB];
     float tail[NB];
@@ -321,17 +361,7 @@ __attribute__((target("avx512f"))) void rows8_avx512(const Weight& w, const floa
       for (int b = 0; b < NB; ++b) gacc[b] = _mm512_setzero_ps(), gtail[b] = 0.f;
       int64_t j = g * w.group, end = (g + 1) * w.group;
       for (; j + 16 <= end; j += 16) {
-        __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r + j)));
-        __m512 wv;
-        if (mode == 0) {
-          wv = _mm512_permutex2var_ps(t0, idx, t1);
-        } else if (mode == 1) {
-          __mmask16 hi = _mm512_test_epi32_mask(idx, bit5);
-          wv = _mm512_mask_blend_ps(hi, _mm512_permutex2var_ps(t0, idx, t1),
-                                    _mm512_permutex2var_ps(t2, idx, t3));
-        } else {
-          wv = _mm512_i32gather_ps(idx, t, 4);
-        }
+        const __m512 wv = bt.lookup(codes16(r + j));
         for (int b = 0; b < NB; ++b)
           gacc[b] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + b * ldx + j), gacc[b]);
       }
@@ -350,6 +380,52 @@ __attribute__((target("avx512f"))) void rows8_avx512(const Weight& w, const floa
       }
     }
     for (int b = 0; b < NB; ++b) y[b * ldy + o] = hsum512(acc[b]) + tail[b];
+  }
+}
+
+template <int NB>
+void rows8_avx512(const Weight& w, const float* x, int64_t ldx, float* y, int64_t ldy,
+                  int64_t o0, int64_t o1) {
+  switch (table_pairs(w.K)) {
+    case 1: return rows8p_avx512<NB, 1>(w, x, ldx, y, ldy, o0, o1);
+    case 2: return rows8p_avx512<NB, 2>(w, x, ldx, y, ldy, o0, o1);
+    case 4: return rows8p_avx512<NB, 4>(w, x, ldx, y, ldy, o0, o1);
+    default: return rows8p_avx512<NB, 8>(w, x, ldx, y, ldy, o0, o1);
+  }
+}
+
+template <int P>
+__attribute__((target("avx512f"))) void decode8p_avx512(const Weight& w, float* out,
+                                                        int64_t o0, int64_t o1) {
+  alignas(64) float t[256];
+  std::memset(t, 0, sizeof(t));
+  if (w.cb_stride == 0) std::memcpy(t, w.cb, w.K * sizeof(float));
+  ByteTable512<P> bt;
+  for (int64_t o = o0; o < o1; ++o) {
+    if (w.cb_stride) std::memcpy(t, w.cb + o * w.cb_stride, w.K * sizeof(float));
+    bt.load(t);
+    const uint8_t* r = w.codes + o * w.row_bytes;
+    float* d = out + (o - o0) * w.in_f;
+    for (int64_t g = 0; g < w.n_groups; ++g) {
+      const float sc = w.scale ? w.scale[o * w.n_groups + g] : 1.f;
+      const float off = w.offset ? w.offset[o * w.n_groups + g] : 0.f;
+      const __m512 sv = _mm512_set1_ps(sc), ov = _mm512_set1_ps(off);
+      int64_t j = g * w.group, end = (g + 1) * w.group;
+      for (; j + 16 <= end; j += 16) {
+        __m512 v = bt.lookup(codes16(r + j));
+        _mm512_storeu_ps(d + j, w.scale ? _mm512_fmadd_ps(v, sv, ov) : v);
+      }
+      for (; j < end; ++j) d[j] = t[r[j]] * sc + off;
+    }
+  }
+}
+
+void decode8_avx512(const Weight& w, float* out, int64_t o0, int64_t o1) {
+  switch (table_pairs(w.K)) {
+    case 1: return decode8p_avx512<1>(w, out, o0, o1);
+    case 2: return decode8p_avx512<2>(w, out, o0, o1);
+    case 4: return decode8p_avx512<4>(w, out, o0, o1);
+    default: return decode8p_avx512<8>(w, out, o0, o1);
   }
 }
 
@@ -528,7 +604,8 @@ void run_rows(const Weight& w, const float* x, int64_t n, int64_t ldx, float* y,
 // Rows [o0, o1) of the dense weight into out (row o at out + (o - o0) * in).
 void run_decode(const Weight& w, float* out, int64_t o0, int64_t o1, int isa) {
 #ifdef WCLUST_X86
-  if (w.nibbles && isa == kAvx512) return decode4_avx512(w, out, o0, o1);
+  if (isa == kAvx512) return w.nibbles ? decode4_avx512(w, out, o0, o1)
+                                        : decode8_avx512(w, out, o0, o1);
   if (w.nibbles && isa == kAvx2) return decode4_avx2(w, out, o0, o1);
 #endif
   decode_portable(w, out, o0, o1);
@@ -579,15 +656,20 @@ void check_x(const at::Tensor& x, const Weight& w) {
 
 // Rows [r0, r1) of the dense weight, outliers in place, into dst (row o at
 // dst + (o - r0) * in), the rows decoded in parallel.
+// The outliers of rows [r0, r1) written over their decoded weights in dst.
+void place_outliers(const Weight& w, const Outliers& ol, float* dst, int64_t r0, int64_t r1) {
+  for (int64_t i = 0; i < ol.n; ++i) {
+    const int64_t o = ol.idx[i] / w.in_f;
+    if (o >= r0 && o < r1) dst[(o - r0) * w.in_f + ol.idx[i] % w.in_f] = static_cast<float>(ol.val[i]);
+  }
+}
+
 void decode_block(const Weight& w, const Outliers& ol, float* dst, int64_t r0, int64_t r1,
                   int isa) {
   at::parallel_for(r0, r1, grain_rows(w, 1), [&](int64_t o0, int64_t o1) {
     run_decode(w, dst + (o0 - r0) * w.in_f, o0, o1, isa);
   });
-  for (int64_t i = 0; i < ol.n; ++i) {
-    const int64_t o = ol.idx[i] / w.in_f;
-    if (o >= r0 && o < r1) dst[(o - r0) * w.in_f + ol.idx[i] % w.in_f] = static_cast<float>(ol.val[i]);
-  }
+  place_outliers(w, ol, dst, r0, r1);
 }
 
 // A buffer of at least n elements kept by the caller between calls (a thread_local
@@ -636,27 +718,39 @@ at::Tensor lut_linear(const at::Tensor& x_in, const at::Tensor& codes, int64_t c
     if (bias.has_value()) y.add_(*bias);
     return y;
   }
-  // many rows: decode blocks of about 4 MB of the weight, then the BLAS matmul
-  // y[:, block] = x @ W_block.T, written in place: a column block of y is a strided
-  // view the BLAS call writes with its leading dimension (no (out, n) temporary and no
-  // transposing copy: that copy made a 1500-row encoder layer 1.47x slower than
-  // decoding the whole weight for F.linear; written in place it takes the same time)
-  const int64_t block = std::max<int64_t>(16, (int64_t{1} << 20) / std::max<int64_t>(1, w.in_f));
-  static thread_local std::vector<float> decoded;
-  const int64_t rows = std::min(block, w.out_f);
-  at::Tensor wbuf =
-      at::from_blob(kept_buffer(decoded, rows * w.in_f), {rows, w.in_f}, x.options());
+  // many rows: each thread takes blocks of output rows, decodes its block of the
+  // weight into its own kept buffer (at most ~4 MB, and so that every thread gets
+  // work) and runs the single-threaded BLAS matmul y[:, block] = x @ W_block.T on it
+  // while the block is still in its own cache. y's column block is a strided view the
+  // BLAS call writes with its leading dimension (no (out, n) temporary, no transposing
+  // copy). Decoding all rows in parallel and then one threaded matmul moved every
+  // decoded weight between the cores' caches.
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t cap = std::max<int64_t>(16, (int64_t{1} << 20) / std::max<int64_t>(1, w.in_f));
+  const int64_t even = (w.out_f + threads - 1) / threads;
+  const int64_t block = std::max<int64_t>(1, std::min(cap, ((even + 15) / 16) * 16));
+  const int64_t n_blocks = (w.out_f + block - 1) / block;
   y = at::empty({n, w.out_f}, x.options());
-  for (int64_t r0 = 0; r0 < w.out_f; r0 += block) {
-    const int64_t r1 = std::min(w.out_f, r0 + block);
-    at::Tensor wb = wbuf.narrow(0, 0, r1 - r0);
-    decode_block(w, ol, wb.data_ptr<float>(), r0, r1, isa);
-    at::Tensor yb = y.narrow(1, r0, r1 - r0);
-    if (bias.has_value())
-      at::addmm_out(yb, bias->narrow(0, r0, r1 - r0), x, wb.t());
-    else
-      at::mm_out(yb, x, wb.t());
-  }
+  const at::ThreadLocalState caller;  // inference mode and dispatch state, for the workers
+  at::parallel_for(0, n_blocks, 1, [&](int64_t b0, int64_t b1) {
+    at::ThreadLocalStateGuard same_state(caller);
+    at::AutoDispatchBelowAutograd below_autograd;
+    static thread_local std::vector<float> decoded;
+    const int64_t rows = std::min(block, w.out_f);
+    at::Tensor wbuf =
+        at::from_blob(kept_buffer(decoded, rows * w.in_f), {rows, w.in_f}, x.options());
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t r0 = b * block, r1 = std::min(w.out_f, r0 + block);
+      at::Tensor wb = wbuf.narrow(0, 0, r1 - r0);
+      run_decode(w, wb.data_ptr<float>(), r0, r1, isa);
+      place_outliers(w, ol, wb.data_ptr<float>(), r0, r1);
+      at::Tensor yb = y.narrow(1, r0, r1 - r0);
+      if (bias.has_value())
+        at::addmm_out(yb, bias->narrow(0, r0, r1 - r0), x, wb.t());
+      else
+        at::mm_out(yb, x, wb.t());
+    }
+  });
   return y;
 }
 
