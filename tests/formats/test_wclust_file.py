@@ -151,3 +151,45 @@ def test_saved_file_gets_the_usual_mode(tmp_path):
     finally:
         os.umask(old)
     assert p.stat().st_mode & 0o777 == 0o644
+
+
+def _mapped_kb(path) -> int:
+    """Resident KB of this process's mappings of ``path`` (/proc/self/smaps)."""
+    total, cur = 0, None
+    target = str(os.path.realpath(path))
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()
+            if head and "-" in head[0] and len(head) >= 5 and ":" in head[3]:
+                cur = head[5] if len(head) > 5 else None
+            elif head and head[0] == "Rss:" and cur == target:
+                total += int(head[1])
+    return total
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
+def test_loading_gives_back_the_file_pages_the_model_no_longer_reads(tmp_path):
+    """Codes converted to the kernels' layout (3-bit here) leave their stored bytes
+    unread: those pages of the mapped file stop counting as resident; 4-bit codes are
+    read in place and stay."""
+    from wclust.kernels import ops
+
+    if not ops.available():
+        pytest.skip("without the compiled kernels nothing is converted")
+    torch.manual_seed(0)
+    m3 = torch.nn.Sequential(torch.nn.Linear(1024, 1024))
+    m4 = torch.nn.Sequential(torch.nn.Linear(1024, 1024))
+    wclust.compress_(m3, wclust.ClusterConfig(bits=3, granularity="tensor"))
+    wclust.compress_(m4, wclust.ClusterConfig(bits=4, granularity="tensor"))
+    m = torch.nn.Sequential(m3[0], m4[0])
+    p = wclust.save(m, tmp_path / "m.wclust")
+    loaded = wclust.load(
+        p, lambda: torch.nn.Sequential(torch.nn.Linear(1024, 1024), torch.nn.Linear(1024, 1024))
+    )
+    kb3 = 1024 * 1024 * 3 // 8 // 1024  # 384 KB of 3-bit codes, converted at load
+    kb4 = 1024 * 1024 // 2 // 1024  # 512 KB of 4-bit codes, read where they lie
+    resident = _mapped_kb(p)
+    assert kb4 - 8 <= resident < kb4 + kb3 // 2, resident
+    x = torch.randn(3, 1024)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), m(x), rtol=0, atol=1e-5)

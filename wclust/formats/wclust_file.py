@@ -638,9 +638,81 @@ def load(
         ArithmeticError,
     ) as e:
         raise FormatError(f"{path}: does not match the model architecture: {e}") from None
-    del tensors
     prepare_kernels(model)
+    _release_unused_pages(model, tensors)
+    del tensors
     return model.eval()
+
+
+def _release_unused_pages(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Give back the resident pages of the file's tensors the loaded model no longer
+    reads. safetensors maps the file and hands out views of it; codes converted to the
+    kernels' layout, float copies of scales and the like leave their stored originals
+    unreferenced, yet the checksum has read every page and the mapping stays while any
+    view (4-bit codes are used in place) lives, so those pages kept counting in the
+    process's resident memory (16 MB of a 38 MB whisper-base file). Pages that hold
+    only unreferenced tensors are dropped with ``madvise(MADV_DONTNEED)``; nothing
+    reads them again. Linux only; elsewhere, or if the call fails, nothing changes."""
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    spans = {}
+    for t in tensors.values():
+        st = t.untyped_storage()
+        if st.nbytes():
+            spans[st.data_ptr()] = st.nbytes()
+    used = set()
+    for t in _reachable_tensors(model):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in spans:
+            used.add(ptr)
+    # the file's tensors never share bytes, so whole pages inside merged spans of
+    # unreferenced ones hold nothing the model reads
+    free = sorted((p, p + n) for p, n in spans.items() if p not in used)
+    if not free:
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        madvise = libc.madvise
+        madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    except (OSError, AttributeError):
+        return
+    page, dontneed = os.sysconf("SC_PAGE_SIZE"), 4  # MADV_DONTNEED
+    for lo, hi in _merge_spans(free):
+        lo, hi = -(-lo // page) * page, hi // page * page  # whole pages inside the span
+        if hi > lo:
+            madvise(lo, hi - lo, dontneed)
+
+
+def _merge_spans(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted (lo, hi) byte spans merged where they touch or overlap."""
+    out: list[list[int]] = []
+    for lo, hi in spans:
+        if out and lo <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], hi)
+        else:
+            out.append([lo, hi])
+    return [(lo, hi) for lo, hi in out]
+
+
+def _reachable_tensors(model: nn.Module):
+    """Every tensor the model holds: parameters, buffers and the tensors its modules
+    keep in their ``__dict__`` (cached kernel arguments, kept tables), nested in
+    tuples."""
+    stack: list = []
+    for m in model.modules():
+        stack.extend(m._parameters.values())
+        stack.extend(m._buffers.values())
+        stack.extend(v for k, v in vars(m).items() if k not in ("_parameters", "_buffers"))
+    while stack:
+        v = stack.pop()
+        if isinstance(v, torch.Tensor):
+            yield v
+        elif isinstance(v, (tuple, list)):
+            stack.extend(v)
 
 
 def _build(header: dict, model_factory, n_tensors: int = 0) -> nn.Module:
