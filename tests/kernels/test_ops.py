@@ -343,3 +343,6 @@ def test_new_operators_pass_torch_library_opcheck():
     torch.library.opcheck(torch.ops.wclust.lut_linear_int8, (x, *args, m[0].bias.detach()))
     packed = pack_codes(torch.randint(0, 8, (6, 10)), 3)
     torch.library.opcheck(torch.ops.wclust.kernel_layout, (packed, 3, 6, 10))
+    codes = torch.randint(0, 256, (24, 32), dtype=torch.uint8)
+    cb, scale = torch.randn(256, 2), torch.rand(24 * 2) + 0.5
+    torch.library.opcheck(torch.ops.wclust.vq_linear, (torch.randn(3, 64), codes, cb, scale, None))

@@ -42,6 +42,10 @@ def test_dense_rows_and_matvec_agree_with_the_clustered_tensor(layout, d):
 
 
 def test_linear_at_batch_1_takes_the_table_matvec(monkeypatch):
+    """Without the compiled operator: one row through the torch-op table."""
+    from wclust.kernels import ops
+
+    monkeypatch.setattr(ops, "_AVAILABLE", False)
     lin = nn.Linear(64, 32)
     cfg = ClusterConfig(bits=3, cluster_dim=2, method="scaled-exact", group_size=32)
     model = nn.Sequential(lin)
@@ -59,6 +63,58 @@ def test_linear_at_batch_1_takes_the_table_matvec(monkeypatch):
     with torch.no_grad():
         y4 = model(torch.cat([x] * 4))  # larger batches: the dense weight
     assert len(calls) == 1 and torch.allclose(y4[0], y[0], atol=1e-5)
+
+
+VQ_CASES = [
+    dict(bits=2, cluster_dim=2, granularity="tensor"),  # K = 16
+    dict(bits=4, cluster_dim=2, granularity="tensor"),  # K = 256, byte codes
+    dict(bits=3, cluster_dim=4, granularity="tensor"),  # K = 4096, 16-bit codes
+    dict(bits=3, cluster_dim=2, scale_group_size=32),  # scaled groups of 16 codes
+]
+
+
+@pytest.mark.parametrize("case", VQ_CASES, ids=lambda c: "-".join(map(str, c.values())))
+@pytest.mark.parametrize("compiled", [True, False])
+def test_compiled_vector_linear_matches_the_dense_weight(case, compiled, monkeypatch):
+    """Up to 8 rows through ``kernels.ops.vq_linear`` (compiled, or its torch-op
+    fallback), bias included; more rows through the dense weight."""
+    from wclust.kernels import ops
+
+    if compiled and not ops.available():
+        pytest.skip("compiled kernels not built")
+    if not compiled:
+        monkeypatch.setattr(ops, "_AVAILABLE", False)
+    w = _weight(48, 128, seed=3)
+    vc = cluster_vectors(w, **case)
+    vw = VectorWeight.from_clustered(vc)
+    assert vw._compiled_args() is not None or not compiled
+    dense = vw.dense()
+    bias = torch.randn(48)
+    calls = []
+    real = ops.vq_linear
+    monkeypatch.setattr(ops, "vq_linear", lambda *a: calls.append(1) or real(*a))
+    for n in (1, 3, 8, 9):
+        x = torch.randn(n, 128)
+        with torch.no_grad():
+            y = vw.linear(x, bias)
+        torch.testing.assert_close(y, x @ dense.t() + bias, rtol=1e-4, atol=1e-4)
+    assert len(calls) == (3 if compiled else 0)
+
+
+def test_compiled_vector_linear_refuses_codes_past_the_codebook():
+    from wclust.kernels import ops
+
+    if not ops.available():
+        pytest.skip("compiled kernels not built")
+    vw = VectorWeight.from_clustered(cluster_vectors(_weight(), bits=2, cluster_dim=2))
+    vw.codebook = vw.codebook[:, :10].contiguous()  # 10 of the 16 entries 4-bit codes hold
+    codes = vw.codes().clone()
+    codes[5] = 12
+    from wclust.core.packing import pack_codes
+
+    vw.set_packed(pack_codes(codes, vw.bits))
+    with pytest.raises(ValueError, match="past the codebook"):
+        vw.linear(torch.randn(1, 64))
 
 
 def test_compress_reports_the_vector_codebooks_and_counts_their_bytes():

@@ -857,6 +857,136 @@ at::Tensor lut_linear_int8(const at::Tensor& x_in, const at::Tensor& codes, int6
   return y;
 }
 
+// ---------------------------------------------------------------- vector codes ------
+//
+// One code per d consecutive inputs of a row, codes (out, in / d) uint8 or int16 (read
+// as uint16), one codebook (K, d) for the tensor, optional scale per group of
+// consecutive inputs of a row (a multiple of d). For each row of x a table of every
+// centroid's dot product with every d-slice of x (in / d x K floats), then one look-up
+// and add per code, a group's sum scaled once.
+
+// T[j * K + c] = dot(cb[c], x[j*d : j*d + d]) for slices [j0, j1); cbt: (d, K), K a
+// multiple of 16 (zero-padded).
+void vq_table_portable(const float* cbt, int64_t K, int64_t d, const float* x, float* T,
+                       int64_t j0, int64_t j1) {
+  for (int64_t j = j0; j < j1; ++j) {
+    float* t = T + j * K;
+    for (int64_t c = 0; c < K; ++c) t[c] = 0.f;
+    for (int64_t e = 0; e < d; ++e) {
+      const float xv = x[j * d + e];
+      const float* row = cbt + e * K;
+      for (int64_t c = 0; c < K; ++c) t[c] += row[c] * xv;
+    }
+  }
+}
+
+#ifdef WCLUST_X86
+__attribute__((target("avx512f"))) void vq_table_avx512(const float* cbt, int64_t K, int64_t d,
+                                                        const float* x, float* T, int64_t j0,
+                                                        int64_t j1) {
+  for (int64_t j = j0; j < j1; ++j) {
+    float* t = T + j * K;
+    for (int64_t c = 0; c < K; c += 16) {
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t e = 0; e < d; ++e)
+        acc = _mm512_fmadd_ps(_mm512_loadu_ps(cbt + e * K + c), _mm512_set1_ps(x[j * d + e]), acc);
+      _mm512_storeu_ps(t + c, acc);
+    }
+  }
+}
+#endif
+
+template <typename C>
+void vq_rows(const C* codes, int64_t n_vec, const float* T, int64_t K, const float* scale,
+             int64_t vec_per_group, float* y, int64_t o0, int64_t o1) {
+  const int64_t n_groups = n_vec / vec_per_group;
+  for (int64_t o = o0; o < o1; ++o) {
+    const C* r = codes + o * n_vec;
+    float total = 0.f;
+    for (int64_t g = 0; g < n_groups; ++g) {
+      float a[4] = {0.f, 0.f, 0.f, 0.f};  // independent chains: the loads overlap
+      int64_t j = g * vec_per_group;
+      const int64_t end = j + vec_per_group;
+      for (; j + 4 <= end; j += 4)
+        for (int u = 0; u < 4; ++u) a[u] += T[(j + u) * K + r[j + u]];
+      for (; j < end; ++j) a[0] += T[j * K + r[j]];
+      const float sum = (a[0] + a[1]) + (a[2] + a[3]);
+      total += scale ? scale[o * n_groups + g] * sum : sum;
+    }
+    y[o] = total;
+  }
+}
+
+at::Tensor vq_linear(const at::Tensor& x_in, const at::Tensor& codes, const at::Tensor& codebook,
+                     const c10::optional<at::Tensor>& scale,
+                     const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(codes.dim() == 2 && codes.is_contiguous() &&
+                  (codes.scalar_type() == at::kByte || codes.scalar_type() == at::kShort),
+              "wclust: vector codes must be a contiguous 2-D uint8 or int16 tensor");
+  TORCH_CHECK(codebook.dim() == 2 && codebook.scalar_type() == at::kFloat,
+              "wclust: the vector codebook must be a 2-D float32 tensor (K, d)");
+  const int64_t out_f = codes.size(0), n_vec = codes.size(1);
+  const int64_t K = codebook.size(0), d = codebook.size(1);
+  const int64_t in_f = n_vec * d;
+  TORCH_CHECK(K >= 1 && d >= 1, "wclust: empty vector codebook");
+  TORCH_CHECK(K <= (codes.scalar_type() == at::kByte ? 256 : 65536),
+              "wclust: too many codebook entries for the code type");
+  TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat && x_in.size(1) == in_f,
+              "wclust: x must be (n, ", in_f, ") float32");
+  int64_t vec_per_group = n_vec;
+  const float* sp = nullptr;
+  at::Tensor s_c;
+  if (scale.has_value()) {
+    s_c = scale->contiguous();
+    TORCH_CHECK(s_c.scalar_type() == at::kFloat && out_f > 0 && s_c.numel() % out_f == 0 &&
+                    s_c.numel() >= out_f && n_vec % (s_c.numel() / out_f) == 0,
+                "wclust: vector scales must be float32 groups of whole codes within rows");
+    vec_per_group = n_vec / (s_c.numel() / out_f);
+    sp = s_c.data_ptr<float>();
+  }
+  if (bias.has_value())
+    TORCH_CHECK(bias->numel() == out_f, "wclust: bias must have out_features elements");
+  at::Tensor x = x_in.contiguous();
+  const int64_t n = x.size(0);
+  // the codebook transposed to (d, Kp), Kp a multiple of 16, zero-padded: the table of
+  // a slice is then d FMAs per 16 entries
+  const int64_t Kp = (K + 15) / 16 * 16;
+  std::vector<float> cbt(d * Kp, 0.f);
+  const at::Tensor cb = codebook.contiguous();
+  const float* cbp = cb.data_ptr<float>();
+  for (int64_t c = 0; c < K; ++c)
+    for (int64_t e = 0; e < d; ++e) cbt[e * Kp + c] = cbp[c * d + e];
+  // the largest code the type holds stays inside the buffer (a code past K reads
+  // another slice's entry: wrong, never out of bounds; the Python side checks codes)
+  static thread_local std::vector<float> table;
+  const int64_t max_code = codes.scalar_type() == at::kByte ? 255 : 65535;
+  float* T = kept_buffer(table, n_vec * Kp + max_code + 1);
+  std::fill(T + n_vec * Kp, T + n_vec * Kp + max_code + 1, 0.f);
+  const int isa = active_isa().load(std::memory_order_relaxed);
+  at::Tensor y = at::empty({n, out_f}, x.options());
+  for (int64_t b = 0; b < n; ++b) {
+    const float* xb = x.data_ptr<float>() + b * in_f;
+    at::parallel_for(0, n_vec, std::max<int64_t>(1, 4096 / Kp), [&](int64_t j0, int64_t j1) {
+#ifdef WCLUST_X86
+      if (isa == kAvx512) return vq_table_avx512(cbt.data(), Kp, d, xb, T, j0, j1);
+#endif
+      vq_table_portable(cbt.data(), Kp, d, xb, T, j0, j1);
+    });
+    float* yb = y.data_ptr<float>() + b * out_f;
+    at::parallel_for(0, out_f, std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(1, n_vec)),
+                     [&](int64_t o0, int64_t o1) {
+                       if (codes.scalar_type() == at::kByte)
+                         vq_rows(codes.data_ptr<uint8_t>(), n_vec, T, Kp, sp, vec_per_group, yb,
+                                 o0, o1);
+                       else
+                         vq_rows(reinterpret_cast<const uint16_t*>(codes.data_ptr<int16_t>()),
+                                 n_vec, T, Kp, sp, vec_per_group, yb, o0, o1);
+                     });
+  }
+  if (bias.has_value()) y.add_(*bias);
+  return y;
+}
+
 at::Tensor lut_decode(const at::Tensor& codes, int64_t code_bits, const at::Tensor& codebook,
                       const c10::optional<at::Tensor>& scale,
                       const c10::optional<at::Tensor>& offset,
@@ -953,6 +1083,7 @@ TORCH_LIBRARY(wclust, m) {
       "lut_linear_int8(Tensor x, Tensor codes, int code_bits, Tensor codebook, Tensor? scale, "
       "Tensor? offset, Tensor? outlier_idx, Tensor? outlier_val, Tensor? bias) -> Tensor");
   m.def("kernel_layout(Tensor packed, int bits, int rows, int cols) -> Tensor");
+  m.def("vq_linear(Tensor x, Tensor codes, Tensor codebook, Tensor? scale, Tensor? bias) -> Tensor");
   m.def("isa(str cap) -> str", &isa);
 }
 
@@ -962,6 +1093,7 @@ TORCH_LIBRARY_IMPL(wclust, CPU, m) {
   m.impl("lut_rows", &lut_rows);
   m.impl("kernel_layout", &kernel_layout);
   m.impl("lut_linear_int8", &lut_linear_int8);
+  m.impl("vq_linear", &vq_linear);
 }
 
 }  // namespace wclust

@@ -1,7 +1,7 @@
 """The compiled lookup-table kernels as torch operators, with a torch-op fallback.
 
 ``wclust._C`` (built from ``wclust/csrc/lut.cpp`` by ``pip install``) registers
-``torch.ops.wclust.lut_linear``, ``lut_decode`` and ``lut_rows``; this module gives
+``torch.ops.wclust.lut_linear``, ``lut_decode``, ``lut_rows`` and ``vq_linear``; this module gives
 them fake (meta) implementations, so ``torch.compile`` and ``torch.export`` see one
 operator per compressed layer, and wraps them. Where the library is missing (not
 built, build failed) or ``WCLUST_KERNELS=torch`` is set, the same functions run
@@ -25,7 +25,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-__all__ = ["available", "decode", "isa", "linear", "rows"]
+__all__ = ["available", "decode", "isa", "linear", "rows", "vq_linear"]
 
 
 _AVAILABLE: bool | None = None  # decided on first use
@@ -91,6 +91,10 @@ def _register_fakes() -> None:
     def _(packed, bits, rows, cols):
         return packed.new_empty(rows, cols // 2 if bits < 4 else cols)
 
+    @torch.library.register_fake("wclust::vq_linear")
+    def _(x, codes, codebook, scale, bias):
+        return x.new_empty(x.shape[0], codes.shape[0])
+
     @torch.library.register_fake("wclust::lut_rows")
     def _(codes, code_bits, codebook, scale, offset, idx):
         return codebook.new_empty(idx.numel(), _in_features(codes, code_bits))
@@ -138,6 +142,23 @@ def linear_int8(x, codes, code_bits, codebook, scale, offset, outlier_idx, outli
     (qx, sx), (qw, sw) = quantize(x.float()), quantize(w)
     y = (qx @ qw.t()).float() * sx * sw.t()
     return y if bias is None else y + bias
+
+
+def vq_linear(x, codes, codebook, scale, bias):
+    """``x @ W.T + bias`` for vector codes: one code per ``d`` consecutive inputs of a
+    row, codes (out, in / d) uint8 or int16 (read as uint16, below ``K``), codebook
+    (K, d) float32 shared by the tensor, scale (out * in / group,) float32 or None.
+    Per row of x a table of every centroid's dot product with every d-slice of x, then
+    one look-up per code."""
+    if available():
+        return torch.ops.wclust.vq_linear(x, codes, codebook, scale, bias)
+    out_f, n_vec = codes.shape
+    d = codebook.shape[1]
+    idx = codes.long() & 0xFFFF if codes.dtype == torch.int16 else codes.long()
+    w = codebook[idx].reshape(out_f, n_vec * d)
+    if scale is not None:
+        w = (w.view(scale.numel(), -1) * scale[:, None]).view(out_f, -1)
+    return F.linear(x, w, bias)
 
 
 def decode(codes, code_bits, codebook, scale, offset, outlier_idx, outlier_val):

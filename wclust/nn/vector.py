@@ -16,10 +16,13 @@ import torch
 from torch import nn
 
 from ..core.packing import pack_codes, packed_nbytes, unpack_codes
+from ..kernels import ops as kernel_ops
 from .modules import ClusteredWeight, _version_key
 
-# rows of input a vector Linear runs through the table (a decoder step); more (beams,
-# the encoder's frames) go through the decoded weight and one matmul
+# rows of input a vector Linear runs through the table (a decoder step, beams): up to
+# COMPILED_ROWS through the compiled operator, else TABLE_ROWS through torch ops; more
+# (the encoder's frames) go through the decoded weight and one matmul
+COMPILED_ROWS = 8
 TABLE_ROWS = 1
 
 __all__ = ["VectorWeight"]
@@ -149,6 +152,7 @@ class VectorWeight(nn.Module):
             raise ValueError("packed codes do not match shape and bits")
         self.packed = packed.reshape(-1)
         self.__dict__.pop("_lut", None)
+        self.__dict__.pop("_vq", None)
 
     def trainable(self) -> bool:
         return any(t is not None and t.requires_grad for t in (self.codebook, self.group_scale))
@@ -231,13 +235,48 @@ class VectorWeight(nn.Module):
         layout ``lut_ok`` accepts."""
         return self.packed.device.type == "cpu" and not self.trainable() and self.lut_ok()
 
+    def _compiled_args(self):
+        """(codes (out, in / d) uint8 or int16, codebook (K, d) float32, scales or None)
+        for ``kernels.ops.vq_linear``, kept per state of the buffers; None where the
+        compiled operator does not apply (several codebooks, scale groups that split a
+        code, the library missing)."""
+        if not kernel_ops.available() or self.n_codebooks != 1 or self.n_clusters > 65536:
+            return None
+        out_f, in_f = self.shape
+        d = self.cluster_dim
+        gs = self.group_scale
+        if in_f % d or (gs is not None and (self.numel // gs.numel()) % d):
+            return None
+        b = self._buffers
+        key = tuple(
+            _version_key(b[n]) for n in ("packed", "codebook", "codebook_scale", "group_scale")
+        )
+        cached = self.__dict__.get("_vq")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        codes = self.codes().view(out_f, in_f // d)
+        if codes.numel() and int(codes.max()) >= self.n_clusters:
+            raise ValueError("vector codes point past the codebook; the weight is corrupt")
+        codes = codes.to(torch.uint8 if self.n_clusters <= 256 else torch.int16).contiguous()
+        args = (
+            codes,
+            self.codebook_float()[0].contiguous(),
+            None if gs is None else gs.float().reshape(-1).contiguous(),
+        )
+        self.__dict__["_vq"] = (key, args)
+        return args
+
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """``x @ W.T + bias`` for the (out, in) view: up to ``TABLE_ROWS`` rows of x
-        each through the centroid-dot-product table (``matvec``), more rows through
-        the decoded weight. x: (..., in) -> (..., out)."""
+        """``x @ W.T + bias`` for the (out, in) view: up to ``COMPILED_ROWS`` rows of
+        x through the compiled table operator (``kernels.ops.vq_linear``) where it
+        applies, else up to ``TABLE_ROWS`` rows each through the torch-op table
+        (``matvec``); more rows through the decoded weight. x: (..., in) -> (..., out)."""
         in_f = self.shape[1]
         x2 = x.reshape(-1, in_f)
-        if x2.shape[0] <= TABLE_ROWS:
+        args = self._compiled_args() if 0 < x2.shape[0] <= COMPILED_ROWS else None
+        if args is not None:
+            y = kernel_ops.vq_linear(x2.float().contiguous(), *args, None).to(x.dtype)
+        elif x2.shape[0] <= TABLE_ROWS:
             y = (
                 torch.stack([self.matvec(r) for r in x2])
                 if x2.shape[0]
