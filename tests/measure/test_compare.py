@@ -148,3 +148,18 @@ def test_distilling_recipes_can_train_on_speed_perturbed_copies(
     report = wclust.compress_(loaded.model, recipe, data)
     assert seen == [(6, 0)]  # the two clips at three speeds
     assert report.distill["items"] == 6 and set(report.stages) >= {"calibrate", "distill"}
+
+
+def test_calib_items_overrides_the_recipes_own_count(asr_model_dir, two_clips, tmp_path):
+    """``compare --calib-items N`` calibrates on N items, not the recipe's default."""
+    import wclust
+    from wclust.measure import worker
+
+    spec = {"model": str(asr_model_dir), "method": "kmeans:bits=4+fisher:items=1"}
+    spec["calib_data"] = str(two_clips)
+    worker.prepare({**spec, "artifact": str(tmp_path / "a.wclust")})
+    worker.prepare({**spec, "artifact": str(tmp_path / "b.wclust"), "calib_items": 2})
+    items = [
+        wclust.read_header(tmp_path / f"{f}.wclust")["recipe"]["calibration"]["items"] for f in "ab"
+    ]
+    assert items == [1, 2]

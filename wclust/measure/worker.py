@@ -20,6 +20,7 @@ the whole process: interpreter, libraries, activations, temporaries).
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import os
@@ -114,6 +115,11 @@ def prepare(spec: dict) -> dict:
         recipe = resolve_method(spec["method"]).recipe
     loaded = load_model(spec["model"])
     calib_data, calib_items = spec.get("calib_data"), spec.get("calib_items")
+    if calib_items and recipe is not None and recipe.calibration and recipe.distill is None:
+        # the recipe calibrates on its own count of items unless told otherwise
+        recipe = dataclasses.replace(
+            recipe, calibration=dataclasses.replace(recipe.calibration, items=calib_items)
+        )
     data = None
     if recipe is not None and (recipe.calibration or recipe.gptq or recipe.distill):
         from wclust.tasks import TaskData
