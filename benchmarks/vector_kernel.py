@@ -73,7 +73,8 @@ def main() -> None:
                     table = (
                         bench(lambda: vw.matvec(x[0]), args.reps) if n == 1 else float("nan")  # noqa: B023
                     )
-                    comp = bench(lambda: ops.vq_linear(x, *vw._compiled_args(), None), args.reps)  # noqa: B023
+                    vq_args = (x, *vw._compiled_args(), None, out_f)
+                    comp = bench(lambda: ops.vq_linear(*vq_args), args.reps)  # noqa: B023
                     lines.append(
                         f"| {out_f}x{in_f} | {name} | {n} | {fp32:.3f} | "
                         f"{'' if n > 1 else f'{table:.3f}'} | {comp:.3f} | {fp32 / comp:.2f}x |"

@@ -345,4 +345,33 @@ def test_new_operators_pass_torch_library_opcheck():
     torch.library.opcheck(torch.ops.wclust.kernel_layout, (packed, 3, 6, 10))
     codes = torch.randint(0, 256, (24, 32), dtype=torch.uint8)
     cb, scale = torch.randn(256, 2), torch.rand(24 * 2) + 0.5
-    torch.library.opcheck(torch.ops.wclust.vq_linear, (torch.randn(3, 64), codes, cb, scale, None))
+    torch.library.opcheck(
+        torch.ops.wclust.vq_linear, (torch.randn(3, 64), codes, cb, scale, None, 24)
+    )
+    tiles, tscale = ops.vq_tiles(codes, scale.view(24, 2), 256)
+    torch.library.opcheck(
+        torch.ops.wclust.vq_linear, (torch.randn(3, 64), tiles, cb, tscale, None, 24)
+    )
+
+
+@pytest.mark.parametrize(
+    "k,d,tiled", [(16, 2, True), (64, 2, True), (200, 4, True), (300, 2, False)]
+)
+def test_vector_linear_matches_the_dense_weight_on_every_isa(k, d, tiled, isa):
+    """``vq_linear`` (rows or tiles of 16 rows, 40 rows: a partial tile) against the
+    dense product, with scales per group of 8 codes and a bias."""
+    g = torch.Generator().manual_seed(k)
+    out_f, n_vec = 40, 48
+    codes = torch.randint(0, k, (out_f, n_vec), generator=g)
+    cb = torch.randn(k, d, generator=g)
+    scale = torch.rand(out_f, n_vec // 8, generator=g) + 0.5
+    w = (cb[codes].view(out_f, n_vec // 8, 8 * d) * scale[:, :, None]).view(out_f, -1)
+    x, bias = torch.randn(3, n_vec * d, generator=g), torch.randn(out_f, generator=g)
+    if tiled:
+        c, s = ops.vq_tiles(codes.to(torch.uint8), scale, k)
+    else:
+        c, s = codes.to(torch.int16), scale.reshape(-1)
+    got = ops.vq_linear(x, c, cb, s, bias, out_f)
+    torch.testing.assert_close(got, x @ w.t() + bias, rtol=1e-4, atol=1e-4)
+    got = ops.vq_linear(x, c, cb, None, None, out_f)
+    torch.testing.assert_close(got, x @ cb[codes].view(out_f, -1).t(), rtol=1e-4, atol=1e-4)

@@ -304,7 +304,7 @@ template <int P>  // 32-entry register pairs: 1, 2, 4 or 8
 struct ByteTable512 {
   __m512 r[2 * P];
   __attribute__((target("avx512f"), always_inline)) void load(const float* t) {
-    for (int i = 0; i < 2 * P; ++i) r[i] = _mm512_load_ps(t + 16 * i);
+    for (int i = 0; i < 2 * P; ++i) r[i] = _mm512_loadu_ps(t + 16 * i);
   }
   __attribute__((target("avx512f"), always_inline)) __m512 pair(int i, __m512i idx) const {
     return _mm512_permutex2var_ps(r[2 * i], idx, r[2 * i + 1]);
@@ -859,11 +859,14 @@ at::Tensor lut_linear_int8(const at::Tensor& x_in, const at::Tensor& codes, int6
 
 // ---------------------------------------------------------------- vector codes ------
 //
-// One code per d consecutive inputs of a row, codes (out, in / d) uint8 or int16 (read
-// as uint16), one codebook (K, d) for the tensor, optional scale per group of
-// consecutive inputs of a row (a multiple of d). For each row of x a table of every
-// centroid's dot product with every d-slice of x (in / d x K floats), then one look-up
-// and add per code, a group's sum scaled once.
+// One code per d consecutive inputs of a row, one codebook (K, d) for the tensor,
+// optional scale per group of consecutive inputs of a row (a multiple of d). Codes come
+// as rows (out, in / d) uint8 or int16 (read as uint16), or as tiles of 16 rows
+// (ceil(out / 16), in / d, 16) uint8 with scales tiled alike (ceil(out / 16), groups,
+// 16). For each row of x a table of every centroid's dot product with every d-slice of
+// x (in / d x K floats); then rows take one scalar look-up and add per code, tiles one
+// permute from the slice's table in registers per 16 codes. A group's sum is scaled
+// once.
 
 // T[j * K + c] = dot(cb[c], x[j*d : j*d + d]) for slices [j0, j1); cbt: (d, K), K a
 // multiple of 16 (zero-padded).
@@ -917,16 +920,131 @@ void vq_rows(const C* codes, int64_t n_vec, const float* T, int64_t K, const flo
   }
 }
 
+#ifdef WCLUST_X86
+// Tiled byte codes (n_blocks, n_vec, 16): the 16 rows of a block side by side for each
+// slice, so one slice's table (K <= 64: at most 4 registers) serves 16 rows with one
+// permute (and a blend above 32 entries) per 16 codes. Scales (n_blocks, n_groups, 16).
+template <int P>
+__attribute__((target("avx512f"))) void vq_tiles_avx512(const uint8_t* codes, int64_t n_vec,
+                                                        const float* T, int64_t Kp,
+                                                        const float* scale,
+                                                        int64_t vec_per_group, float* y,
+                                                        int64_t out_f, int64_t rb0,
+                                                        int64_t rb1) {
+  const int64_t n_groups = n_vec / vec_per_group;
+  ByteTable512<P> bt;
+  for (int64_t rb = rb0; rb < rb1; ++rb) {
+    const uint8_t* cp = codes + rb * n_vec * 16;
+    __m512 total = _mm512_setzero_ps();
+    for (int64_t g = 0; g < n_groups; ++g) {
+      __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+      int64_t j = g * vec_per_group;
+      const int64_t end = j + vec_per_group;
+      for (; j + 2 <= end; j += 2) {
+        bt.load(T + j * Kp);
+        a0 = _mm512_add_ps(a0, bt.lookup(codes16(cp + j * 16)));
+        bt.load(T + (j + 1) * Kp);
+        a1 = _mm512_add_ps(a1, bt.lookup(codes16(cp + (j + 1) * 16)));
+      }
+      if (j < end) {
+        bt.load(T + j * Kp);
+        a0 = _mm512_add_ps(a0, bt.lookup(codes16(cp + j * 16)));
+      }
+      const __m512 sum = _mm512_add_ps(a0, a1);
+      total = scale ? _mm512_fmadd_ps(_mm512_loadu_ps(scale + (rb * n_groups + g) * 16), sum, total)
+                    : _mm512_add_ps(total, sum);
+    }
+    const int64_t left = std::min<int64_t>(16, out_f - rb * 16);
+    _mm512_mask_storeu_ps(y + rb * 16, static_cast<__mmask16>((1u << left) - 1), total);
+  }
+}
+#endif
+
+#ifdef WCLUST_X86
+// Tiles with more than 64 entries: a slice's table takes up to 16 registers, too many to
+// load again for every block of 16 rows, so the loop turns around: each slice's table
+// is loaded once and serves every row block of the range, whose sums wait in a small
+// buffer (16 floats per block, in L1) until the group's scale multiplies them. The
+// codes are slice-major here, (in / d, ceil(out / 16), 16), so a slice's blocks lie
+// side by side (block-major, the blocks of one slice sat a row of codes apart and
+// aliased in the L1 cache).
+template <int P>
+__attribute__((target("avx512f"))) void vq_tiles_by_slice_avx512(
+    const uint8_t* codes, int64_t n_vec, int64_t n_blocks, const float* T, int64_t Kp,
+    const float* scale, int64_t vec_per_group, float* y, int64_t out_f, int64_t rb0,
+    int64_t rb1) {
+  const int64_t n_groups = n_vec / vec_per_group, nb = rb1 - rb0;
+  static thread_local std::vector<float> sums;  // per worker thread
+  float* gacc = kept_buffer(sums, 2 * nb * 16);
+  float* total = gacc + nb * 16;
+  std::fill(total, total + nb * 16, 0.f);
+  ByteTable512<P> bt;
+  for (int64_t g = 0; g < n_groups; ++g) {
+    std::fill(gacc, gacc + nb * 16, 0.f);
+    for (int64_t j = g * vec_per_group; j < (g + 1) * vec_per_group; ++j) {
+      bt.load(T + j * Kp);
+      const uint8_t* cp = codes + (j * n_blocks + rb0) * 16;
+      for (int64_t b = 0; b < nb; ++b, cp += 16) {
+        float* a = gacc + b * 16;
+        _mm512_storeu_ps(a, _mm512_add_ps(_mm512_loadu_ps(a), bt.lookup(codes16(cp))));
+      }
+    }
+    for (int64_t b = 0; b < nb; ++b) {
+      const __m512 sum = _mm512_loadu_ps(gacc + b * 16);
+      float* t = total + b * 16;
+      _mm512_storeu_ps(t, scale ? _mm512_fmadd_ps(_mm512_loadu_ps(scale + ((rb0 + b) * n_groups + g) * 16),
+                                                  sum, _mm512_loadu_ps(t))
+                                : _mm512_add_ps(_mm512_loadu_ps(t), sum));
+    }
+  }
+  for (int64_t b = 0; b < nb; ++b) {
+    const int64_t left = std::min<int64_t>(16, out_f - (rb0 + b) * 16);
+    std::memcpy(y + (rb0 + b) * 16, total + b * 16, left * sizeof(float));
+  }
+}
+#endif
+
+// The portable form of vq_tiles_avx512.
+void vq_tiles_portable(const uint8_t* codes, int64_t n_vec, int64_t n_blocks,
+                       bool slice_major, const float* T, int64_t Kp, const float* scale,
+                       int64_t vec_per_group, float* y, int64_t out_f, int64_t rb0,
+                       int64_t rb1) {
+  const int64_t n_groups = n_vec / vec_per_group;
+  for (int64_t rb = rb0; rb < rb1; ++rb) {
+    float total[16] = {0.f};
+    for (int64_t g = 0; g < n_groups; ++g) {
+      float sum[16] = {0.f};
+      for (int64_t j = g * vec_per_group; j < (g + 1) * vec_per_group; ++j) {
+        const uint8_t* cp = codes + (slice_major ? j * n_blocks + rb : rb * n_vec + j) * 16;
+        for (int r = 0; r < 16; ++r) sum[r] += T[j * Kp + cp[r]];
+      }
+      for (int r = 0; r < 16; ++r)
+        total[r] += scale ? scale[(rb * n_groups + g) * 16 + r] * sum[r] : sum[r];
+    }
+    for (int64_t r = 0; r < std::min<int64_t>(16, out_f - rb * 16); ++r) y[rb * 16 + r] = total[r];
+  }
+}
+
 at::Tensor vq_linear(const at::Tensor& x_in, const at::Tensor& codes, const at::Tensor& codebook,
-                     const c10::optional<at::Tensor>& scale,
-                     const c10::optional<at::Tensor>& bias) {
-  TORCH_CHECK(codes.dim() == 2 && codes.is_contiguous() &&
-                  (codes.scalar_type() == at::kByte || codes.scalar_type() == at::kShort),
-              "wclust: vector codes must be a contiguous 2-D uint8 or int16 tensor");
+                     const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& bias,
+                     int64_t out_features) {
+  const bool tiled = codes.dim() == 3;
+  TORCH_CHECK(codes.is_contiguous() &&
+                  ((tiled && codes.scalar_type() == at::kByte && codes.size(2) == 16) ||
+                   (codes.dim() == 2 &&
+                    (codes.scalar_type() == at::kByte || codes.scalar_type() == at::kShort))),
+              "wclust: vector codes must be contiguous (out, in / d) uint8 or int16, or "
+              "uint8 tiles of 16 rows (vq_tiles)");
   TORCH_CHECK(codebook.dim() == 2 && codebook.scalar_type() == at::kFloat,
               "wclust: the vector codebook must be a 2-D float32 tensor (K, d)");
-  const int64_t out_f = codes.size(0), n_vec = codes.size(1);
   const int64_t K = codebook.size(0), d = codebook.size(1);
+  const int64_t out_f = out_features, n_blocks = (out_f + 15) / 16;
+  // tiles: (blocks, in / d, 16) up to 64 entries, slice-major (in / d, blocks, 16) above
+  const bool slice_major = tiled && K > 64;
+  const int64_t n_vec = slice_major ? codes.size(0) : codes.size(1);
+  TORCH_CHECK(out_f >= 0 && (!tiled || codes.size(slice_major ? 1 : 0) == n_blocks) &&
+                  (tiled || codes.size(0) == out_f),
+              "wclust: codes do not hold ", out_f, " rows");
   const int64_t in_f = n_vec * d;
   TORCH_CHECK(K >= 1 && d >= 1, "wclust: empty vector codebook");
   TORCH_CHECK(K <= (codes.scalar_type() == at::kByte ? 256 : 65536),
@@ -938,19 +1056,21 @@ at::Tensor vq_linear(const at::Tensor& x_in, const at::Tensor& codes, const at::
   at::Tensor s_c;
   if (scale.has_value()) {
     s_c = scale->contiguous();
-    TORCH_CHECK(s_c.scalar_type() == at::kFloat && out_f > 0 && s_c.numel() % out_f == 0 &&
-                    s_c.numel() >= out_f && n_vec % (s_c.numel() / out_f) == 0,
-                "wclust: vector scales must be float32 groups of whole codes within rows");
-    vec_per_group = n_vec / (s_c.numel() / out_f);
+    const int64_t rows = tiled ? n_blocks * 16 : out_f;
+    TORCH_CHECK(s_c.scalar_type() == at::kFloat && rows > 0 && s_c.numel() % rows == 0 &&
+                    s_c.numel() >= rows && n_vec % (s_c.numel() / rows) == 0,
+                "wclust: vector scales must be float32 groups of whole codes within rows "
+                "(tiled codes: tiled scales)");
+    vec_per_group = n_vec / (s_c.numel() / rows);
     sp = s_c.data_ptr<float>();
   }
   if (bias.has_value())
     TORCH_CHECK(bias->numel() == out_f, "wclust: bias must have out_features elements");
   at::Tensor x = x_in.contiguous();
   const int64_t n = x.size(0);
-  // the codebook transposed to (d, Kp), Kp a multiple of 16, zero-padded: the table of
-  // a slice is then d FMAs per 16 entries
-  const int64_t Kp = (K + 15) / 16 * 16;
+  // the codebook transposed to (d, Kp), Kp a multiple of 32, zero-padded: the table of
+  // a slice is then d FMAs per 16 entries, and whole register pairs for the tiles
+  const int64_t Kp = (K + 31) / 32 * 32;
   std::vector<float> cbt(d * Kp, 0.f);
   const at::Tensor cb = codebook.contiguous();
   const float* cbp = cb.data_ptr<float>();
@@ -973,15 +1093,38 @@ at::Tensor vq_linear(const at::Tensor& x_in, const at::Tensor& codes, const at::
       vq_table_portable(cbt.data(), Kp, d, xb, T, j0, j1);
     });
     float* yb = y.data_ptr<float>() + b * out_f;
-    at::parallel_for(0, out_f, std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(1, n_vec)),
-                     [&](int64_t o0, int64_t o1) {
-                       if (codes.scalar_type() == at::kByte)
-                         vq_rows(codes.data_ptr<uint8_t>(), n_vec, T, Kp, sp, vec_per_group, yb,
-                                 o0, o1);
-                       else
-                         vq_rows(reinterpret_cast<const uint16_t*>(codes.data_ptr<int16_t>()),
-                                 n_vec, T, Kp, sp, vec_per_group, yb, o0, o1);
-                     });
+    if (tiled) {
+      const uint8_t* cp = codes.data_ptr<uint8_t>();
+      at::parallel_for(0, n_blocks, std::max<int64_t>(1, 1024 / std::max<int64_t>(1, n_vec)),
+                       [&](int64_t r0, int64_t r1) {
+#ifdef WCLUST_X86
+                         if (isa == kAvx512 && K <= 32)
+                           return vq_tiles_avx512<1>(cp, n_vec, T, Kp, sp, vec_per_group, yb,
+                                                     out_f, r0, r1);
+                         if (isa == kAvx512 && K <= 64)
+                           return vq_tiles_avx512<2>(cp, n_vec, T, Kp, sp, vec_per_group, yb,
+                                                     out_f, r0, r1);
+                         if (isa == kAvx512 && K <= 128)
+                           return vq_tiles_by_slice_avx512<4>(cp, n_vec, n_blocks, T, Kp, sp,
+                                                              vec_per_group, yb, out_f, r0, r1);
+                         if (isa == kAvx512)
+                           return vq_tiles_by_slice_avx512<8>(cp, n_vec, n_blocks, T, Kp, sp,
+                                                              vec_per_group, yb, out_f, r0, r1);
+#endif
+                         vq_tiles_portable(cp, n_vec, n_blocks, K > 64, T, Kp, sp,
+                                           vec_per_group, yb, out_f, r0, r1);
+                       });
+    } else {
+      at::parallel_for(0, out_f, std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(1, n_vec)),
+                       [&](int64_t o0, int64_t o1) {
+                         if (codes.scalar_type() == at::kByte)
+                           vq_rows(codes.data_ptr<uint8_t>(), n_vec, T, Kp, sp, vec_per_group,
+                                   yb, o0, o1);
+                         else
+                           vq_rows(reinterpret_cast<const uint16_t*>(codes.data_ptr<int16_t>()),
+                                   n_vec, T, Kp, sp, vec_per_group, yb, o0, o1);
+                       });
+    }
   }
   if (bias.has_value()) y.add_(*bias);
   return y;
@@ -1083,7 +1226,9 @@ TORCH_LIBRARY(wclust, m) {
       "lut_linear_int8(Tensor x, Tensor codes, int code_bits, Tensor codebook, Tensor? scale, "
       "Tensor? offset, Tensor? outlier_idx, Tensor? outlier_val, Tensor? bias) -> Tensor");
   m.def("kernel_layout(Tensor packed, int bits, int rows, int cols) -> Tensor");
-  m.def("vq_linear(Tensor x, Tensor codes, Tensor codebook, Tensor? scale, Tensor? bias) -> Tensor");
+  m.def(
+      "vq_linear(Tensor x, Tensor codes, Tensor codebook, Tensor? scale, Tensor? bias, "
+      "int out_features) -> Tensor");
   m.def("isa(str cap) -> str", &isa);
 }
 

@@ -25,7 +25,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-__all__ = ["available", "decode", "isa", "linear", "rows", "vq_linear"]
+__all__ = ["available", "decode", "isa", "linear", "rows", "vq_linear", "vq_tiles"]
 
 
 _AVAILABLE: bool | None = None  # decided on first use
@@ -92,8 +92,8 @@ def _register_fakes() -> None:
         return packed.new_empty(rows, cols // 2 if bits < 4 else cols)
 
     @torch.library.register_fake("wclust::vq_linear")
-    def _(x, codes, codebook, scale, bias):
-        return x.new_empty(x.shape[0], codes.shape[0])
+    def _(x, codes, codebook, scale, bias, out_features):
+        return x.new_empty(x.shape[0], out_features)
 
     @torch.library.register_fake("wclust::lut_rows")
     def _(codes, code_bits, codebook, scale, offset, idx):
@@ -144,21 +144,45 @@ def linear_int8(x, codes, code_bits, codebook, scale, offset, outlier_idx, outli
     return y if bias is None else y + bias
 
 
-def vq_linear(x, codes, codebook, scale, bias):
+def vq_linear(x, codes, codebook, scale, bias, out_features):
     """``x @ W.T + bias`` for vector codes: one code per ``d`` consecutive inputs of a
-    row, codes (out, in / d) uint8 or int16 (read as uint16, below ``K``), codebook
-    (K, d) float32 shared by the tensor, scale (out * in / group,) float32 or None.
-    Per row of x a table of every centroid's dot product with every d-slice of x, then
-    one look-up per code."""
+    row, one codebook (K, d) float32 for the tensor, scale per group of whole codes
+    within a row or None. Codes as rows (out, in / d) uint8 or int16 (read as uint16)
+    with scale (out * groups,), or tiles of 16 rows (``vq_tiles``: (ceil(out / 16),
+    in / d, 16) uint8) with scale tiled alike. Codes must lie below K. Per row of x a
+    table of every centroid's dot product with every d-slice of x, then one look-up per
+    code (16 codes per permute for tiles)."""
     if available():
-        return torch.ops.wclust.vq_linear(x, codes, codebook, scale, bias)
-    out_f, n_vec = codes.shape
-    d = codebook.shape[1]
+        return torch.ops.wclust.vq_linear(x, codes, codebook, scale, bias, out_features)
+    if codes.dim() == 3:  # tiles back to rows
+        if codebook.shape[0] > 64:  # slice-major
+            codes = codes.permute(1, 0, 2)
+        codes = codes.permute(0, 2, 1).reshape(-1, codes.shape[1])[:out_features]
+        if scale is not None:
+            scale = scale.permute(0, 2, 1).reshape(-1, scale.shape[1])[:out_features]
     idx = codes.long() & 0xFFFF if codes.dtype == torch.int16 else codes.long()
-    w = codebook[idx].reshape(out_f, n_vec * d)
+    w = codebook[idx].reshape(out_features, -1)
     if scale is not None:
-        w = (w.view(scale.numel(), -1) * scale[:, None]).view(out_f, -1)
+        scale = scale.reshape(-1)
+        w = (w.view(scale.numel(), -1) * scale[:, None]).view(out_features, -1)
     return F.linear(x, w, bias)
+
+
+def vq_tiles(codes: torch.Tensor, scale: torch.Tensor | None, n_clusters: int):
+    """Row codes (out, in / d) uint8 and scales (out, groups) or None -> the tiled
+    layout ``vq_linear`` reads fastest: blocks of 16 rows side by side, rows padded with
+    code 0 and scale 0. Codes (ceil(out / 16), in / d, 16) for up to 64 centroids
+    (a slice's table stays in registers across a block), slice-major (in / d,
+    ceil(out / 16), 16) above (a slice's table serves every block); scales
+    (ceil(out / 16), groups, 16) either way."""
+    out_f = codes.shape[0]
+    pad = -out_f % 16
+    c = torch.nn.functional.pad(codes, (0, 0, 0, pad)).view(-1, 16, codes.shape[1])
+    c = (c.permute(0, 2, 1) if n_clusters <= 64 else c.permute(2, 0, 1)).contiguous()
+    if scale is None:
+        return c, None
+    s = torch.nn.functional.pad(scale.reshape(out_f, -1), (0, 0, 0, pad))
+    return c, s.view(-1, 16, s.shape[1]).permute(0, 2, 1).contiguous()
 
 
 def decode(codes, code_bits, codebook, scale, offset, outlier_idx, outlier_val):

@@ -236,8 +236,9 @@ class VectorWeight(nn.Module):
         return self.packed.device.type == "cpu" and not self.trainable() and self.lut_ok()
 
     def _compiled_args(self):
-        """(codes (out, in / d) uint8 or int16, codebook (K, d) float32, scales or None)
-        for ``kernels.ops.vq_linear``, kept per state of the buffers; None where the
+        """(codes, codebook (K, d) float32, scales or None) for ``kernels.ops.vq_linear``:
+        up to 256 entries tiles of 16 rows (``vq_tiles``), more int16 rows; kept per
+        state of the buffers; None where the
         compiled operator does not apply (several codebooks, scale groups that split a
         code, the library missing)."""
         if not kernel_ops.available() or self.n_codebooks != 1 or self.n_clusters > 65536:
@@ -257,12 +258,13 @@ class VectorWeight(nn.Module):
         codes = self.codes().view(out_f, in_f // d)
         if codes.numel() and int(codes.max()) >= self.n_clusters:
             raise ValueError("vector codes point past the codebook; the weight is corrupt")
-        codes = codes.to(torch.uint8 if self.n_clusters <= 256 else torch.int16).contiguous()
-        args = (
-            codes,
-            self.codebook_float()[0].contiguous(),
-            None if gs is None else gs.float().reshape(-1).contiguous(),
-        )
+        scale = None if gs is None else gs.float().view(out_f, -1)
+        if self.n_clusters <= 256:  # tiles of 16 rows: one permute per 16 codes
+            codes, scale = kernel_ops.vq_tiles(codes.to(torch.uint8), scale, self.n_clusters)
+        else:
+            codes = codes.to(torch.int16).contiguous()
+            scale = None if scale is None else scale.reshape(-1).contiguous()
+        args = (codes, self.codebook_float()[0].contiguous(), scale)
         self.__dict__["_vq"] = (key, args)
         return args
 
@@ -275,7 +277,8 @@ class VectorWeight(nn.Module):
         x2 = x.reshape(-1, in_f)
         args = self._compiled_args() if 0 < x2.shape[0] <= COMPILED_ROWS else None
         if args is not None:
-            y = kernel_ops.vq_linear(x2.float().contiguous(), *args, None).to(x.dtype)
+            y = kernel_ops.vq_linear(x2.float().contiguous(), *args, None, self.shape[0])
+            y = y.to(x.dtype)
         elif x2.shape[0] <= TABLE_ROWS:
             y = (
                 torch.stack([self.matvec(r) for r in x2])
