@@ -12,9 +12,9 @@ Prints a markdown table of the fastest call of each.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
+from kernel_speed import bench  # the same timing (fastest call) as the scalar kernels
 
 from wclust.core.vector import cluster_vectors
 from wclust.kernels import ops
@@ -27,16 +27,6 @@ FORMATS = [  # (name, bits per weight, cluster_dim): K = 2 ** (bits * d)
     ("4 bits, d=2 (K=256)", 4, 2),
     ("2 bits, d=4 (K=256)", 2, 4),
 ]
-
-
-def bench(fn, reps: int) -> float:
-    fn()
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return min(ts) * 1000
 
 
 def main() -> None:

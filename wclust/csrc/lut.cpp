@@ -168,6 +168,13 @@ std::vector<float> group_input_sums(const Weight& w, const float* x, int nb, int
   return xsum;
 }
 
+// Row o's unscaled codebook into t, which the caller zeroed to 256 entries once (codes
+// past K read 0, never garbage); a codebook shared by the tensor is copied for the
+// first row only.
+inline void row_codebook(const Weight& w, int64_t o, int64_t o0, float* t) {
+  if (w.cb_stride || o == o0) std::memcpy(t, w.cb + o * w.cb_stride, w.K * sizeof(float));
+}
+
 // ---------------------------------------------------------------- portable ----------
 
 void rows_portable(const Weight& w, const float* x, int64_t n, int64_t ldx, float* y,
@@ -346,10 +353,9 @@ __attribute__((target("avx512f"))) void rows8p_avx512(const Weight& w, const flo
   alignas(64) float t[256];
   std::memset(t, 0, sizeof(t));  // codes past the codebook read 0, never garbage
   const std::vector<float> xsum = group_input_sums(w, x, NB, ldx);
-  if (w.cb_stride == 0) std::memcpy(t, w.cb, w.K * sizeof(float));
   ByteTable512<P> bt;
   for (int64_t o = o0; o < o1; ++o) {
-    if (w.cb_stride) std::memcpy(t, w.cb + o * w.cb_stride, w.K * sizeof(float));
+    row_codebook(w, o, o0, t);
     bt.load(t);
     const uint8_t* r = w.codes + o * w.row_bytes;
     __m512 acc[NB];
@@ -399,10 +405,9 @@ __attribute__((target("avx512f"))) void decode8p_avx512(const Weight& w, float* 
                                                         int64_t o0, int64_t o1) {
   alignas(64) float t[256];
   std::memset(t, 0, sizeof(t));
-  if (w.cb_stride == 0) std::memcpy(t, w.cb, w.K * sizeof(float));
   ByteTable512<P> bt;
   for (int64_t o = o0; o < o1; ++o) {
-    if (w.cb_stride) std::memcpy(t, w.cb + o * w.cb_stride, w.K * sizeof(float));
+    row_codebook(w, o, o0, t);
     bt.load(t);
     const uint8_t* r = w.codes + o * w.row_bytes;
     float* d = out + (o - o0) * w.in_f;
@@ -520,11 +525,9 @@ __attribute__((target("avx2,fma"))) void rows8_avx2(const Weight& w, const float
                                                     int64_t o0, int64_t o1) {
   alignas(32) float t[256];
   std::memset(t, 0, sizeof(t));  // codes past the codebook read 0, never garbage
-  const int64_t K = w.K;
   const std::vector<float> xsum = group_input_sums(w, x, NB, ldx);
-  if (w.cb_stride == 0) std::memcpy(t, w.cb, K * sizeof(float));
   for (int64_t o = o0; o < o1; ++o) {
-    if (w.cb_stride) std::memcpy(t, w.cb + o * w.cb_stride, K * sizeof(float));
+    row_codebook(w, o, o0, t);
     const uint8_t* r = w.codes + o * w.row_bytes;
     __m256 acc[NB];
     float tail[NB];

@@ -148,8 +148,8 @@ def vq_linear(x, codes, codebook, scale, bias, out_features):
     """``x @ W.T + bias`` for vector codes: one code per ``d`` consecutive inputs of a
     row, one codebook (K, d) float32 for the tensor, scale per group of whole codes
     within a row or None. Codes as rows (out, in / d) uint8 or int16 (read as uint16)
-    with scale (out * groups,), or tiles of 16 rows (``vq_tiles``: (ceil(out / 16),
-    in / d, 16) uint8) with scale tiled alike. Codes must lie below K. Per row of x a
+    with scale (out * groups,), or uint8 tiles of 16 rows with scales tiled alike (the
+    layouts of ``vq_tiles``). Codes must lie below K. Per row of x a
     table of every centroid's dot product with every d-slice of x, then one look-up per
     code (16 codes per permute for tiles)."""
     if available():

@@ -238,9 +238,8 @@ class VectorWeight(nn.Module):
     def _compiled_args(self):
         """(codes, codebook (K, d) float32, scales or None) for ``kernels.ops.vq_linear``:
         up to 256 entries tiles of 16 rows (``vq_tiles``), more int16 rows; kept per
-        state of the buffers; None where the
-        compiled operator does not apply (several codebooks, scale groups that split a
-        code, the library missing)."""
+        state of the buffers; None where the compiled operator does not apply (several
+        codebooks, scale groups that split a code, the library missing)."""
         if not kernel_ops.available() or self.n_codebooks != 1 or self.n_clusters > 65536:
             return None
         out_f, in_f = self.shape
