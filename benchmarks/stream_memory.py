@@ -30,18 +30,22 @@ from pathlib import Path
 import torch
 
 
-def make_checkpoint(folder: Path, gb: float, shard_gb: float = 1.0, seed: int = 0) -> int:
-    """A Llama-7B-wide model (hidden 4096, MLP 11008) with as many layers as fit ``gb``."""
+def make_checkpoint(
+    folder: Path, gb: float, shard_gb: float = 1.0, seed: int = 0, hidden: int = 4096
+) -> int:
+    """A Llama model ``hidden`` wide (default 4096 and an MLP of 11008: Llama-7B's
+    widths; the MLP keeps that ratio) with as many layers as fit ``gb``."""
     from safetensors.torch import save_file
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    per_layer = 4 * 4096 * 4096 + 3 * 4096 * 11008 + 2 * 4096
+    mlp = hidden * 11008 // 4096
+    per_layer = 4 * hidden * hidden + 3 * hidden * mlp + 2 * hidden
     vocab = 8192
-    layers = max(1, round((gb * 1e9 / 4 - 2 * vocab * 4096) / per_layer))
+    layers = max(1, round((gb * 1e9 / 4 - 2 * vocab * hidden) / per_layer))
     cfg = LlamaConfig(
         vocab_size=vocab,
-        hidden_size=4096,
-        intermediate_size=11008,
+        hidden_size=hidden,
+        intermediate_size=mlp,
         num_hidden_layers=layers,
         num_attention_heads=32,
         num_key_value_heads=32,
@@ -179,6 +183,9 @@ def main() -> None:
     ap.add_argument("--dir", type=Path, default=Path("/tmp/wclust-synthetic-ckpt"))
     ap.add_argument("--gb", type=float, default=8.0, help="checkpoint size (float32)")
     ap.add_argument("--limit-gb", type=float, default=2.0)
+    ap.add_argument(
+        "--hidden", type=int, default=4096, help="model width (4096: Llama-7B's layers)"
+    )
     ap.add_argument("--keep", action="store_true", help="keep the checkpoint afterwards")
     ap.add_argument("--out", type=Path, default=None, help="output .wclust (default: DIR.wclust)")
     ap.add_argument("args", nargs="*", help="extra arguments for wclust compress")
@@ -194,7 +201,7 @@ def main() -> None:
     ckpt = a.dir
     if not (ckpt / "model.safetensors.index.json").is_file():
         t0 = time.perf_counter()
-        total = make_checkpoint(ckpt, a.gb)
+        total = make_checkpoint(ckpt, a.gb, hidden=a.hidden)
         print(
             f"wrote {total / 1e9:.2f} GB checkpoint to {ckpt} in {time.perf_counter() - t0:.0f} s"
         )

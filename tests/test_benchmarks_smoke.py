@@ -99,7 +99,8 @@ _SHADOWED = (BENCH / "kernels.py").exists()
         ("fuzz_files.py", ["--n", "16", "--workers", "1"], "failures: 0"),
         pytest.param(
             "stream_memory.py",
-            ["--gb", "0.01", "--limit-gb", "2", "--dir", "{tmp}/ckpt", "--", "--bits", "2"],
+            ["--gb", "0.01", "--hidden", "256", "--limit-gb", "2", "--dir", "{tmp}/ckpt"]
+            + ["--", "--bits", "2"],
             '"rc": 0',
             marks=[
                 pytest.mark.skipif(shutil.which("prlimit") is None, reason="needs prlimit"),

@@ -27,7 +27,7 @@ def test_compare_cli_end_to_end(asr_model_dir, tmp_path):
             "--model",
             str(asr_model_dir),
             "--methods",
-            "fp32,kmeans-4b-channel,nf4,int8-dynamic",
+            "fp32,kmeans-4b-channel,int8-dynamic",
             "--limit",
             "2",
             "--threads",
@@ -43,7 +43,7 @@ def test_compare_cli_end_to_end(asr_model_dir, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
     rows = {row["method"]: row for row in res["rows"]}
-    assert set(rows) == {"fp32", "kmeans-4b-channel", "nf4", "int8-dynamic"}
+    assert set(rows) == {"fp32", "kmeans-4b-channel", "int8-dynamic"}
     for row in rows.values():
         assert "error" not in row, row
         assert set(row["quality"]) == {"wer", "cer"}
@@ -53,17 +53,16 @@ def test_compare_cli_end_to_end(asr_model_dir, tmp_path):
     # the clustered model really holds fewer bytes than the original
     # (d_model 64: per-channel fp32 codebooks add 8 bits per weight here)
     assert rows["kmeans-4b-channel"]["model_tensor_mb"] < rows["fp32"]["model_tensor_mb"] / 2
-    assert rows["nf4"]["bits_per_weight"] < 6
     assert rows["int8-dynamic"]["gzip_mb"] is None  # no safe file format: not faked
     table = (out / "table.md").read_text()
-    assert "| Model | Method |" in table and table.count("\n| ") >= 5
-    assert (out / "results.csv").read_text().count("\n") == 5
+    assert "| Model | Method |" in table and table.count("\n| ") >= 4
+    assert (out / "results.csv").read_text().count("\n") == 4
     assert (out / "pareto.png").stat().st_size > 0
     assert res["meta"]["machine"]["torch"].startswith("2.")
     # stderr is a pipe here: no live display, one progress line per step instead
     steps = [ln for ln in r.stderr.splitlines() if ln.startswith("[") and "/" in ln.split("]")[0]]
-    # 3 files made (int8-dynamic runs on fp32's), 4 rows measured
-    assert len(steps) == 7 and steps[0].startswith("[1/7]"), r.stderr[-2000:]
+    # 2 files made (int8-dynamic runs on fp32's), 3 rows measured
+    assert len(steps) == 5 and steps[0].startswith("[1/5]"), r.stderr[-2000:]
     assert any("min left" in ln for ln in steps)
 
 
