@@ -247,3 +247,85 @@ def test_hidden_state_matching_needs_a_model_with_hidden_states():
     wclust.compress_(student, wclust.ClusterConfig(bits=2, exclude=()))
     with pytest.raises(ValueError, match="dict inputs"):
         wclust.distill_(student, teacher, [torch.randn(2, 8)], hidden=1.0)
+
+
+def test_nearest_codes_picks_the_closest_centroid_in_any_order():
+    from wclust.stages.train import nearest_codes
+
+    cb = torch.tensor([[0.5, -1.0, 2.0, 0.0], [3.0, 1.0, -2.0, 0.0]])
+    x = torch.tensor([[0.2, 0.3, -0.6, 1.3, 9.0, -9.0], [2.1, 1.9, -0.9, -1.1, 0.4, 0.6]])
+    want = (x[:, :, None] - cb[:, None, :]).abs().argmin(2)
+    assert torch.equal(nearest_codes(x, cb), want)
+    # centroid 0 (the pruned weights' zero) never chosen
+    got = nearest_codes(x, cb, skip_zero=True)
+    assert not (got == 0).any()
+    far = (x[:, :, None] - cb[:, None, 1:]).abs().argmin(2) + 1
+    assert torch.equal(got, far)
+
+
+def test_reassignment_moves_codes_and_lowers_the_kl(clustered_pair):
+    """Codes move under distillation with re-assignment, the model ends closer to the
+    teacher than it started, and it is frozen for inference."""
+    teacher, clustered = clustered_pair
+    train = whisper_batches(8)
+    moved = copy.deepcopy(clustered)
+    start = kl_to(teacher, moved, train)
+    before = {n: cw.codes().clone() for n, (cw, _) in _by_name(moved).items()}
+    out = wclust.distill_(
+        moved, teacher, train, epochs=3, lr=1e-3, reassign_every=2, reassign_lr=1e-4
+    )
+    after = {n: cw.codes() for n, (cw, _) in _by_name(moved).items()}
+    assert out["reassigned"] > 0
+    assert out["reassigned"] >= sum(int((before[n] != after[n]).sum()) for n in before) > 0
+    assert kl_to(teacher, moved, train) < 0.6 * start
+    for cw, _ in clustered_weights(moved).values():
+        assert not isinstance(cw.codebook, nn.Parameter)
+
+
+def test_reassignment_starts_from_the_teachers_weights(clustered_pair):
+    """With shadows that do not move, re-assignment gives each weight the code nearest
+    the original weight: the codes the clustering chose (no Fisher weighting here)."""
+    from wclust.stages.train import _all_cws, _Reassigner, _teacher_weights
+
+    teacher, clustered = clustered_pair
+    student = copy.deepcopy(clustered)
+    cws = _all_cws(student)
+    before = [cw.codes().clone() for cw in cws]
+    assert _Reassigner(cws, 1e-3, _teacher_weights(student, teacher)).reassign() == 0
+    assert all(torch.equal(cw.codes(), b) for cw, b in zip(cws, before, strict=True))
+    # from the decoded weights instead: every weight sits on its centroid already
+    assert _Reassigner(cws, 1e-3).reassign() == 0
+
+
+def test_reassignment_rolls_the_codes_back_with_the_best_held_out_state(clustered_pair):
+    teacher, clustered = clustered_pair
+    student = copy.deepcopy(clustered)
+    before = {n: cw.codes().clone() for n, (cw, _) in _by_name(student).items()}
+    train, val = whisper_batches(8), whisper_batches(3, seed=1)
+    out = wclust.distill_(
+        student,
+        teacher,
+        train,
+        val_batches=val,
+        epochs=2,
+        lr=10.0,
+        reassign_every=1,
+        reassign_lr=1.0,
+    )  # ruinous: the state before training wins, codes included
+    assert out["best_epoch"] == 0 and out["reassigned"] > 0
+    for n, (cw, _) in _by_name(student).items():
+        assert torch.equal(cw.codes(), before[n]), n
+
+
+def test_reassignment_arguments_are_checked(clustered_pair):
+    teacher, clustered = clustered_pair
+    with pytest.raises(ValueError, match="reassign_every"):
+        wclust.distill_(copy.deepcopy(clustered), teacher, whisper_batches(2), reassign_every=-1)
+    with pytest.raises(ValueError, match="reassign_lr"):
+        wclust.distill_(
+            copy.deepcopy(clustered), teacher, whisper_batches(2), reassign_every=1, reassign_lr=0
+        )
+
+
+def _by_name(model):
+    return {owners[0][0]: (cw, owners) for cw, owners in clustered_weights(model).values()}

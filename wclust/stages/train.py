@@ -145,19 +145,32 @@ def _forward(model: nn.Module, inputs):
 
 
 class _Reassigner:
-    """Straight-through re-assignment: shadows of the (out, in) clustered views."""
+    """Straight-through re-assignment of scalar codes.
 
-    def __init__(self, cws: list[ClusteredWeight], lr: float):
+    A float32 shadow of each clustered weight (its ``(n_codebooks, per)`` view) takes
+    the gradient of the decoded weight and its own Adam steps; :meth:`reassign` moves
+    every weight to the centroid nearest its shadow, measured in the units of its
+    scale group where the weight has per-group scales and offsets (the grid is
+    ``codebook * scale + offset``). Shadows start at ``originals`` (the uncompressed
+    weights: those near a cell boundary then move first) or at the decoded weights.
+    """
+
+    def __init__(
+        self, cws: list[ClusteredWeight], lr: float, originals: dict | None = None
+    ) -> None:
         for cw in cws:
             if getattr(cw, "cluster_dim", 1) > 1:
                 raise ValueError("re-assignment works on scalar codebooks (cluster_dim=1)")
-            if cw.group_scale is not None or cw.outlier_idx is not None:
-                raise ValueError(
-                    "re-assignment works on plain codebooks (no group scales, no outliers)"
-                )
         self.cws = cws
+        originals = originals or {}
         with torch.no_grad():
-            self.shadow = [self._view(cw, cw.dense()).detach().float().clone() for cw in cws]
+            self.shadow = [
+                self._view(cw, originals[id(cw)] if id(cw) in originals else cw.dense())
+                .detach()
+                .float()
+                .clone()
+                for cw in cws
+            ]
         self.opt = torch.optim.Adam(self.shadow, lr=lr)
 
     @staticmethod
@@ -186,19 +199,46 @@ class _Reassigner:
         """Move each weight to the centroid nearest its shadow; returns codes changed."""
         changed = 0
         for cw, s in zip(self.cws, self.shadow, strict=True):
-            cb = cw.codebook_float().detach()  # (n_cb, k)
             old = cw.codes().reshape(cw.n_codebooks, -1).long()  # (n_cb, per)
-            new = torch.empty_like(old)
-            for r in range(0, old.shape[0], 64):  # (rows, per, k) distances in chunks
-                d = (s[r : r + 64, :, None] - cb[r : r + 64, None, :]).abs()
-                if _keeps_zero(cw):
-                    d[..., 0] = float("inf")  # live weights never become pruned
-                new[r : r + 64] = d.argmin(2)
+            new = nearest_codes(_normalized(cw, s), cw.codebook_float().detach(), _keeps_zero(cw))
             if _keeps_zero(cw):
                 new = torch.where(old == 0, old, new)  # pruned weights stay pruned
             changed += int((new != old).sum())
             cw.set_packed(pack_codes(new, cw.bits))
         return changed
+
+
+def _normalized(cw: ClusteredWeight, s: torch.Tensor) -> torch.Tensor:
+    """The shadow ``s`` ((n_cb, per) view) in codebook units: ``(s - offset) / scale``
+    per scale group; ``s`` itself without group scales."""
+    if cw.group_scale is None:
+        return s
+    g = cw.group_scale.detach().float().reshape(-1, 1)
+    t = s.reshape(g.shape[0], -1)
+    if cw.group_offset is not None:
+        t = t - cw.group_offset.detach().float().reshape(-1, 1)
+    return (t / g.clamp_min(1e-12)).reshape(s.shape)
+
+
+def nearest_codes(x: torch.Tensor, cb: torch.Tensor, skip_zero: bool = False) -> torch.Tensor:
+    """Index of the centroid of ``cb[r]`` nearest each ``x[r, j]``.
+
+    Args:
+        x: (n_cb, per) values.
+        cb: (n_cb, k) centroids, in any order.
+        skip_zero: centroid 0 is never chosen (the pruned weights' zero).
+
+    Returns:
+        (n_cb, per) int64 codes (ties go to the lower centroid value).
+    """
+    vals = cb.float().clone()
+    if skip_zero:
+        vals[:, 0] = float("inf")
+    order = vals.argsort(1)
+    srt = vals.gather(1, order)
+    mids = 0.5 * (srt[:, 1:] + srt[:, :-1])  # (n_cb, k - 1) decision boundaries
+    pos = torch.searchsorted(mids.contiguous(), x.float().contiguous())
+    return order.gather(1, pos)
 
 
 def finetune(
@@ -349,6 +389,8 @@ def distill_(
     seed: int = 0,
     cache_bytes: float = 2e9,
     hidden: float = 0.0,
+    reassign_every: int = 0,
+    reassign_lr: float = 1e-4,
     log: Callable[[int, float, float | None, float], None] | None = None,
 ) -> dict:
     """Distill a clustered model toward its uncompressed original, in place.
@@ -390,6 +432,13 @@ def distill_(
             richer per example than the output distribution; dict inputs of a
             ``transformers`` model only). 0: the output KL alone. The reported KL
             stays the output KL.
+        reassign_every: if > 0, the codes move too (scalar codebooks): a float32
+            shadow of every clustered weight, started at the teacher's weight, follows
+            the gradient of the decoded weight with its own Adam at ``reassign_lr``,
+            and every that many steps each weight takes the centroid nearest its
+            shadow (in its scale group's units). 0: codes fixed.
+        reassign_lr: the shadows' learning rate (a step of about this size per
+            weight; weights are stored in the model's units).
         log: optional callback ``(epoch, mean training KL, held-out KL or None,
             seconds)``.
 
@@ -397,7 +446,8 @@ def distill_(
         ``{"kl": [mean training KL per epoch], "hidden": [mean summed relative
         hidden-state error per epoch] (empty without ``hidden``), "val_kl": [held-out
         KL before training and after each epoch] (empty without ``val_batches``), "best_epoch":
-        epochs trained in the kept state, "steps": int, "seconds": float}``. The
+        epochs trained in the kept state, "steps": int, "reassigned": codes changed
+        (0 without ``reassign_every``), "seconds": float}``. The
         codebooks, scales and offsets end frozen in their storage dtypes, ready for
         ``wclust.save`` and the inference kernels.
 
@@ -407,11 +457,18 @@ def distill_(
     """
     batches, val = list(batches), list(val_batches or [])
     dense_lr = _check_distill_args(model, teacher, batches, epochs, lr, dense_lr, hidden)
+    if type(reassign_every) is not int or reassign_every < 0:
+        raise ValueError(f"reassign_every must be a non-negative integer, got {reassign_every!r}")
+    if reassign_every and not reassign_lr > 0:
+        raise ValueError(f"reassign_lr must be positive, got {reassign_lr!r}")
     cws = _all_cws(model)
     teacher_mode = teacher.training
     teacher.eval()
     targets = _Targets(teacher, batches + val, len(batches), hidden, cache_bytes)
     opt, trained = _distill_optimizer(model, lr, dense_lr, scales)
+    moves = (
+        _Reassigner(cws, reassign_lr, _teacher_weights(model, teacher)) if reassign_every else None
+    )
     positive = [cw.group_scale for cw in cws if isinstance(cw.group_scale, nn.Parameter)]
     gen = torch.Generator().manual_seed(seed)
     was_training = model.training
@@ -423,7 +480,15 @@ def distill_(
             float(targets.losses(model, len(batches) + j)[0]) for j in range(len(val))
         ) / len(val)
 
+    def state() -> list[torch.Tensor]:  # what training changes: parameters and codes
+        return [p.detach().clone() for p in trained] + [cw.packed.clone() for cw in cws]
+
+    n_steps, changed = 0, 0
+
     def step(i: int) -> tuple[float, float]:
+        nonlocal n_steps, changed
+        if moves:
+            moves.before_forward()
         out_kl, rel = targets.losses(model, i)
         loss = out_kl if rel is None else out_kl + hidden * rel
         opt.zero_grad(set_to_none=True)
@@ -433,6 +498,11 @@ def distill_(
             for p in positive:  # a scale stays a (positive) scale
                 p.clamp_(min=1e-8)
         _zero_pruned_centroids(cws)
+        n_steps += 1
+        if moves:
+            moves.after_backward()
+            if n_steps % reassign_every == 0:
+                changed += moves.reassign()
         return float(out_kl.detach()), 0.0 if rel is None else float(rel.detach())
 
     kls, val_kls, hid, t_start = [], [], [], time.perf_counter()
@@ -440,7 +510,7 @@ def distill_(
     try:
         if val:
             val_kls.append(held_out())
-            best = (val_kls[0], 0, [p.detach().clone() for p in trained])
+            best = (val_kls[0], 0, state())
         for epoch in range(epochs):
             t0 = time.perf_counter()
             per_item = [step(i) for i in torch.randperm(len(batches), generator=gen).tolist()]
@@ -450,16 +520,20 @@ def distill_(
             if val:
                 val_kls.append(held_out())
                 if val_kls[-1] < best[0]:
-                    best = (val_kls[-1], epoch + 1, [p.detach().clone() for p in trained])
+                    best = (val_kls[-1], epoch + 1, state())
             secs, held = time.perf_counter() - t0, val_kls[-1] if val else None
             _log_epoch(epoch, kls[-1], held, hid[-1] if hidden else None, secs)
             if log:
                 log(epoch, kls[-1], held, secs)
         if val and best[1] < epochs:  # an earlier state was better on the held-out data
             with torch.no_grad():
-                for p, saved in zip(trained, best[2], strict=True):
+                for p, saved in zip(trained, best[2][: len(trained)], strict=True):
                     p.copy_(saved)
+                for cw, packed in zip(cws, best[2][len(trained) :], strict=True):
+                    cw.packed = packed
     finally:
+        if moves:
+            moves.clear()
         model.train(was_training)
         teacher.train(teacher_mode)
         freeze_codebooks_(model)
@@ -469,8 +543,25 @@ def distill_(
         "val_kl": val_kls,
         "best_epoch": best[1] if val else epochs,
         "steps": epochs * len(batches),
+        "reassigned": changed,
         "seconds": time.perf_counter() - t_start,
     }
+
+
+def _teacher_weights(model: nn.Module, teacher: nn.Module) -> dict[int, torch.Tensor]:
+    """``{id(part): the teacher's weight rows it stands for}`` for every clustered
+    weight (each part of a row split), in the module's layout."""
+    out = {}
+    for cw, owners in clustered_weights(model).values():
+        w = teacher.get_submodule(owners[0][0]).weight.detach()
+        parts = clustered_parts(cw)
+        if len(parts) == 1:
+            out[id(parts[0])] = w
+            continue
+        rows = w.t() if cw.transpose else w  # the parts split the (out, in) view
+        for part, a, b in zip(parts, cw.bounds[:-1], cw.bounds[1:], strict=True):
+            out[id(part)] = rows[a:b]
+    return out
 
 
 def _check_distill_args(model, teacher, batches, epochs, lr, dense_lr, hidden) -> float:
