@@ -317,6 +317,20 @@ def test_reassignment_rolls_the_codes_back_with_the_best_held_out_state(clustere
         assert torch.equal(cw.codes(), before[n]), n
 
 
+def test_a_recipe_moves_the_codes_when_it_says_reassign(clustered_pair):
+    teacher, _ = clustered_pair
+    recipe = wclust.Recipe(
+        quantizer=KMeans(bits=2), exclude=(), distill=Distill(epochs=1, lr=1e-3, reassign=1)
+    )
+    report = wclust.compress_(copy.deepcopy(teacher), recipe, whisper_batches(4))
+    assert report.distill["reassigned"] > 0
+    still = wclust.Recipe(quantizer=KMeans(bits=2), exclude=(), distill=Distill(epochs=1))
+    assert (
+        wclust.compress_(copy.deepcopy(teacher), still, whisper_batches(4)).distill["reassigned"]
+        == 0
+    )
+
+
 def test_reassignment_arguments_are_checked(clustered_pair):
     teacher, clustered = clustered_pair
     with pytest.raises(ValueError, match="reassign_every"):

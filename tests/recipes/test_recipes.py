@@ -100,6 +100,11 @@ def test_spec_maps_field_for_field():
     assert r.budget == Budget(3.25, candidates=((3, 128), (4, 64)), rows="none")
     assert r.gptq.damp == 0.02
     assert r.distill == Distill(epochs=3, lr=1e-4, speeds=(0.9, 1.1))
+    r = get_recipe("scaled+fisher+distill:epochs=2,reassign=10,reassign_lr=1e-5")
+    assert r.distill == Distill(epochs=2, reassign=10, reassign_lr=1e-5)
+    assert parse_spec(r.spec()) == r and Recipe.from_dict(r.to_dict()) == r
+    with pytest.raises(ConfigError, match="reassign must be a non-negative integer"):
+        get_recipe("scaled+distill:reassign=0.5")
 
 
 def test_budget_takes_vector_candidates_and_allocates_with_them():

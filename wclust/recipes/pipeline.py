@@ -272,6 +272,8 @@ class _Run:
             epochs=d.epochs,
             lr=d.lr,
             hidden=d.hidden,
+            reassign_every=d.reassign,
+            reassign_lr=d.reassign_lr,
             log=log,
         )
         self.teacher = None
@@ -286,6 +288,7 @@ class _Run:
             "hidden": d.hidden,
             "speeds": list(d.speeds),
             "kept_epoch": done["best_epoch"],
+            "reassigned": done["reassigned"],
             "kl": done["kl"],
             "val_kl": done["val_kl"],
             "hidden_error": done["hidden"],

@@ -152,6 +152,10 @@ class Distill:
         hidden: weight of matching every layer's output as well.
         speeds: also train on the clips played at these speeds (speech only).
         items: how many data items to distil on (None: all).
+        reassign: if > 0, the codes move too: every this many steps each weight takes
+            the centroid nearest a full-precision shadow that follows its gradient
+            (straight-through; scalar codebooks). 0: codes fixed.
+        reassign_lr: the shadows' learning rate.
     """
 
     epochs: int = 2
@@ -160,6 +164,8 @@ class Distill:
     hidden: float = 0.0
     speeds: tuple[float, ...] = ()
     items: int | None = None
+    reassign: int = 0
+    reassign_lr: float = 1e-4
 
     def __post_init__(self):
         if type(self.epochs) is not int or self.epochs < 1:
@@ -176,6 +182,12 @@ class Distill:
         object.__setattr__(self, "speeds", speeds)
         if self.items is not None and (type(self.items) is not int or self.items < 1):
             raise ConfigError(f"distill items must be a positive integer, got {self.items!r}")
+        if type(self.reassign) is not int or self.reassign < 0:
+            raise ConfigError(
+                f"distill reassign must be a non-negative integer (steps), got {self.reassign!r}"
+            )
+        if not isinstance(self.reassign_lr, (int, float)) or not self.reassign_lr > 0:
+            raise ConfigError(f"distill reassign_lr must be positive, got {self.reassign_lr!r}")
 
 
 def _globs(val) -> tuple[str, ...]:
@@ -381,7 +393,7 @@ def layer_selection(preset: str) -> dict:
 # ``include:GLOB|GLOB``, ``exclude:GLOB|GLOB`` (or ``none``), ``prune:FRACTION``,
 # ``fisher[:items=N]``, ``activation[:items=N]``, ``budget:BITS[,candidates=3x128|4x64,
 # rows=auto|none]``, ``gptq[:damp=D,exclude=GLOB|GLOB]``, ``distill[:epochs=E,lr=L,
-# holdout=H,hidden=W,speeds=0.9|1.1,items=N]``, ``seed:N``. A stage's main field (the
+# holdout=H,hidden=W,speeds=0.9|1.1,items=N,reassign=STEPS,reassign_lr=L]``, ``seed:N``. A stage's main field (the
 # first listed) may be written without its key.
 
 _STAGES = ("layers", "include", "exclude", "prune", "fisher", "activation", "budget", "gptq")
