@@ -10,7 +10,7 @@ from torch import nn
 import wclust
 from tests.conftest import tiny_whisper
 from wclust.nn.owners import clustered_weights
-from wclust.recipes import Distill, KMeans
+from wclust.recipes import Calibration, Distill, KMeans
 
 
 def whisper_batches(n=6, seed=0):
@@ -329,6 +329,32 @@ def test_a_recipe_moves_the_codes_when_it_says_reassign(clustered_pair):
         wclust.compress_(copy.deepcopy(teacher), still, whisper_batches(4)).distill["reassigned"]
         == 0
     )
+
+
+@pytest.mark.parametrize("items, seen", [(None, 5), (2, 2)])
+def test_calibration_counts_its_own_items_when_the_recipe_distils(
+    clustered_pair, monkeypatch, items, seen
+):
+    """Fisher weights come from the recipe's own count of items when it gives one,
+    else from all of the distillation data."""
+    import wclust.stages.calibrate as cal
+
+    teacher, _ = clustered_pair
+    real, counts = cal.calibrate, []
+
+    def spy(model, batches, **kw):
+        counts.append(len(batches))
+        return real(model, batches, **kw)
+
+    monkeypatch.setattr(cal, "calibrate", spy)
+    recipe = wclust.Recipe(
+        quantizer=KMeans(bits=2),
+        exclude=(),
+        calibration=Calibration(items=items),
+        distill=Distill(epochs=1, lr=1e-3),
+    )
+    report = wclust.compress_(copy.deepcopy(teacher), recipe, whisper_batches(5))
+    assert counts == [seen] and report.distill["items"] == 5
 
 
 def test_reassignment_arguments_are_checked(clustered_pair):

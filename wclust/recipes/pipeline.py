@@ -52,7 +52,7 @@ def compress_(
             distillation), or an object with ``batches(model) -> list`` (and
             ``augment(positions, speeds, teacher) -> list`` for speed perturbation),
             as ``wclust.tasks.TaskData`` is. Calibration takes the first
-            ``calibration.items`` (all of them when the recipe distils).
+            ``calibration.items`` (unset: 16, or all of them when the recipe distils).
         sample_weights: importance per weight to use instead of calibrating.
         progress: callback ``(stage, layer name, index, total)``; a 3-argument
             callback ``(layer name, index, total)`` gets the clustering only.
@@ -165,7 +165,7 @@ class _Run:
         if not batches:
             raise ValueError("the calibration data holds no items")
         if r.distill is None:
-            batches = batches[: r.calibration.items] if r.calibration else batches
+            batches = batches[: r.calibration.items or 16] if r.calibration else batches
         elif r.distill.items is not None:
             batches = batches[: r.distill.items]
         self.batches = batches
@@ -182,8 +182,10 @@ class _Run:
         from ..stages.calibrate import calibrate
 
         t0 = time.perf_counter()
-        sw = calibrate(self.model, self.batches, kind=self.recipe.calibration.kind)
-        self._stage("calibrate", t0, f"{self.recipe.calibration.kind}, {len(self.batches)} items")
+        c = self.recipe.calibration
+        batches = self.batches[: c.items] if c.items else self.batches
+        sw = calibrate(self.model, batches, kind=c.kind)
+        self._stage("calibrate", t0, f"{c.kind}, {len(batches)} items")
         return sw
 
     def _hessians(self):

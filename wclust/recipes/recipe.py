@@ -68,17 +68,17 @@ class Calibration:
     Args:
         kind: "fisher" (mean squared gradient of the model's loss) | "activation"
             (mean squared input per column).
-        items: how many data items to calibrate on (the first ones); when the
-            recipe also distils, calibration uses all of the distillation data.
+        items: how many data items to calibrate on (the first ones). None: 16, or
+            all of the distillation data when the recipe also distils.
     """
 
     kind: str = "fisher"
-    items: int = 16
+    items: int | None = None
 
     def __post_init__(self):
         if self.kind not in ("fisher", "activation"):
             raise ConfigError(f"calibration kind must be fisher or activation, got {self.kind!r}")
-        if type(self.items) is not int or self.items < 1:
+        if self.items is not None and (type(self.items) is not int or self.items < 1):
             raise ConfigError(f"calibration items must be a positive integer, got {self.items!r}")
 
 
