@@ -190,7 +190,18 @@ class ClusteredWeight(nn.Module):
 
     def codes(self) -> torch.Tensor:
         """Unpacked uint8 codes, shape ``self.shape``."""
-        return unpack_codes(self.packed_rows(), self.bits, self.numel).view(self.shape)
+        return self._flat_codes().view(self.shape)
+
+    def _flat_codes(self) -> torch.Tensor:
+        """Unpacked uint8 codes, 1-D, read from whichever layout ``packed`` holds
+        (no repacking: the torch decode runs at every training step)."""
+        p = self.packed
+        layout = _layout_of(p, self.bits)
+        if layout == "bytes":
+            return p.reshape(-1)
+        if layout == "nibbles":
+            return unpack_codes(p.reshape(-1), 4, self.numel)
+        return unpack_codes(p, self.bits, self.numel)
 
     def trainable(self) -> bool:
         """Whether the codebook, scales or offsets take gradients (fine-tuning)."""
@@ -223,7 +234,7 @@ class ClusteredWeight(nn.Module):
 
     def _decode_torch(self, cb: torch.Tensor) -> torch.Tensor:
         n_cb, k = cb.shape
-        codes = unpack_codes(self.packed_rows(), self.bits, self.numel).view(n_cb, -1)
+        codes = self._flat_codes().view(n_cb, -1)
         # Flat index into the (n_cb * k) codebook: int32 keeps the temporary small.
         idx = codes.to(torch.int32)
         if n_cb > 1:
