@@ -97,6 +97,16 @@ def test_scales_stay_fixed_when_asked_and_the_teacher_can_be_recomputed(clustere
         b, teacher, batches, epochs=1, lr=1e-2, scales=False, dense_lr=0, cache_bytes=0
     )
     assert ra["kl"] == pytest.approx(rb["kl"], rel=1e-5)
+    # room for some of them: those are kept, the rest recomputed, the same training
+    from wclust.stages.train import _nbytes, _Targets
+
+    one = _nbytes(_Targets(teacher, batches[:1], 1, 0.0, 0).target(0))
+    assert len(_Targets(teacher, batches, 3, 0.0, 1.5 * one).cache) == 1
+    c = copy.deepcopy(clustered)
+    rc = wclust.distill_(
+        c, teacher, batches, epochs=1, lr=1e-2, scales=False, dense_lr=0, cache_bytes=1.5 * one
+    )
+    assert ra["kl"] == pytest.approx(rc["kl"], rel=1e-5)
 
 
 def test_any_module_with_tensor_outputs():

@@ -423,8 +423,8 @@ def distill_(
             with the lowest one (early stopping; never worse on them than before).
         seed: seed of the batch order.
         cache_bytes: keep the teacher's log-probabilities (and hidden states) in
-            memory when they take at most this many bytes (else the teacher runs again
-            at every step).
+            memory for as many items as fit in this many bytes; for the others the
+            teacher runs again at every step.
         hidden: weight of a second loss term that also matches every hidden state
             (each layer's output, as ``output_hidden_states=True`` returns them): the
             sum over states of the mean squared difference to the teacher's, relative
@@ -614,15 +614,20 @@ class _Targets:
 
     The teacher's log-probabilities (and, where ``hidden``, its hidden states in
     bfloat16: half the memory, rounding far below the errors being matched) are kept
-    in memory when they take at most ``cache_bytes``, else computed at every step.
+    in memory for as many items as fit in ``cache_bytes``; the rest are computed again
+    at every step.
     """
 
     def __init__(self, teacher, items: list, n_train: int, hidden: float, cache_bytes: float):
         self.teacher, self.items, self.n_train, self.hidden = teacher, items, n_train, hidden
-        self.cache = None
-        first = self.target(0)
-        if _nbytes(first) * len(items) <= cache_bytes:
-            self.cache = [first] + [self.target(i) for i in range(1, len(items))]
+        self.cache: list = []  # the first items' targets, while they fit
+        used = 0
+        for i in range(len(items)):
+            t = self.target(i)
+            used += _nbytes(t)
+            if used > cache_bytes:
+                break
+            self.cache.append(t)
 
     def matched(self, i: int) -> bool:
         """Whether item ``i`` also matches hidden states (training items only: the
@@ -647,7 +652,7 @@ class _Targets:
 
     def losses(self, model, i: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(output KL, summed relative hidden-state error or None) of item ``i``."""
-        tgt, tgt_states = self.cache[i] if self.cache is not None else self.target(i)
+        tgt, tgt_states = self.cache[i] if i < len(self.cache) else self.target(i)
         out = _forward(model, self.inputs(i))
         kl = F.kl_div(
             F.log_softmax(_logits(out).float(), -1), tgt, log_target=True, reduction="batchmean"
