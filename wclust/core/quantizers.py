@@ -126,8 +126,9 @@ def _finish(x, rows, codes, codebook, scale, offset, group_size, bits, weight=No
 
 
 def _nearest(values: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """Index of the nearest entry of an ascending ``table`` for every value."""
-    mids = 0.5 * (table[1:] + table[:-1])
+    """Index of the nearest entry of an ascending ``table`` for every value (a
+    (rows, k) table: of its own row of the table for each row of ``values``)."""
+    mids = 0.5 * (table[..., 1:] + table[..., :-1])
     return torch.searchsorted(mids.contiguous(), values.contiguous())
 
 

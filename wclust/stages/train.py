@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.packing import pack_codes
+from ..core.quantizers import _nearest
 from ..nn.modules import ClusteredWeight, clustered_parts
 from ..nn.owners import clustered_weights
 
@@ -235,10 +236,7 @@ def nearest_codes(x: torch.Tensor, cb: torch.Tensor, skip_zero: bool = False) ->
     if skip_zero:
         vals[:, 0] = float("inf")
     order = vals.argsort(1)
-    srt = vals.gather(1, order)
-    mids = 0.5 * (srt[:, 1:] + srt[:, :-1])  # (n_cb, k - 1) decision boundaries
-    pos = torch.searchsorted(mids.contiguous(), x.float().contiguous())
-    return order.gather(1, pos)
+    return order.gather(1, _nearest(x.float(), vals.gather(1, order)))
 
 
 def finetune(
@@ -480,8 +478,8 @@ def distill_(
             float(targets.losses(model, len(batches) + j)[0]) for j in range(len(val))
         ) / len(val)
 
-    def state() -> list[torch.Tensor]:  # what training changes: parameters and codes
-        return [p.detach().clone() for p in trained] + [cw.packed.clone() for cw in cws]
+    def state() -> tuple[list[torch.Tensor], list[torch.Tensor]]:  # parameters, codes
+        return [p.detach().clone() for p in trained], [cw.packed.clone() for cw in cws]
 
     n_steps, changed = 0, 0
 
@@ -527,9 +525,10 @@ def distill_(
                 log(epoch, kls[-1], held, secs)
         if val and best[1] < epochs:  # an earlier state was better on the held-out data
             with torch.no_grad():
-                for p, saved in zip(trained, best[2][: len(trained)], strict=True):
+                params, codes = best[2]
+                for p, saved in zip(trained, params, strict=True):
                     p.copy_(saved)
-                for cw, packed in zip(cws, best[2][len(trained) :], strict=True):
+                for cw, packed in zip(cws, codes, strict=True):
                     cw.packed = packed
     finally:
         if moves:
