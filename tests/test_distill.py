@@ -365,6 +365,13 @@ def test_calibration_counts_its_own_items_when_the_recipe_distils(
     )
     report = wclust.compress_(copy.deepcopy(teacher), recipe, whisper_batches(5))
     assert counts == [seen] and report.distill["items"] == 5
+    # without distillation: the recipe's own count too, else 16
+    counts.clear()
+    plain = wclust.Recipe(
+        quantizer=KMeans(bits=2), exclude=(), calibration=Calibration(items=items)
+    )
+    wclust.compress_(copy.deepcopy(teacher), plain, whisper_batches(18))
+    assert counts == [items or 16]
 
 
 def test_reassignment_arguments_are_checked(clustered_pair):

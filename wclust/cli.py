@@ -381,7 +381,7 @@ def _task_data(loaded, data_dir: str | None, recipe):
         )
     n = None
     if recipe.distill is None:
-        n = (recipe.calibration.items if recipe.calibration else None) or 16
+        n = recipe.calibration_items
     elif recipe.distill.items is not None:
         n = recipe.distill.items
     with console.status(f"reading {data_dir or 'built-in calibration data'} ..."):

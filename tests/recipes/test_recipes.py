@@ -105,6 +105,9 @@ def test_spec_maps_field_for_field():
     assert parse_spec(r.spec()) == r and Recipe.from_dict(r.to_dict()) == r
     with pytest.raises(ConfigError, match="reassign must be a non-negative integer"):
         get_recipe("scaled+distill:reassign=0.5")
+    # what the command line and compare load to calibrate on when not distilling
+    assert get_recipe("scaled+fisher:items=32").calibration_items == 32
+    assert get_recipe("scaled+fisher").calibration_items == 16
 
 
 def test_budget_takes_vector_candidates_and_allocates_with_them():

@@ -165,7 +165,7 @@ class _Run:
         if not batches:
             raise ValueError("the calibration data holds no items")
         if r.distill is None:
-            batches = batches[: r.calibration.items or 16] if r.calibration else batches
+            batches = batches[: r.calibration_items] if r.calibration else batches
         elif r.distill.items is not None:
             batches = batches[: r.distill.items]
         self.batches = batches

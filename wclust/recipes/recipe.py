@@ -259,6 +259,12 @@ class Recipe:
             )
         self.cluster_config()  # validates selection and overrides
 
+    @property
+    def calibration_items(self) -> int:
+        """Data items calibration (Fisher weights, GPTQ Hessians) runs on when the
+        recipe does not distil: its own count, else 16."""
+        return (self.calibration.items if self.calibration else None) or 16
+
     # -- the per-layer form compress_ works on -------------------------------------
     def _layer_overrides(self) -> dict:
         out = {}
