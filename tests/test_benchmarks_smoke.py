@@ -80,6 +80,7 @@ HELP_ONLY = {
     "crossfit_whisper.py": "needs whisper-base and real speech with transcripts",
     "deep_compression.py": "needs the Fashion-MNIST files and minutes of training",
     "distill_whisper.py": "needs whisper-base, speech and espeak",
+    "distill_file.py": "needs a .wclust file of whisper-base and trains for hours",
     "embedding_rows.py": "needs whisper-base and decodes speech",
     "hf_wer.py": "needs whisper-base and decodes speech through two paths",
     "kernels.py": "compiles the numba kernels: ~1 min even at one small shape",

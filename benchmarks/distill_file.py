@@ -1,0 +1,68 @@
+"""Distil an existing compressed whisper-base file, then score it on the built-in
+test-other clips.
+
+The same steps as a ``+distill`` recipe, split in two so that one allocation (a
+``.wclust`` file) can be distilled with other settings without compressing again:
+the fp32 model is the teacher, the items are the built-in train-clean clips (labels
+are the fp32 model's transcripts), ``--holdout`` of them held out for early stopping.
+
+    python benchmarks/distill_file.py budget-3.25.wclust out.wclust --epochs 3 --hidden 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("artifact", help="compressed whisper-base .wclust file")
+    ap.add_argument("out", help="where the distilled .wclust goes")
+    ap.add_argument("--items", type=int, default=None, help="clips to use (default: all 251)")
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--lr", type=float, default=5e-5)
+    ap.add_argument("--hidden", type=float, default=1.0)
+    ap.add_argument("--holdout", type=float, default=0.2)
+    ap.add_argument("--reassign-every", type=int, default=0)
+    ap.add_argument("--reassign-lr", type=float, default=1e-4)
+    a = ap.parse_args()
+
+    import torch
+
+    import wclust
+    from wclust.models import architecture_for, load_model, load_processor
+    from wclust.stages.train import distill_, split_holdout
+    from wclust.tasks import TaskData, get_task
+
+    torch.set_num_threads(2)
+    t0 = time.time()
+    loaded = load_model("whisper-base")
+    teacher = loaded.model
+    batches = TaskData.load(loaded, None, a.items).batches(teacher)
+    student = wclust.load(a.artifact, model_factory=architecture_for("whisper-base"))
+    keep, held = split_holdout(list(range(len(batches))), a.holdout)
+    res = distill_(
+        student,
+        teacher,
+        [batches[i] for i in keep],
+        val_batches=[batches[i] for i in held],
+        epochs=a.epochs,
+        lr=a.lr,
+        hidden=a.hidden,
+        reassign_every=a.reassign_every,
+        reassign_lr=a.reassign_lr,
+        log=lambda e, kl, v, s: print(f"epoch {e + 1}: KL {kl:.4f}, held-out {v} ({s:.0f} s)"),
+    )
+    print(json.dumps(res), flush=True)
+    wclust.save(student, a.out)
+    del teacher
+    task = get_task("asr")
+    with torch.inference_mode():
+        r = task.evaluate(student, load_processor("whisper-base"), task.load_data(None, None, 1))
+    print("RESULT", json.dumps(r["quality"]), f"total {time.time() - t0:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
