@@ -254,6 +254,31 @@ def test_many_rows_span_several_decoded_blocks(code_bits, isa):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.parametrize("group", [None, 32, 64, 128, 96, 384])
+@pytest.mark.parametrize("k", [4, 16])
+def test_nibble_decode_matches_indexing_for_every_group_shape(group, k, isa):
+    """4-bit decode of rows of 384 inputs: no scales (one group per row), scale groups
+    of 1, 2, 4 and 3 x 32 inputs and a whole row, a full and a 4-entry codebook (one
+    per row), offsets on every other case."""
+    if isa == "torch":
+        pytest.skip("the torch fallback is checked by the layer tests")
+    g = torch.Generator().manual_seed(k + (group or 0))
+    out_f, in_f = 6, 384
+    codes = torch.randint(0, k, (out_f, in_f), generator=g)
+    packed = (codes[:, 0::2] | (codes[:, 1::2] << 4)).to(torch.uint8)
+    cb = torch.randn(out_f, k, generator=g)
+    want = cb.gather(1, codes)
+    scale = offset = None
+    if group is not None:
+        scale = torch.rand(out_f, in_f // group, generator=g) + 0.5
+        want = (want.view(out_f, -1, group) * scale[..., None]).view(out_f, in_f)
+        if group % 64:
+            offset = torch.randn(out_f, in_f // group, generator=g)
+            want = (want.view(out_f, -1, group) + offset[..., None]).view(out_f, in_f)
+    got = torch.ops.wclust.lut_decode(packed, 4, cb, scale, offset, None, None)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("bits", [1, 2, 3, 5, 6, 7])
 def test_kernel_layout_matches_unpacking_with_torch_ops(bits, monkeypatch):
     from wclust.core.packing import pack_codes

@@ -34,6 +34,10 @@
 #include <string>
 #include <vector>
 
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
+
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 #define WCLUST_X86 1
@@ -281,8 +285,46 @@ __attribute__((target("avx512f"))) void rows4_avx512(const Weight& w, const floa
   }
 }
 
+// Groups of C x 32 inputs (C = 0: any multiple of 32; without scales a group is a
+// row): the row's codebook is loaded once and scaled per group in a register; a
+// compile-time C unrolls the group.
+template <int C>
+__attribute__((target("avx512f"))) void decode4s_avx512(const Weight& w, float* out,
+                                                        int64_t o0, int64_t o1) {
+  const int64_t chunks = C ? C : w.group / 32;
+  for (int64_t o = o0; o < o1; ++o) {
+    const float* c = w.cb + o * w.cb_stride;
+    const __m512 base = w.K >= 16
+                            ? _mm512_loadu_ps(c)
+                            : _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << w.K) - 1), c);
+    const float* s = w.scale ? w.scale + o * w.n_groups : nullptr;
+    const float* f = w.offset ? w.offset + o * w.n_groups : nullptr;
+    const uint8_t* r = w.codes + o * w.row_bytes;
+    float* d = out + (o - o0) * w.in_f;
+    for (int64_t g = 0; g < w.n_groups; ++g) {
+      const __m512 tv = s ? _mm512_fmadd_ps(base, _mm512_set1_ps(s[g]),
+                                            f ? _mm512_set1_ps(f[g]) : _mm512_setzero_ps())
+                          : base;
+      for (int64_t k = 0; k < chunks; ++k, r += 16, d += 32) {
+        __m512 w0, w1;
+        lookup32_512(r, tv, w0, w1);
+        _mm512_storeu_ps(d, w0);
+        _mm512_storeu_ps(d + 16, w1);
+      }
+    }
+  }
+}
+
 __attribute__((target("avx512f"))) void decode4_avx512(const Weight& w, float* out,
                                                        int64_t o0, int64_t o1) {
+  if (w.group % 32 == 0) {
+    switch (w.group / 32) {
+      case 1: return decode4s_avx512<1>(w, out, o0, o1);
+      case 2: return decode4s_avx512<2>(w, out, o0, o1);
+      case 4: return decode4s_avx512<4>(w, out, o0, o1);
+      default: return decode4s_avx512<0>(w, out, o0, o1);
+    }
+  }
   alignas(64) float t[16];
   for (int64_t o = o0; o < o1; ++o) {
     const uint8_t* r = w.codes + o * w.row_bytes;
@@ -1133,6 +1175,23 @@ at::Tensor vq_linear(const at::Tensor& x_in, const at::Tensor& codes, const at::
   return y;
 }
 
+// A float32 (rows, cols) tensor for a whole decoded weight. From 4 MB up it is
+// 2 MB-aligned and asks the kernel for transparent huge pages, as numpy does for
+// its arrays: writing a fresh 100 MB output otherwise costs one page fault per 4 KB,
+// more than the decode itself.
+at::Tensor dense_output(int64_t rows, int64_t cols, const at::TensorOptions& opts) {
+#ifdef __linux__
+  const size_t bytes = static_cast<size_t>(rows * cols) * sizeof(float);
+  constexpr size_t kHuge = size_t{2} << 20;
+  void* p = nullptr;
+  if (bytes >= (size_t{4} << 20) && posix_memalign(&p, kHuge, bytes) == 0) {
+    madvise(p, bytes, MADV_HUGEPAGE);  // a hint: ignored where huge pages are off
+    return at::from_blob(p, {rows, cols}, [](void* q) { std::free(q); }, opts);
+  }
+#endif
+  return at::empty({rows, cols}, opts);
+}
+
 at::Tensor lut_decode(const at::Tensor& codes, int64_t code_bits, const at::Tensor& codebook,
                       const c10::optional<at::Tensor>& scale,
                       const c10::optional<at::Tensor>& offset,
@@ -1141,7 +1200,7 @@ at::Tensor lut_decode(const at::Tensor& codes, int64_t code_bits, const at::Tens
   Weight w = make_weight(codes, code_bits, codebook, scale, offset);
   Outliers ol = make_outliers(outlier_idx, outlier_val, w.out_f * w.in_f);
   const int isa = active_isa().load(std::memory_order_relaxed);
-  at::Tensor out = at::empty({w.out_f, w.in_f}, codebook.options());
+  at::Tensor out = dense_output(w.out_f, w.in_f, codebook.options());
   decode_block(w, ol, out.data_ptr<float>(), 0, w.out_f, isa);
   return out;
 }
