@@ -82,6 +82,7 @@ HELP_ONLY = {
     "distill_whisper.py": "needs whisper-base, speech and espeak",
     "distill_file.py": "needs a .wclust file of whisper-base and trains for hours",
     "embedding_rows.py": "needs whisper-base and decodes speech",
+    "gptq_file.py": "needs a .wclust file of whisper-base and decodes speech",
     "hf_wer.py": "needs whisper-base and decodes speech through two paths",
     "kernels.py": "compiles the numba kernels: ~1 min even at one small shape",
     "layer_sensitivity.py": "needs a pretrained model and its task's data",

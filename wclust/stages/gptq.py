@@ -36,7 +36,9 @@ def collect_hessians(model: nn.Module, batches: Iterable) -> dict[str, torch.Ten
         linear = [m for _, m in owners if layer_type(m) in ("Linear", "Conv1D")]
         if linear:  # one Linear owner per weight is enough
             mods[owners[0][0]] = linear[0]
-    sums = input_sums(model, batches, mods, lambda x: x.double().T @ x.double())
+    # each batch's product in float32 (a fast GEMM; one clip's rows lose nothing that
+    # GPTQ's damping would keep), summed over batches in float64
+    sums = input_sums(model, batches, mods, lambda x: (x.float().T @ x.float()).double())
     return {name: (total / max(rows, 1)).float() for name, (total, rows) in sums.items()}
 
 

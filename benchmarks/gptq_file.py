@@ -1,0 +1,77 @@
+"""Re-choose the codes of an existing compressed whisper-base file by GPTQ error
+feedback, with input Hessians from the built-in train-clean clips, then score it on
+the built-in test-other clips.
+
+The same steps as a ``+gptq`` recipe, split in two so that one allocation (a
+``.wclust`` file) can take Hessians from more clips than its Fisher weights came from
+(a recipe's ``+gptq`` uses the calibration items, 16 by default):
+
+    python benchmarks/gptq_file.py budget-3.25.wclust out.wclust --items 251 --damp 0.01
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import os
+import time
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("artifact", help="compressed whisper-base .wclust file")
+    ap.add_argument("out", help="where the re-coded .wclust goes")
+    ap.add_argument("--items", type=int, default=None, help="clips to use (default: all 251)")
+    ap.add_argument("--damp", type=float, default=0.01)
+    ap.add_argument(
+        "--hessians",
+        help="a .safetensors file: the Hessians are read from it if it exists, else "
+        "computed and written to it (one collection for several damping settings)",
+    )
+    ap.add_argument(
+        "--exclude", default="", help="comma-separated layer globs to leave as they are"
+    )
+    a = ap.parse_args()
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    import wclust
+    from wclust.models import architecture_for, load_model, load_processor
+    from wclust.nn.owners import weight_owners
+    from wclust.stages.gptq import collect_hessians, gptq_refine_
+    from wclust.tasks import TaskData, get_task
+
+    torch.set_num_threads(2)
+    t0 = time.time()
+    loaded = load_model("whisper-base")
+    teacher = loaded.model
+    if a.hessians and os.path.exists(a.hessians):
+        hessians = load_file(a.hessians)
+        print(f"hessians of {len(hessians)} layers read from {a.hessians}")
+    else:
+        batches = TaskData.load(loaded, None, a.items).batches(teacher)
+        with torch.no_grad():
+            hessians = collect_hessians(teacher, batches)
+        print(f"hessians from {len(batches)} clips ({time.time() - t0:.0f} s)")
+        if a.hessians:
+            save_file(hessians, a.hessians)
+    skip = [g for g in a.exclude.split(",") if g]
+    hessians = {n: h for n, h in hessians.items() if not any(fnmatch.fnmatch(n, g) for g in skip)}
+    originals = {owners[0][0]: w.detach() for w, owners in weight_owners(teacher)}
+    student = wclust.load(a.artifact, model_factory=architecture_for("whisper-base"))
+    changed = gptq_refine_(student, hessians, originals, damp=a.damp)
+    for name, (before, after) in changed.items():
+        print(f"{name}: weight MSE {before:.3g} -> {after:.3g}")
+    print(f"{len(changed)} layers re-coded ({time.time() - t0:.0f} s)", flush=True)
+    wclust.save(student, a.out)
+    del teacher
+    task = get_task("asr")
+    with torch.inference_mode():
+        r = task.evaluate(student, load_processor("whisper-base"), task.load_data(None, None, 1))
+    print("RESULT", json.dumps(r["quality"]), f"total {time.time() - t0:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
