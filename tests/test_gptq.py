@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
 import wclust
+from tests.conftest import tiny_whisper
 from wclust.stages.gptq import collect_hessians, gptq_codes, gptq_refine_
 
 
@@ -84,3 +86,59 @@ def test_gptq_on_gpt2_conv1d_and_tied_head():
     assert out_err() < before
     with torch.no_grad():
         assert torch.isfinite(model(**batches[0]).logits).all()
+
+
+def _whisper_batches(n):
+    g = torch.Generator().manual_seed(0)
+    return [
+        dict(
+            input_features=torch.randn(1, 16, 100, generator=g),
+            labels=torch.randint(3, 300, (1, 12), generator=g),
+        )
+        for _ in range(n)
+    ]
+
+
+def test_gptq_takes_its_own_count_of_items_beside_the_fisher_weights(monkeypatch):
+    """``gptq:items=N``: the Hessians come from the first N items while the Fisher
+    weights keep their own count (16 by default); without it both take the same."""
+    import wclust.stages.calibrate as cal
+    import wclust.stages.gptq as gq
+    from wclust.recipes import get_recipe
+
+    seen = {}
+    real_cal, real_hess = cal.calibrate, gq.collect_hessians
+
+    def spy_cal(model, batches, **kw):
+        seen["fisher"] = len(batches)
+        return real_cal(model, batches, **kw)
+
+    def spy_hess(model, batches):
+        seen["hessians"] = len(batches)
+        return real_hess(model, batches)
+
+    monkeypatch.setattr(cal, "calibrate", spy_cal)
+    monkeypatch.setattr(gq, "collect_hessians", spy_hess)
+    spec = "scaled:bits=3,group_size=32+exclude:none+fisher:items=3+gptq:items=7"
+    recipe = get_recipe(spec)
+    assert recipe.data_items == 7
+    report = wclust.compress_(tiny_whisper(), recipe, _whisper_batches(9))
+    assert seen == {"fisher": 3, "hessians": 7}
+    assert any(e.method.endswith("+gptq") for e in report.layers)
+    seen.clear()
+    wclust.compress_(
+        tiny_whisper(), get_recipe("scaled:bits=3,group_size=32+fisher+gptq"), _whisper_batches(20)
+    )
+    assert seen == {"fisher": 16, "hessians": 16}
+    seen.clear()
+    spec = "scaled:bits=3,group_size=32+exclude:none+fisher:items=6+gptq:items=2"
+    wclust.compress_(tiny_whisper(), get_recipe(spec), _whisper_batches(9))
+    assert seen == {"fisher": 6, "hessians": 2}
+    # how many items each recipe reads (the command line and compare load that many)
+    assert get_recipe("scaled+fisher:items=32+gptq:items=8").data_items == 32
+    assert get_recipe("nf4+gptq").data_items == 16
+    assert get_recipe("scaled+fisher+distill").data_items is None
+    assert get_recipe("scaled+gptq:items=300+distill:items=100").data_items == 300
+    assert get_recipe("scaled+gptq:items=50+distill:items=100").data_items == 100
+    with pytest.raises(wclust.ConfigError, match="gptq items"):
+        get_recipe("scaled+gptq:items=0")

@@ -379,11 +379,7 @@ def _task_data(loaded, data_dir: str | None, recipe):
         _fail(
             f"no task is known for {loaded.name}, so it cannot be {verb}; use a recipe without data"
         )
-    n = None
-    if recipe.distill is None:
-        n = recipe.calibration_items
-    elif recipe.distill.items is not None:
-        n = recipe.distill.items
+    n = recipe.data_items
     with console.status(f"reading {data_dir or 'built-in calibration data'} ..."):
         return _run(TaskData.load, loaded, data_dir, n)
 

@@ -127,7 +127,7 @@ def prepare(spec: dict) -> dict:
         if recipe.distill is not None:
             limit = calib_items  # a distilling recipe trains on all of the data by default
         else:
-            limit = calib_items or recipe.calibration_items
+            limit = calib_items or recipe.data_items
         data = TaskData.load(loaded, calib_data, limit)
     t0 = time.perf_counter()
     report = wclust.compress_(loaded.model, recipe or ClusterConfig(include=()), data)

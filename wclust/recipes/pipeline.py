@@ -164,10 +164,8 @@ class _Run:
             batches = list(self.data) if isinstance(self.data, Iterable) else None
         if not batches:
             raise ValueError("the calibration data holds no items")
-        if r.distill is None:
-            batches = batches[: r.calibration_items] if r.calibration else batches
-        elif r.distill.items is not None:
-            batches = batches[: r.distill.items]
+        if r.data_items is not None:
+            batches = batches[: r.data_items]
         self.batches = batches
         self._stage("data", t0, f"{len(batches)} items")
 
@@ -182,8 +180,12 @@ class _Run:
         from ..stages.calibrate import calibrate
 
         t0 = time.perf_counter()
-        c = self.recipe.calibration
-        batches = self.batches[: c.items] if c.items else self.batches
+        r = self.recipe
+        c = r.calibration
+        # its own count, else 16, else (distilling) all of the data
+        batches = (
+            self.batches if c.items is None and r.distill else self.batches[: r.calibration_items]
+        )
         sw = calibrate(self.model, batches, kind=c.kind)
         self._stage("calibrate", t0, f"{c.kind}, {len(batches)} items")
         return sw
@@ -193,13 +195,16 @@ class _Run:
         from ..stages.gptq import collect_hessians
 
         t0 = time.perf_counter()
-        hessians = collect_hessians(self.model, self.batches)
+        r = self.recipe
+        n = r.gptq.items or (None if r.distill else r.calibration_items)
+        batches = self.batches[:n] if n else self.batches
+        hessians = collect_hessians(self.model, batches)
         originals = {owners[0][0]: w.detach() for w, owners in weight_owners(self.model)}
         skip = self.recipe.gptq.exclude
         hessians = {
-            n: h for n, h in hessians.items() if not any(fnmatch.fnmatch(n, g) for g in skip)
+            k: h for k, h in hessians.items() if not any(fnmatch.fnmatch(k, g) for g in skip)
         }
-        self._stage("hessians", t0, f"{len(hessians)} layers")
+        self._stage("hessians", t0, f"{len(hessians)} layers, {len(batches)} items")
         return hessians, originals
 
     def _allocate(self, sw) -> tuple[ClusterConfig, dict | None]:

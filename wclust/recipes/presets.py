@@ -94,6 +94,12 @@ _preset(
     "real data of the model's domain",
 )
 _preset(
+    "budget-3.25-gptq",
+    _BUDGET.replace("fisher", "fisher:items=16").format(b="3.25") + "+gptq:items=256",
+    "budget-3.25 (Fisher on the first 16 items), then GPTQ codes from the input Hessians "
+    "of up to 256 items of real data of the model's domain",
+)
+_preset(
     "budget-3.25-distill",
     _BUDGET.replace("fisher", "fisher:items=16").format(b="3.25")
     + "+distill:epochs=3,lr=5e-05,holdout=0.2,hidden=1",

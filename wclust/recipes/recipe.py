@@ -129,14 +129,21 @@ class GPTQ:
     Args:
         damp: added to the Hessian's diagonal, times its mean.
         exclude: module-name globs whose codes stay nearest.
+        items: data items the input Hessians come from; None: the calibration items
+            (or all of the distillation data when the recipe distils). Hessians need
+            many more input rows than Fisher weights need items: a decoder layer's
+            inputs are a few dozen tokens per clip.
     """
 
     damp: float = 0.01
     exclude: tuple[str, ...] = ()
+    items: int | None = None
 
     def __post_init__(self):
         if not isinstance(self.damp, (int, float)) or not self.damp > 0:
             raise ConfigError(f"gptq damp must be positive, got {self.damp!r}")
+        if self.items is not None and (type(self.items) is not int or self.items < 1):
+            raise ConfigError(f"gptq items must be a positive integer, got {self.items!r}")
         object.__setattr__(self, "exclude", _globs(self.exclude))
 
 
@@ -261,9 +268,23 @@ class Recipe:
 
     @property
     def calibration_items(self) -> int:
-        """Data items calibration (Fisher weights, GPTQ Hessians) runs on when the
-        recipe does not distil: its own count, else 16."""
+        """Data items calibration (Fisher weights, and GPTQ Hessians without their own
+        count) runs on when the recipe does not distil: its own count, else 16."""
         return (self.calibration.items if self.calibration else None) or 16
+
+    @property
+    def data_items(self) -> int | None:
+        """How many data items (the first ones) the recipe reads; None: all of them
+        (a distilling recipe without a count)."""
+        gptq = self.gptq.items if self.gptq else None
+        if self.distill is not None:
+            if self.distill.items is None or (gptq is not None and gptq <= self.distill.items):
+                return self.distill.items
+            return gptq
+        n = self.calibration_items if self.calibration else 0
+        if self.gptq is not None:
+            n = max(n, gptq or self.calibration_items)
+        return n or self.calibration_items
 
     # -- the per-layer form compress_ works on -------------------------------------
     def _layer_overrides(self) -> dict:
@@ -398,7 +419,7 @@ def layer_selection(preset: str) -> dict:
 # ``QUANTIZER[:k=v,...][+STAGE[:k=v,...]]...``; stages: ``layers:attention|mlp|all``,
 # ``include:GLOB|GLOB``, ``exclude:GLOB|GLOB`` (or ``none``), ``prune:FRACTION``,
 # ``fisher[:items=N]``, ``activation[:items=N]``, ``budget:BITS[,candidates=3x128|4x64,
-# rows=auto|none]``, ``gptq[:damp=D,exclude=GLOB|GLOB]``, ``distill[:epochs=E,lr=L,
+# rows=auto|none]``, ``gptq[:damp=D,exclude=GLOB|GLOB,items=N]``, ``distill[:epochs=E,lr=L,
 # holdout=H,hidden=W,speeds=0.9|1.1,items=N,reassign=STEPS,reassign_lr=L]``, ``seed:N``. A stage's main field (the
 # first listed) may be written without its key.
 
