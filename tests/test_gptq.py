@@ -93,6 +93,7 @@ def _whisper_batches(n):
     return [
         dict(
             input_features=torch.randn(1, 16, 100, generator=g),
+            decoder_input_ids=torch.randint(3, 300, (1, 12), generator=g),
             labels=torch.randint(3, 300, (1, 12), generator=g),
         )
         for _ in range(n)
@@ -134,6 +135,12 @@ def test_gptq_takes_its_own_count_of_items_beside_the_fisher_weights(monkeypatch
     spec = "scaled:bits=3,group_size=32+exclude:none+fisher:items=6+gptq:items=2"
     wclust.compress_(tiny_whisper(), get_recipe(spec), _whisper_batches(9))
     assert seen == {"fisher": 6, "hessians": 2}
+    # distilling: GPTQ's own count beside the distillation's
+    seen.clear()
+    spec = "scaled:bits=3,group_size=32+exclude:none+fisher+gptq:items=7+distill:epochs=1,items=4"
+    report = wclust.compress_(tiny_whisper(), get_recipe(spec), _whisper_batches(9))
+    assert seen == {"fisher": 4, "hessians": 7}
+    assert report.distill["items"] + report.distill["held_out"] == 4
     # how many items each recipe reads (the command line and compare load that many)
     assert get_recipe("scaled+fisher:items=32+gptq:items=8").data_items == 32
     assert get_recipe("nf4+gptq").data_items == 16

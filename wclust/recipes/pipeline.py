@@ -183,12 +183,19 @@ class _Run:
         r = self.recipe
         c = r.calibration
         # its own count, else 16, else (distilling) all of the data
-        batches = (
-            self.batches if c.items is None and r.distill else self.batches[: r.calibration_items]
-        )
+        if c.items is None and r.distill:
+            batches = self._distill_items()
+        else:
+            batches = self.batches[: r.calibration_items]
         sw = calibrate(self.model, batches, kind=c.kind)
         self._stage("calibrate", t0, f"{c.kind}, {len(batches)} items")
         return sw
+
+    def _distill_items(self) -> list:
+        """The items distillation trains on (and, without their own counts, the Fisher
+        weights and GPTQ Hessians come from): the first ``distill.items``, else all."""
+        n = self.recipe.distill.items
+        return self.batches if n is None else self.batches[:n]
 
     def _hessians(self):
         from ..nn.owners import weight_owners
@@ -196,8 +203,12 @@ class _Run:
 
         t0 = time.perf_counter()
         r = self.recipe
-        n = r.gptq.items or (None if r.distill else r.calibration_items)
-        batches = self.batches[:n] if n else self.batches
+        if r.gptq.items is not None:
+            batches = self.batches[: r.gptq.items]
+        elif r.distill is not None:
+            batches = self._distill_items()
+        else:
+            batches = self.batches[: r.calibration_items]
         hessians = collect_hessians(self.model, batches)
         originals = {owners[0][0]: w.detach() for w, owners in weight_owners(self.model)}
         skip = self.recipe.gptq.exclude
@@ -256,9 +267,10 @@ class _Run:
 
         d = self.recipe.distill
         t0 = time.perf_counter()
-        keep, held = split_holdout(list(range(len(self.batches))), d.holdout)
-        train = [self.batches[i] for i in keep]
-        val = [self.batches[i] for i in held]
+        items = self._distill_items()
+        keep, held = split_holdout(list(range(len(items))), d.holdout)
+        train = [items[i] for i in keep]
+        val = [items[i] for i in held]
         if d.speeds:
             if not hasattr(self.data, "augment"):
                 raise ValueError(

@@ -102,9 +102,10 @@ _preset(
 _preset(
     "budget-3.25-distill",
     _BUDGET.replace("fisher", "fisher:items=16").format(b="3.25")
-    + "+distill:epochs=3,lr=5e-05,holdout=0.2,hidden=1",
-    "budget-3.25 (Fisher on the first 16 items), then distilled on all of them (3 epochs, "
-    "best of 20% held out, every layer's output matched) on real data of the model's domain",
+    + "+gptq:items=256+distill:epochs=3,lr=5e-05,holdout=0.2,hidden=1,items=100",
+    "budget-3.25-gptq, then codebooks and scales distilled on the first 100 items (3 "
+    "epochs, best of 20% held out, every layer's output matched) of real data of the "
+    "model's domain",
 )
 _preset("nf4", "nf4", "baseline: NF4 (QLoRA's 16-value table), absmax scale per 64")
 _preset("int8-rtn", "rtn:bits=8", "baseline: int8 round-to-nearest per 128")
