@@ -14,6 +14,7 @@ dense weight, numba against ``wclust::lut_decode``. Warm: one copy of each weigh
 call of each (on a busy machine a median mostly measures the scheduler).
 
     python benchmarks/kernel_speed.py [--quick] [--threads 2] [--formats 8-bit,NF4] [--out FILE]
+    python benchmarks/kernel_speed.py --decode-only --rounds 3   # the decode, 100 calls a round
 """
 
 from __future__ import annotations
@@ -146,6 +147,40 @@ def int8_rows(shape, reps, n=1500, formats=FORMATS):
     return res
 
 
+def decode_rounds(shapes, formats, rounds: int, out: str | None) -> None:
+    """numba against ``wclust::lut_decode`` for each shape and format, ``rounds`` times
+    side by side (the small shapes take microseconds: one round is noisy)."""
+    lines = [
+        "| shape (out x in) | format | numba ms / compiled ms per round | speed-ups |",
+        "|---|---|---|---|",
+    ]
+    for out_f, in_f in shapes:
+        torch.manual_seed(0)
+        lin = torch.nn.Linear(in_f, out_f, bias=False)
+        for name, cfg in formats:
+            m = torch.nn.Sequential(torch.nn.Linear(in_f, out_f, bias=False))
+            m[0].weight.data.copy_(lin.weight)
+            wclust.compress_(m, wclust.ClusterConfig(**cfg))
+            cw = m[0].clustered
+            _, decode = numba_fns(cw)
+            args = cw._kernel_args()
+            with torch.inference_mode():
+                res = [
+                    (
+                        bench(decode, 100),
+                        bench(lambda: torch.ops.wclust.lut_decode(*args, None, None), 100),  # noqa: B023
+                    )
+                    for _ in range(rounds)
+                ]
+            times = ", ".join(f"{a:.3f}/{b:.3f}" for a, b in res)
+            ups = ", ".join(f"{a / b:.2f}x" for a, b in res)
+            lines.append(f"| {out_f}x{in_f} | {name} | {times} | {ups} |")
+            print(lines[-1], flush=True)
+    if out:
+        with open(out, "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer shapes and repetitions")
@@ -157,6 +192,12 @@ def main() -> None:
         "comma-separated strings (e.g. '8-bit,NF4')",
     )
     ap.add_argument("--out", help="also write the table to this file")
+    ap.add_argument(
+        "--decode-only",
+        action="store_true",
+        help="only the whole-weight decode, fastest of 100 calls in each of --rounds rounds",
+    )
+    ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     if not ops.available():
         raise SystemExit("the compiled kernels are not built: pip install -e .")
@@ -172,6 +213,8 @@ def main() -> None:
         formats = [f for f in FORMATS if any(k in f[0].lower() for k in keys)]
         if not formats:
             raise SystemExit(f"no format matches {args.formats!r}; see FORMATS")
+    if args.decode_only:
+        return decode_rounds(shapes, formats, args.rounds, args.out)
     lines = [
         f"threads: {args.threads}; compiled ISA: {ops.isa()}; numba AVX-512 kernel: "
         f"{'yes' if simd.available() else 'no'}; warm (one copy per weight)",
