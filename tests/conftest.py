@@ -42,6 +42,19 @@ def tiny_whisper(seed: int = 0, vocab_size: int = 300):
     return WhisperForConditionalGeneration(cfg).eval()
 
 
+def whisper_batches(n=6, seed=0):
+    """n random batches for ``tiny_whisper`` (features, decoder inputs, labels)."""
+    g = torch.Generator().manual_seed(seed)
+    return [
+        dict(
+            input_features=torch.randn(1, 16, 100, generator=g),
+            decoder_input_ids=torch.randint(3, 300, (1, 12), generator=g),
+            labels=torch.randint(3, 300, (1, 12), generator=g),
+        )
+        for _ in range(n)
+    ]
+
+
 def tiny_gpt2(seed: int = 0):
     from transformers import GPT2Config, GPT2LMHeadModel
 

@@ -8,21 +8,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import wclust
-from tests.conftest import tiny_whisper
+from tests.conftest import tiny_whisper, whisper_batches
 from wclust.nn.owners import clustered_weights
 from wclust.recipes import Calibration, Distill, KMeans
-
-
-def whisper_batches(n=6, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [
-        dict(
-            input_features=torch.randn(1, 16, 100, generator=g),
-            decoder_input_ids=torch.randint(3, 300, (1, 12), generator=g),
-            labels=torch.randint(3, 300, (1, 12), generator=g),  # ignored
-        )
-        for _ in range(n)
-    ]
 
 
 def kl_to(teacher, student, batches):

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import wclust
-from tests.conftest import tiny_whisper
+from tests.conftest import tiny_whisper, whisper_batches
 from wclust.stages.gptq import collect_hessians, gptq_codes, gptq_refine_
 
 
@@ -88,18 +88,6 @@ def test_gptq_on_gpt2_conv1d_and_tied_head():
         assert torch.isfinite(model(**batches[0]).logits).all()
 
 
-def _whisper_batches(n):
-    g = torch.Generator().manual_seed(0)
-    return [
-        dict(
-            input_features=torch.randn(1, 16, 100, generator=g),
-            decoder_input_ids=torch.randint(3, 300, (1, 12), generator=g),
-            labels=torch.randint(3, 300, (1, 12), generator=g),
-        )
-        for _ in range(n)
-    ]
-
-
 def test_gptq_takes_its_own_count_of_items_beside_the_fisher_weights(monkeypatch):
     """``gptq:items=N``: the Hessians come from the first N items while the Fisher
     weights keep their own count (16 by default); without it both take the same."""
@@ -123,22 +111,22 @@ def test_gptq_takes_its_own_count_of_items_beside_the_fisher_weights(monkeypatch
     spec = "scaled:bits=3,group_size=32+exclude:none+fisher:items=3+gptq:items=7"
     recipe = get_recipe(spec)
     assert recipe.data_items == 7
-    report = wclust.compress_(tiny_whisper(), recipe, _whisper_batches(9))
+    report = wclust.compress_(tiny_whisper(), recipe, whisper_batches(9))
     assert seen == {"fisher": 3, "hessians": 7}
     assert any(e.method.endswith("+gptq") for e in report.layers)
     seen.clear()
     wclust.compress_(
-        tiny_whisper(), get_recipe("scaled:bits=3,group_size=32+fisher+gptq"), _whisper_batches(20)
+        tiny_whisper(), get_recipe("scaled:bits=3,group_size=32+fisher+gptq"), whisper_batches(20)
     )
     assert seen == {"fisher": 16, "hessians": 16}
     seen.clear()
     spec = "scaled:bits=3,group_size=32+exclude:none+fisher:items=6+gptq:items=2"
-    wclust.compress_(tiny_whisper(), get_recipe(spec), _whisper_batches(9))
+    wclust.compress_(tiny_whisper(), get_recipe(spec), whisper_batches(9))
     assert seen == {"fisher": 6, "hessians": 2}
     # distilling: GPTQ's own count beside the distillation's
     seen.clear()
     spec = "scaled:bits=3,group_size=32+exclude:none+fisher+gptq:items=7+distill:epochs=1,items=4"
-    report = wclust.compress_(tiny_whisper(), get_recipe(spec), _whisper_batches(9))
+    report = wclust.compress_(tiny_whisper(), get_recipe(spec), whisper_batches(9))
     assert seen == {"fisher": 4, "hessians": 7}
     assert report.distill["items"] + report.distill["held_out"] == 4
     # how many items each recipe reads (the command line and compare load that many)

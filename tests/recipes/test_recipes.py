@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 import wclust
-from tests.conftest import tiny_whisper
+from tests.conftest import tiny_whisper, whisper_batches
 from wclust.config import ClusterConfig, ConfigError
 from wclust.recipes import (
     NF4,
@@ -29,19 +29,6 @@ from wclust.recipes import (
 from wclust.recipes.presets import split_methods
 from wclust.recipes.settings import quantizer_from
 from wclust.stages.calibrate import calibrate
-
-
-def whisper_batches(n=6, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [
-        dict(
-            input_features=torch.randn(1, 16, 100, generator=g),
-            decoder_input_ids=torch.randint(3, 300, (1, 12), generator=g),
-            labels=torch.randint(3, 300, (1, 12), generator=g),
-        )
-        for _ in range(n)
-    ]
-
 
 SETTINGS = (KMeans, ScaledCodebook, NF4, RTN)
 ALL_FIELDS = {f.name for cls in SETTINGS for f in dataclasses.fields(cls)}

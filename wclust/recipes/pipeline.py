@@ -180,13 +180,8 @@ class _Run:
         from ..stages.calibrate import calibrate
 
         t0 = time.perf_counter()
-        r = self.recipe
-        c = r.calibration
-        # its own count, else 16, else (distilling) all of the data
-        if c.items is None and r.distill:
-            batches = self._distill_items()
-        else:
-            batches = self.batches[: r.calibration_items]
+        c = self.recipe.calibration
+        batches = self._stage_items(c.items)
         sw = calibrate(self.model, batches, kind=c.kind)
         self._stage("calibrate", t0, f"{c.kind}, {len(batches)} items")
         return sw
@@ -197,18 +192,21 @@ class _Run:
         n = self.recipe.distill.items
         return self.batches if n is None else self.batches[:n]
 
+    def _stage_items(self, own: int | None) -> list:
+        """The items a calibration stage (Fisher weights, GPTQ Hessians) runs on: its
+        own count, else the distillation's items, else the calibration count (16)."""
+        if own is not None:
+            return self.batches[:own]
+        if self.recipe.distill is not None:
+            return self._distill_items()
+        return self.batches[: self.recipe.calibration_items]
+
     def _hessians(self):
         from ..nn.owners import weight_owners
         from ..stages.gptq import collect_hessians
 
         t0 = time.perf_counter()
-        r = self.recipe
-        if r.gptq.items is not None:
-            batches = self.batches[: r.gptq.items]
-        elif r.distill is not None:
-            batches = self._distill_items()
-        else:
-            batches = self.batches[: r.calibration_items]
+        batches = self._stage_items(self.recipe.gptq.items)
         hessians = collect_hessians(self.model, batches)
         originals = {owners[0][0]: w.detach() for w, owners in weight_owners(self.model)}
         skip = self.recipe.gptq.exclude

@@ -278,9 +278,8 @@ class Recipe:
         (a distilling recipe without a count)."""
         gptq = self.gptq.items if self.gptq else None
         if self.distill is not None:
-            if self.distill.items is None or (gptq is not None and gptq <= self.distill.items):
-                return self.distill.items
-            return gptq
+            d = self.distill.items
+            return None if d is None else max(d, gptq or 0)
         n = self.calibration_items if self.calibration else 0
         if self.gptq is not None:
             n = max(n, gptq or self.calibration_items)
