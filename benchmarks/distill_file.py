@@ -30,18 +30,18 @@ def main() -> None:
     a = ap.parse_args()
 
     import torch
+    from _whisper_file import load_student, save_and_score
 
-    import wclust
-    from wclust.models import architecture_for, load_model, load_processor
+    from wclust.models import load_model
     from wclust.stages.train import distill_, split_holdout
-    from wclust.tasks import TaskData, get_task
+    from wclust.tasks import TaskData
 
     torch.set_num_threads(2)
     t0 = time.time()
     loaded = load_model("whisper-base")
     teacher = loaded.model
     batches = TaskData.load(loaded, None, a.items).batches(teacher)
-    student = wclust.load(a.artifact, model_factory=architecture_for("whisper-base"))
+    student = load_student(a.artifact)
     keep, held = split_holdout(list(range(len(batches))), a.holdout)
     res = distill_(
         student,
@@ -56,12 +56,8 @@ def main() -> None:
         log=lambda e, kl, v, s: print(f"epoch {e + 1}: KL {kl:.4f}, held-out {v} ({s:.0f} s)"),
     )
     print(json.dumps(res), flush=True)
-    wclust.save(student, a.out)
     del teacher
-    task = get_task("asr")
-    with torch.inference_mode():
-        r = task.evaluate(student, load_processor("whisper-base"), task.load_data(None, None, 1))
-    print("RESULT", json.dumps(r["quality"]), f"total {time.time() - t0:.0f} s", flush=True)
+    save_and_score(student, a.out, t0)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
-import json
 import os
 import time
 
@@ -35,13 +34,13 @@ def main() -> None:
     a = ap.parse_args()
 
     import torch
+    from _whisper_file import load_student, save_and_score
     from safetensors.torch import load_file, save_file
 
-    import wclust
-    from wclust.models import architecture_for, load_model, load_processor
+    from wclust.models import load_model
     from wclust.nn.owners import weight_owners
     from wclust.stages.gptq import collect_hessians, gptq_refine_
-    from wclust.tasks import TaskData, get_task
+    from wclust.tasks import TaskData
 
     torch.set_num_threads(2)
     t0 = time.time()
@@ -60,17 +59,13 @@ def main() -> None:
     skip = [g for g in a.exclude.split(",") if g]
     hessians = {n: h for n, h in hessians.items() if not any(fnmatch.fnmatch(n, g) for g in skip)}
     originals = {owners[0][0]: w.detach() for w, owners in weight_owners(teacher)}
-    student = wclust.load(a.artifact, model_factory=architecture_for("whisper-base"))
+    student = load_student(a.artifact)
     changed = gptq_refine_(student, hessians, originals, damp=a.damp)
     for name, (before, after) in changed.items():
         print(f"{name}: weight MSE {before:.3g} -> {after:.3g}")
     print(f"{len(changed)} layers re-coded ({time.time() - t0:.0f} s)", flush=True)
-    wclust.save(student, a.out)
     del teacher
-    task = get_task("asr")
-    with torch.inference_mode():
-        r = task.evaluate(student, load_processor("whisper-base"), task.load_data(None, None, 1))
-    print("RESULT", json.dumps(r["quality"]), f"total {time.time() - t0:.0f} s", flush=True)
+    save_and_score(student, a.out, t0)
 
 
 if __name__ == "__main__":
