@@ -23,6 +23,7 @@ def main() -> None:
     ap.add_argument("out", help="where the re-coded .wclust goes")
     ap.add_argument("--items", type=int, default=None, help="clips to use (default: all 251)")
     ap.add_argument("--damp", type=float, default=0.01)
+    ap.add_argument("--act-order", action="store_true", help="GPTQ's desc_act order")
     ap.add_argument(
         "--hessians",
         help="a .safetensors file: the Hessians are read from it if it exists, else "
@@ -60,7 +61,7 @@ def main() -> None:
     hessians = {n: h for n, h in hessians.items() if not any(fnmatch.fnmatch(n, g) for g in skip)}
     originals = {owners[0][0]: w.detach() for w, owners in weight_owners(teacher)}
     student = load_student(a.artifact)
-    changed = gptq_refine_(student, hessians, originals, damp=a.damp)
+    changed = gptq_refine_(student, hessians, originals, damp=a.damp, act_order=a.act_order)
     for name, (before, after) in changed.items():
         print(f"{name}: weight MSE {before:.3g} -> {after:.3g}")
     print(f"{len(changed)} layers re-coded ({time.time() - t0:.0f} s)", flush=True)

@@ -251,7 +251,8 @@ class _Run:
         from ..stages.gptq import gptq_refine_
 
         t0 = time.perf_counter()
-        changed = gptq_refine_(self.model, hessians, originals, damp=self.recipe.gptq.damp)
+        g = self.recipe.gptq
+        changed = gptq_refine_(self.model, hessians, originals, damp=g.damp, act_order=g.act_order)
         for entry in report.layers:  # the report shows the weight error of the new codes
             if entry.name in changed:
                 ms = _mean_square(originals[entry.name])

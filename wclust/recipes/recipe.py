@@ -133,17 +133,22 @@ class GPTQ:
             (or all of the distillation data when the recipe distils). Hessians need
             many more input rows than Fisher weights need items: a decoder layer's
             inputs are a few dozen tokens per clip.
+        act_order: round the inputs with the largest Hessian diagonal first (GPTQ's
+            ``desc_act``).
     """
 
     damp: float = 0.01
     exclude: tuple[str, ...] = ()
     items: int | None = None
+    act_order: bool = False
 
     def __post_init__(self):
         if not isinstance(self.damp, (int, float)) or not self.damp > 0:
             raise ConfigError(f"gptq damp must be positive, got {self.damp!r}")
         if self.items is not None and (type(self.items) is not int or self.items < 1):
             raise ConfigError(f"gptq items must be a positive integer, got {self.items!r}")
+        if not isinstance(self.act_order, bool):
+            raise ConfigError(f"gptq act_order is true or false, got {self.act_order!r}")
         object.__setattr__(self, "exclude", _globs(self.exclude))
 
 

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..core.packing import pack_codes
+from ..nn.modules import RowSplitWeight
 from ..nn.owners import clustered_weights, layer_type, weight_owners
 from .calibrate import input_sums
 
@@ -51,6 +52,7 @@ def gptq_codes(
     *,
     damp: float = 0.01,
     block: int = 128,
+    act_order: bool = False,
 ) -> torch.Tensor:
     """Codes of ``w`` on the grid ``table * scale`` chosen column by column with
     GPTQ error feedback.
@@ -63,6 +65,10 @@ def gptq_codes(
         group_size: must divide ``in``.
         damp: added to the diagonal, times its mean (GPTQ's percdamp).
         block: columns per lazy-update block.
+        act_order: quantize the columns in order of decreasing Hessian diagonal (GPTQ's
+            ``desc_act``): the inputs with the most energy are rounded first, while
+            the most columns remain to absorb their error. The groups stay those of
+            ``scale``, so the codes keep the layout they had.
 
     Returns:
         (out, in) uint8 codes into ``table``.
@@ -75,6 +81,11 @@ def gptq_codes(
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
+    group = torch.arange(in_f) // group_size  # each column's scale group
+    perm = None
+    if act_order:
+        perm = torch.argsort(torch.diag(H), descending=True, stable=True)
+        W, H, group = W[:, perm], H[perm][:, perm], group[perm]
     H += damp * torch.diag(H).mean() * torch.eye(in_f, dtype=H.dtype)
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
     s = scale.double().reshape(out_f, in_f // group_size)  # (out, groups)
@@ -88,13 +99,15 @@ def gptq_codes(
         h1 = hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = w1[:, i]
-            sc = s[:, (i1 + i) // group_size]
+            sc = s[:, group[i1 + i]]
             c = torch.searchsorted(mids, (col / sc).contiguous())
             codes[:, i1 + i] = c.to(torch.uint8)
             e = (col - t[c] * sc) / h1[i, i]
             w1[:, i:] -= e[:, None] * h1[i, i:][None, :]
             err1[:, i] = e
         W[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    if perm is not None:
+        codes[:, perm] = codes.clone()
     return codes
 
 
@@ -120,25 +133,51 @@ def gptq_refine_(
     done = {}
     for cw, owners in clustered_weights(model).values():
         name = owners[0][0]
-        if name not in hessians or name not in originals:
-            continue
-        if cw.n_codebooks != 1 or cw.group_scale is None or cw.group_offset is not None:
-            continue
-        if cw.outlier_idx is not None or len(cw.shape) != 2:
+        if name not in hessians or name not in originals or len(cw.shape) != 2:
             continue
         w = originals[name].detach().float()
         w = w.t() if cw.transpose else w  # (out, in) as clustered
-        gs = w.numel() // cw.group_scale.numel()
-        if w.shape[1] % gs:
+        # a row-split weight (a token table whose row ranges have their own widths)
+        # is refined part by part: rows are independent given the shared Hessian
+        parts = (
+            list(zip(cw.parts, cw.bounds[:-1], strict=True))
+            if isinstance(cw, RowSplitWeight)
+            else [(cw, 0)]
+        )
+        if any(_group_size(part, w.shape[1]) is None for part, _ in parts):
             continue
-        table = cw.codebook[0].float()
-        scale = cw.group_scale.float().repeat_interleave(gs).view(w.shape)
-        before = _grid_mse(cw.codes(), table, scale, w)
-        codes = gptq_codes(w, hessians[name], table, cw.group_scale, gs, **kw)
-        cw.set_packed(pack_codes(codes, cw.bits))
-        cw._dense = None  # a cached dense weight would be stale
-        done[name] = (before, _grid_mse(codes, table, scale, w))
+        sums = [0.0, 0.0]
+        for part, r0 in parts:
+            rows = w[r0 : r0 + part.shape[0]]
+            mse = _refine(part, rows, hessians[name], kw)
+            for j in (0, 1):
+                sums[j] += mse[j] * rows.shape[0]
+        done[name] = (sums[0] / w.shape[0], sums[1] / w.shape[0])
     return done
+
+
+def _group_size(cw, in_f: int) -> int | None:
+    """Inputs per scale group of a ``ClusteredWeight`` with a GPTQ grid (one codebook,
+    scales per group of inputs, nothing beside), else None."""
+    if cw.n_codebooks != 1 or cw.group_scale is None or cw.group_offset is not None:
+        return None
+    if cw.outlier_idx is not None:
+        return None
+    gs = cw.numel // cw.group_scale.numel()
+    return gs if gs and in_f % gs == 0 else None
+
+
+def _refine(cw, w, h, kw) -> tuple[float, float]:
+    """GPTQ codes for one ``ClusteredWeight`` whose (out, in) original is ``w``, in
+    place; ``(weight MSE before, after)``."""
+    gs = _group_size(cw, w.shape[1])
+    table = cw.codebook[0].float()
+    scale = cw.group_scale.float().repeat_interleave(gs).view(w.shape)
+    before = _grid_mse(cw.codes(), table, scale, w)
+    codes = gptq_codes(w, h, table, cw.group_scale, gs, **kw)
+    cw.set_packed(pack_codes(codes, cw.bits))
+    cw._dense = None  # a cached dense weight would be stale
+    return before, _grid_mse(codes, table, scale, w)
 
 
 def _grid_mse(codes, table, scale, w) -> float:
