@@ -361,3 +361,10 @@ def test_errors_are_one_line_whatever_the_path_length():
         assert given.removesuffix(".wclust").lstrip("-") in line  # the whole path, unbroken
         # nothing of the message spills onto further lines
         assert stderr.rstrip("\n").endswith(line), stderr
+
+
+def test_compress_gptq_items_needs_a_gptq_grid(model_dir, tmp_path):
+    out = tmp_path / "k.wclust"
+    r = wclust("compress", model_dir, "-o", out, "--bits", "3", "--gptq-items", "3")
+    assert r.returncode == 2 and "gptq re-chooses codes" in r.stderr.replace("\n", " ")
+    assert not out.exists()

@@ -197,3 +197,31 @@ def test_gptq_act_order_keeps_the_grid_and_the_gain():
     with pytest.raises(wclust.ConfigError, match="act_order"):
         get_recipe("scaled+gptq:act_order=3")
     assert get_recipe("scaled+gptq:act_order=true").gptq.act_order is True
+
+
+def test_target_bits_with_gptq_items_runs_the_gptq_preset_and_the_token_table():
+    """``--target-bits B --gptq-items N`` is ``budget-B-gptq`` with N items: Fisher
+    on 16 items, Hessians from N; the row-split token table gets GPTQ codes too."""
+    from wclust.recipes import get_recipe
+    from wclust.recipes.flags import recipe_from_flags
+
+    r = recipe_from_flags({"target_bits": 3.25, "gptq_items": 256})
+    preset = get_recipe("budget-3.25-gptq")
+    assert (r.gptq, r.budget, r.quantizer) == (preset.gptq, preset.budget, preset.quantizer)
+    assert (r.calibration_items, r.data_items) == (16, 256)
+    with pytest.raises(wclust.ConfigError, match="--gptq-items"):
+        recipe_from_flags({"target_bits": 3.25, "gptq_items": 0})
+    emb = "model.decoder.embed_tokens"
+    r = recipe_from_flags(
+        {
+            "target_bits": 4.0,
+            "group_size": 32,
+            "gptq_items": 3,
+            "calib_items": 3,
+            "row_split": {emb: [100, 200]},
+        }
+    )
+    report = wclust.compress_(tiny_whisper(), r, whisper_batches(3))
+    methods = {e.name: e.method for e in report.layers}
+    assert methods[emb].endswith("+gptq")
+    assert methods["model.encoder.layers.0.fc1"].endswith("+gptq")

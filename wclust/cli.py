@@ -149,6 +149,16 @@ def compress(
         int | None,
         typer.Option(help="calibration items (default: 16, or all of --distill-data)"),
     ] = None,
+    gptq_items: Annotated[
+        int | None,
+        typer.Option(
+            help="after clustering, re-choose the codes by GPTQ error feedback from the "
+            "input Hessians of this many items of the calibration data (codebooks and "
+            "scales stay): pays at 3 bits (whisper-base at --target-bits 3.25: 19.3% -> "
+            "15.1% WER with 256 clips); needs a per-tensor codebook with scales per group "
+            "(the --target-bits default)"
+        ),
+    ] = None,
     distill_data: Annotated[
         str | None,
         typer.Option(
@@ -250,6 +260,7 @@ def compress(
         "target_bits": target_bits,
         "calibrate": calibrate,
         "calib_items": calib_items,
+        "gptq_items": gptq_items,
         "distill_epochs": distill_epochs,
         "distill_lr": distill_lr,
         "distill_holdout": distill_holdout,

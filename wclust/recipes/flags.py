@@ -9,7 +9,7 @@ refused (e.g. ``--method nf4 --bits 3``).
 from __future__ import annotations
 
 from ..config import ConfigError
-from .recipe import Budget, Calibration, Distill, Recipe, layer_selection
+from .recipe import GPTQ, Budget, Calibration, Distill, Recipe, layer_selection
 from .settings import quantizer_from
 
 __all__ = ["QUANTIZER_FLAGS", "STAGE_FLAGS", "recipe_from_flags"]
@@ -40,6 +40,7 @@ STAGE_FLAGS = (
     "target_bits",
     "calibrate",
     "calib_items",
+    "gptq_items",
     "distill_epochs",
     "distill_lr",
     "distill_holdout",
@@ -130,6 +131,8 @@ def recipe_from_flags(flags: dict, distill: bool = False) -> Recipe:
         )
     elif "calib_items" in f:
         raise ConfigError("--calib-items needs calibration (--calibrate fisher|activation)")
+    if "gptq_items" in f:
+        kw["gptq"] = _as_options(GPTQ, {"items": f["gptq_items"]}, "gptq items", "--gptq-items")
     given = _only(
         f,
         distill_epochs="epochs",
