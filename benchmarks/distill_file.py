@@ -56,8 +56,7 @@ def main() -> None:
         log=lambda e, kl, v, s: print(f"epoch {e + 1}: KL {kl:.4f}, held-out {v} ({s:.0f} s)"),
     )
     print(json.dumps(res), flush=True)
-    del teacher
-    save_and_score(student, a.out, t0)
+    save_and_score(student, a.out, t0, loaded)
 
 
 if __name__ == "__main__":

@@ -65,8 +65,7 @@ def main() -> None:
     for name, (before, after) in changed.items():
         print(f"{name}: weight MSE {before:.3g} -> {after:.3g}")
     print(f"{len(changed)} layers re-coded ({time.time() - t0:.0f} s)", flush=True)
-    del teacher
-    save_and_score(student, a.out, t0)
+    save_and_score(student, a.out, t0, loaded)
 
 
 if __name__ == "__main__":

@@ -87,6 +87,7 @@ HELP_ONLY = {
     "kernels.py": "compiles the numba kernels: ~1 min even at one small shape",
     "layer_sensitivity.py": "needs a pretrained model and its task's data",
     "proxy_loss.py": "needs whisper-base and real speech with transcripts",
+    "score_file.py": "needs a .wclust file of whisper-base and decodes speech",
 }
 
 # benchmarks/kernels.py has the name of the `kernels` package that transformers imports:
