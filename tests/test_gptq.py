@@ -196,7 +196,8 @@ def test_gptq_act_order_keeps_the_grid_and_the_gain():
     assert torch.equal(again, ordered[:, cols])
     with pytest.raises(wclust.ConfigError, match="act_order"):
         get_recipe("scaled+gptq:act_order=3")
-    assert get_recipe("scaled+gptq:act_order=true").gptq.act_order is True
+    assert get_recipe("scaled+gptq").gptq.act_order is True  # the measured default
+    assert get_recipe("scaled+gptq:act_order=false").gptq.act_order is False
 
 
 def test_target_bits_with_gptq_items_runs_the_gptq_preset_and_the_token_table():

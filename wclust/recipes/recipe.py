@@ -134,13 +134,15 @@ class GPTQ:
             many more input rows than Fisher weights need items: a decoder layer's
             inputs are a few dozen tokens per clip.
         act_order: round the inputs with the largest Hessian diagonal first (GPTQ's
-            ``desc_act``).
+            ``desc_act``). On whisper-base it lowers the KL to the original at 3.25 and
+            4.25 bits, most on the token table's use as output projection, whose inputs
+            have a few dimensions of much larger energy.
     """
 
     damp: float = 0.01
     exclude: tuple[str, ...] = ()
     items: int | None = None
-    act_order: bool = False
+    act_order: bool = True
 
     def __post_init__(self):
         if not isinstance(self.damp, (int, float)) or not self.damp > 0:
