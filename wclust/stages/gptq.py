@@ -152,6 +152,7 @@ def gptq_refine_(
             mse = _refine(part, rows, hessians[name], kw)
             for j in (0, 1):
                 sums[j] += mse[j] * rows.shape[0]
+        cw._dense = None  # a split's cached dense weight would be stale too
         done[name] = (sums[0] / w.shape[0], sums[1] / w.shape[0])
     return done
 
