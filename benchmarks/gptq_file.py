@@ -23,7 +23,12 @@ def main() -> None:
     ap.add_argument("out", help="where the re-coded .wclust goes")
     ap.add_argument("--items", type=int, default=None, help="clips to use (default: all 251)")
     ap.add_argument("--damp", type=float, default=0.01)
-    ap.add_argument("--act-order", action="store_true", help="GPTQ's desc_act order")
+    ap.add_argument(
+        "--act-order",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="round inputs in order of decreasing Hessian diagonal (the recipe default)",
+    )
     ap.add_argument(
         "--hessians",
         help="a .safetensors file: the Hessians are read from it if it exists, else "
