@@ -226,3 +226,22 @@ def test_target_bits_with_gptq_items_runs_the_gptq_preset_and_the_token_table():
     methods = {e.name: e.method for e in report.layers}
     assert methods[emb].endswith("+gptq")
     assert methods["model.encoder.layers.0.fc1"].endswith("+gptq")
+
+
+def test_gptq_says_which_clustered_weights_keep_their_nearest_codes():
+    """Scale groups of 128 inputs fit the 128-wide fc2 inputs but span two rows of
+    the 64-wide layers: those keep their nearest codes, and the stage's log line
+    names them."""
+    from wclust.recipes import get_recipe
+
+    lines = []
+    spec = "scaled:bits=3,group_size=128+exclude:none+gptq:items=2"
+    report = wclust.compress_(
+        tiny_whisper(), get_recipe(spec), whisper_batches(2), log=lines.append
+    )
+    methods = {e.name: e.method for e in report.layers}
+    assert methods["model.encoder.layers.0.fc2"].endswith("+gptq")
+    assert not methods["model.encoder.layers.0.fc1"].endswith("+gptq")
+    (line,) = [x for x in lines if x.startswith("gptq:")]
+    kept = line.split("nearest codes kept (no GPTQ grid): ")[1].rstrip(")").split(", ")
+    assert "model.encoder.layers.0.fc1" in kept and "model.encoder.layers.0.fc2" not in kept

@@ -259,7 +259,15 @@ class _Run:
                 entry.mse = changed[entry.name][1]  # unweighted, like rel_error below
                 entry.rel_error = entry.mse / ms if ms else 0.0
                 entry.method = f"{entry.method}+gptq"
-        self._stage("gptq", t0, f"{len(changed)} layers")
+        # a clustered weight GPTQ could not re-code (no single codebook with scales per
+        # group of inputs) keeps its nearest codes; say which
+        kept = [
+            e.name
+            for e in report.layers
+            if e.status == "clustered" and e.name in hessians and e.name not in changed
+        ]
+        note = f"; nearest codes kept (no GPTQ grid): {', '.join(kept)}" if kept else ""
+        self._stage("gptq", t0, f"{len(changed)} layers{note}")
 
     def _distill(self, report) -> dict:
         from ..stages.train import distill_, split_holdout
