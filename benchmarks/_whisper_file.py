@@ -45,20 +45,28 @@ def calibration_kl(student, loaded, items: int = 48) -> float:
     return total / tokens
 
 
+def score_test_clips(student) -> dict:
+    """``{"wer": ..., "cer": ...}`` of ``student`` on the 100 built-in test-other
+    clips, greedy."""
+    import torch
+
+    from wclust.models import load_processor
+    from wclust.tasks import get_task
+
+    task = get_task("asr")
+    with torch.inference_mode():
+        r = task.evaluate(student, load_processor("whisper-base"), task.load_data(None, None, 1))
+    return r["quality"]
+
+
 def save_and_score(student, out: str, t0: float, loaded=None) -> None:
     """Save ``student`` to ``out``, then print its KL to the original on calibration
     clips (when ``loaded``, the original, is given; ``calibration_kl``), its WER/CER on
     the 100 built-in test-other clips (greedy) and the seconds since ``t0``."""
-    import torch
-
     import wclust
-    from wclust.models import load_processor
-    from wclust.tasks import get_task
 
     wclust.save(student, out)
     if loaded is not None:
         print(f"KL {calibration_kl(student, loaded):.4f} on 48 train-clean clips", flush=True)
-    task = get_task("asr")
-    with torch.inference_mode():
-        r = task.evaluate(student, load_processor("whisper-base"), task.load_data(None, None, 1))
-    print("RESULT", json.dumps(r["quality"]), f"total {time.time() - t0:.0f} s", flush=True)
+    quality = score_test_clips(student)
+    print("RESULT", json.dumps(quality), f"total {time.time() - t0:.0f} s", flush=True)

@@ -19,24 +19,18 @@ def main() -> None:
     a = ap.parse_args()
 
     import torch
-    from _whisper_file import calibration_kl, load_student
+    from _whisper_file import calibration_kl, load_student, score_test_clips
 
-    from wclust.models import load_model, load_processor
-    from wclust.tasks import get_task
+    from wclust.models import load_model
 
     torch.set_num_threads(2)
     loaded = load_model("whisper-base")
-    task = get_task("asr")
     for path in a.files:
         t0 = time.time()
         student = load_student(path)
         row = {"file": path, "kl": round(calibration_kl(student, loaded), 5)}
         if not a.no_wer:
-            with torch.inference_mode():
-                r = task.evaluate(
-                    student, load_processor("whisper-base"), task.load_data(None, None, 1)
-                )
-            row.update(r["quality"])
+            row.update(score_test_clips(student))
         print("RESULT", json.dumps(row), f"{time.time() - t0:.0f} s", flush=True)
 
 

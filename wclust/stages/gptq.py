@@ -144,16 +144,16 @@ def gptq_refine_(
             if isinstance(cw, RowSplitWeight)
             else [(cw, 0)]
         )
-        if any(_group_size(part, w.shape[1]) is None for part, _ in parts):
+        groups = [_group_size(part, w.shape[1]) for part, _ in parts]
+        if None in groups:
             continue
-        sums = [0.0, 0.0]
-        for part, r0 in parts:
+        before = after = 0.0
+        for (part, r0), gs in zip(parts, groups, strict=True):
             rows = w[r0 : r0 + part.shape[0]]
-            mse = _refine(part, rows, hessians[name], kw)
-            for j in (0, 1):
-                sums[j] += mse[j] * rows.shape[0]
+            b, a = _refine(part, rows, hessians[name], gs, kw)
+            before, after = before + b * rows.shape[0], after + a * rows.shape[0]
         cw._dense = None  # a split's cached dense weight would be stale too
-        done[name] = (sums[0] / w.shape[0], sums[1] / w.shape[0])
+        done[name] = (before / w.shape[0], after / w.shape[0])
     return done
 
 
@@ -168,10 +168,9 @@ def _group_size(cw, in_f: int) -> int | None:
     return gs if gs and in_f % gs == 0 else None
 
 
-def _refine(cw, w, h, kw) -> tuple[float, float]:
-    """GPTQ codes for one ``ClusteredWeight`` whose (out, in) original is ``w``, in
-    place; ``(weight MSE before, after)``."""
-    gs = _group_size(cw, w.shape[1])
+def _refine(cw, w, h, gs: int, kw) -> tuple[float, float]:
+    """GPTQ codes for one ``ClusteredWeight`` whose (out, in) original is ``w`` and
+    whose scale groups hold ``gs`` inputs, in place; ``(weight MSE before, after)``."""
     table = cw.codebook[0].float()
     scale = cw.group_scale.float().repeat_interleave(gs).view(w.shape)
     before = _grid_mse(cw.codes(), table, scale, w)
