@@ -24,10 +24,23 @@ def main() -> None:
     ap.add_argument("--items", type=int, default=None, help="clips to use (default: all 251)")
     ap.add_argument("--damp", type=float, default=0.01)
     ap.add_argument(
+        "--embed-damp",
+        type=float,
+        default=None,
+        help="the damping of a weight also read as an embedding table (the token table)",
+    )
+    ap.add_argument(
         "--act-order",
         action=argparse.BooleanOptionalAction,
         default=True,
         help="round inputs in order of decreasing Hessian diagonal (the recipe default)",
+    )
+    ap.add_argument(
+        "--refit",
+        type=int,
+        default=0,
+        help="rounds of re-fitting each row's scales to the layer's output error, "
+        "each but the last followed by new codes",
     )
     ap.add_argument(
         "--hessians",
@@ -37,6 +50,8 @@ def main() -> None:
     ap.add_argument(
         "--exclude", default="", help="comma-separated layer globs to leave as they are"
     )
+    ap.add_argument("--only", default="", help="comma-separated layer globs: re-code only these")
+    ap.add_argument("--no-wer", action="store_true", help="print the KL only")
     a = ap.parse_args()
 
     import torch
@@ -64,13 +79,24 @@ def main() -> None:
             save_file(hessians, a.hessians)
     skip = [g for g in a.exclude.split(",") if g]
     hessians = {n: h for n, h in hessians.items() if not any(fnmatch.fnmatch(n, g) for g in skip)}
+    if a.only:
+        keep = [g for g in a.only.split(",") if g]
+        hessians = {n: h for n, h in hessians.items() if any(fnmatch.fnmatch(n, g) for g in keep)}
     originals = {owners[0][0]: w.detach() for w, owners in weight_owners(teacher)}
     student = load_student(a.artifact)
-    changed = gptq_refine_(student, hessians, originals, damp=a.damp, act_order=a.act_order)
+    changed = gptq_refine_(
+        student,
+        hessians,
+        originals,
+        damp=a.damp,
+        act_order=a.act_order,
+        refit=a.refit,
+        embed_damp=a.embed_damp,
+    )
     for name, (before, after) in changed.items():
         print(f"{name}: weight MSE {before:.3g} -> {after:.3g}")
     print(f"{len(changed)} layers re-coded ({time.time() - t0:.0f} s)", flush=True)
-    save_and_score(student, a.out, t0, loaded)
+    save_and_score(student, a.out, t0, loaded, wer=not a.no_wer)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from torch import nn
 
 import wclust
 from tests.conftest import tiny_whisper, whisper_batches
-from wclust.stages.gptq import collect_hessians, gptq_codes, gptq_refine_
+from wclust.stages.gptq import collect_hessians, gptq_codes, gptq_refine_, refit_scales
 
 
 def correlated_inputs(n=512, d=128, seed=0):
@@ -245,3 +245,75 @@ def test_gptq_says_which_clustered_weights_keep_their_nearest_codes():
     (line,) = [x for x in lines if x.startswith("gptq:")]
     kept = line.split("nearest codes kept (no GPTQ grid): ")[1].rstrip(")").split(", ")
     assert "model.encoder.layers.0.fc1" in kept and "model.encoder.layers.0.fc2" not in kept
+
+
+def test_refit_scales_solves_the_output_error_for_fixed_codes():
+    """For fixed codes the re-fitted scales are the least-squares optimum of the
+    layer's output error: better than the clustering's scales, and no small change
+    of any one scale lowers it further."""
+    torch.manual_seed(0)
+    w = torch.randn(32, 128) * 0.05
+    x = correlated_inputs() * torch.linspace(0.2, 3.0, 128)
+    h = x.T @ x / x.shape[0]
+    sc = wclust.core.quantizers.scaled_kmeans(w, 3, 32, method="lloyd")
+    table = sc.codebook[0]
+    codes = gptq_codes(w, h, table, sc.scale, 32)
+
+    def out_err(scale):
+        s = scale.reshape(32, 4).repeat_interleave(32, 1)
+        return float(((x @ (table[codes.long()] * s).T - x @ w.T) ** 2).mean())
+
+    new = refit_scales(w, h, codes, table, 32, damp=0.0)
+    assert new.shape == (32, 4)
+    assert out_err(new) < 0.95 * out_err(sc.scale.float())
+    base = out_err(new)
+    for i, j in [(0, 0), (5, 3), (31, 1)]:
+        for step in (1e-3, -1e-3):
+            moved = new.clone()
+            moved[i, j] *= 1 + step
+            assert out_err(moved) >= base * (1 - 1e-6)
+
+
+def test_gptq_refine_with_refit_changes_scales_not_codebooks():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 32))
+    batches = [
+        {"input": correlated_inputs(64, 128, s) * torch.linspace(0.2, 3, 128)} for s in range(4)
+    ]
+    h = collect_hessians(model, batches)
+    originals = {n: m.weight.detach().clone() for n, m in model.named_children() if n != "1"}
+    cfg = wclust.ClusterConfig(bits=3, group_size=64, method="scaled-lloyd", min_numel=1)
+    x = torch.cat([b["input"] for b in batches])
+    ref = x @ originals["0"].T
+    errs, scales = [], []
+    for refit in (0, 1, 2):
+        m = nn.Sequential(nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 32))
+        m.load_state_dict({k: v.clone() for k, v in model.state_dict().items()})
+        wclust.compress_(m, cfg)
+        cb, sc0 = m[0].clustered.codebook.clone(), m[0].clustered.group_scale.clone()
+        gptq_refine_(m, h, originals, refit=refit)
+        assert torch.equal(m[0].clustered.codebook, cb)
+        assert torch.equal(m[0].clustered.group_scale, sc0) == (refit == 0)
+        with torch.no_grad():
+            errs.append(float(((m[0](x) - m[0].bias - ref) ** 2).mean()))
+    assert errs[1] < 0.97 * errs[0] and errs[2] < errs[1]
+
+
+def test_embed_damp_applies_only_to_a_weight_also_read_as_an_embedding():
+    """A tied token table takes ``embed_damp``: a very large one leaves GPTQ nothing to
+    feed back, so its codes stay nearest, while the other layers still move theirs."""
+    from tests.conftest import tiny_gpt2
+
+    model = tiny_gpt2()
+    g = torch.Generator().manual_seed(0)
+    batches = [{"input_ids": torch.randint(0, 200, (1, 24), generator=g)} for _ in range(4)]
+    h = collect_hessians(model, batches)
+    originals = {n: m.weight.detach().clone() for n, m in model.named_modules() if n in h}
+    wclust.compress_(model, wclust.ClusterConfig(bits=3, group_size=16, method="scaled-lloyd"))
+    wte, fc = model.transformer.wte.clustered, model.get_submodule("transformer.h.0.mlp.c_fc")
+    near_wte, near_fc = wte.codes().clone(), fc.clustered.codes().clone()
+    gptq_refine_(model, h, originals, embed_damp=1e6)
+    assert torch.equal(wte.codes(), near_wte)
+    assert not torch.equal(fc.clustered.codes(), near_fc)
+    gptq_refine_(model, h, originals)  # the usual damping moves the table's codes too
+    assert not torch.equal(wte.codes(), near_wte)

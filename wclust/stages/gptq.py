@@ -25,7 +25,7 @@ from ..nn.modules import RowSplitWeight
 from ..nn.owners import clustered_weights, layer_type, weight_owners
 from .calibrate import input_sums
 
-__all__ = ["collect_hessians", "gptq_codes", "gptq_refine_"]
+__all__ = ["collect_hessians", "gptq_codes", "gptq_refine_", "refit_scales"]
 
 
 def collect_hessians(model: nn.Module, batches: Iterable) -> dict[str, torch.Tensor]:
@@ -111,10 +111,62 @@ def gptq_codes(
     return codes
 
 
+def refit_scales(
+    w: torch.Tensor,
+    h: torch.Tensor,
+    codes: torch.Tensor,
+    table: torch.Tensor,
+    group_size: int,
+    *,
+    damp: float = 0.01,
+) -> torch.Tensor:
+    """Per-group scales that minimize the layer's output error for fixed codes.
+
+    With the codes fixed, row ``i``'s decoded weight ``table[codes[i]] * scale[i, g(j)]``
+    is linear in its scales, so the scales minimizing ``(w_i - w^_i) H (w_i - w^_i)^T``
+    solve one small least-squares system per row (groups x groups). Clustering fit the
+    scales to the weights with nearest codes; after GPTQ has moved the codes, these
+    are the scales that fit what the layer computes.
+
+    Args:
+        w: (out, in) original weight.
+        h: (in, in) input Hessian.
+        codes: (out, in) codes into ``table``.
+        table: (k,) codebook of normalized values.
+        group_size: inputs per scale group (divides ``in``).
+        damp: added to the Hessian's diagonal, times its mean, as in :func:`gptq_codes`
+            (a small pull toward the weight error, which keeps every system solvable).
+
+    Returns:
+        (out, in // group_size) float32 scales.
+    """
+    out_f, in_f = w.shape
+    if in_f % group_size:
+        raise ValueError(f"group size {group_size} does not divide {in_f} input columns")
+    n_groups = in_f // group_size
+    H = h.detach().double().clone()
+    H += damp * torch.diag(H).mean() * torch.eye(in_f, dtype=H.dtype)
+    t = table.double()[codes.long()]  # (out, in): each weight's normalized value
+    # normal equations per row: M_i[g, g'] = sum over j in g, j' in g' of
+    # t_ij H_jj' t_ij', and r_i[g] = sum over j in g of t_ij (H w_i)_j
+    m = torch.empty(out_f, n_groups, n_groups, dtype=torch.float64)
+    for g in range(n_groups):
+        cols = slice(g * group_size, (g + 1) * group_size)
+        y = t[:, cols] @ H[cols, :]  # (out, in): H times row i's group-g part
+        m[:, :, g] = (t * y).view(out_f, n_groups, group_size).sum(-1)
+    r = (t * (w.double() @ H)).view(out_f, n_groups, group_size).sum(-1)
+    eye = torch.eye(n_groups, dtype=torch.float64)
+    m += 1e-12 * m.diagonal(dim1=1, dim2=2).mean() * eye  # a group whose codes are all 0
+    return torch.linalg.solve(m, r).float()
+
+
 def gptq_refine_(
     model: nn.Module,
     hessians: dict[str, torch.Tensor],
     originals: dict[str, torch.Tensor],
+    *,
+    refit: int = 0,
+    embed_damp: float | None = None,
     **kw,
 ) -> dict[str, tuple[float, float]]:
     """Re-choose the codes of every clustered weight that has a Hessian, a shared
@@ -124,6 +176,14 @@ def gptq_refine_(
         model: compressed by ``compress_``.
         hessians: from :func:`collect_hessians` on the original model.
         originals: ``{first owner name: original weight}`` (as stored by the module).
+        refit: rounds of re-fitting each row's scales to the layer's output error
+            (:func:`refit_scales`) for the codes just chosen, each but the last
+            followed by new GPTQ codes on the new grid (0: the clustering's scales).
+        embed_damp: the damping for a weight that is also read as an embedding table
+            (a token table tied to the output projection). Its Hessian is that of its
+            use as a Linear layer, but its rows are also looked up directly, where the
+            raw weight error counts; a larger damping keeps its codes nearer the
+            weights. None: ``kw``'s damping.
         kw: passed to :func:`gptq_codes`.
 
     Returns:
@@ -147,10 +207,12 @@ def gptq_refine_(
         groups = [_group_size(part, w.shape[1]) for part, _ in parts]
         if None in groups:
             continue
+        embedding = any(layer_type(m) == "Embedding" for _, m in owners)
+        kw_w = {**kw, "damp": embed_damp} if embedding and embed_damp is not None else kw
         before = after = 0.0
         for (part, r0), gs in zip(parts, groups, strict=True):
             rows = w[r0 : r0 + part.shape[0]]
-            b, a = _refine(part, rows, hessians[name], gs, kw)
+            b, a = _refine(part, rows, hessians[name], gs, refit, kw_w)
             before, after = before + b * rows.shape[0], after + a * rows.shape[0]
         cw._dense = None  # a split's cached dense weight would be stale too
         done[name] = (before / w.shape[0], after / w.shape[0])
@@ -168,13 +230,24 @@ def _group_size(cw, in_f: int) -> int | None:
     return gs if gs and in_f % gs == 0 else None
 
 
-def _refine(cw, w, h, gs: int, kw) -> tuple[float, float]:
-    """GPTQ codes for one ``ClusteredWeight`` whose (out, in) original is ``w`` and
-    whose scale groups hold ``gs`` inputs, in place; ``(weight MSE before, after)``."""
+def _refine(cw, w, h, gs: int, refit: int, kw) -> tuple[float, float]:
+    """GPTQ codes (and ``refit`` rounds of scales) for one ``ClusteredWeight`` whose
+    (out, in) original is ``w`` and whose scale groups hold ``gs`` inputs, in place;
+    ``(weight MSE before, after)``."""
     table = cw.codebook[0].float()
     scale = cw.group_scale.float().repeat_interleave(gs).view(w.shape)
     before = _grid_mse(cw.codes(), table, scale, w)
     codes = gptq_codes(w, h, table, cw.group_scale, gs, **kw)
+    for r in range(refit):  # new scales for these codes, then new codes on them
+        old = cw.group_scale.float().reshape(-1)
+        new = refit_scales(w, h, codes, table, gs, damp=kw.get("damp", 0.01)).reshape(-1)
+        # a scale the solve cannot pin (a group whose codes are all zero) stays
+        new = torch.where(torch.isfinite(new) & (new.abs() > 1e-8 * old.abs()), new, old)
+        with torch.no_grad():
+            cw.group_scale.copy_(new.reshape(cw.group_scale.shape))
+        if r < refit - 1:
+            codes = gptq_codes(w, h, table, cw.group_scale, gs, **kw)
+    scale = cw.group_scale.float().repeat_interleave(gs).view(w.shape)
     cw.set_packed(pack_codes(codes, cw.bits))
     cw._dense = None  # a cached dense weight would be stale
     return before, _grid_mse(codes, table, scale, w)
