@@ -317,3 +317,29 @@ def test_embed_damp_applies_only_to_a_weight_also_read_as_an_embedding():
     assert not torch.equal(fc.clustered.codes(), near_fc)
     gptq_refine_(model, h, originals)  # the usual damping moves the table's codes too
     assert not torch.equal(wte.codes(), near_wte)
+
+
+def test_recipe_gptq_embed_damp_and_refit_reach_the_stage():
+    """``gptq:embed_damp=,refit=``: a huge damping keeps the tied token table's
+    nearest codes through the pipeline, and refit re-fits the other layers' scales."""
+    from wclust.recipes import get_recipe
+
+    base = "scaled:bits=3,group_size=32+exclude:none"
+
+    def run(extra):
+        model = tiny_whisper()
+        wclust.compress_(model, get_recipe(base + extra), whisper_batches(6))
+        table = model.model.decoder.embed_tokens.clustered
+        fc = model.model.decoder.layers[0].fc1.clustered
+        return table.codes().clone(), fc.group_scale.clone(), fc.codes().clone()
+
+    near = run("")
+    damped = run("+gptq:embed_damp=1e6")
+    plain = run("+gptq")
+    refit = run("+gptq:refit=1")
+    assert torch.equal(damped[0], near[0]) and not torch.equal(plain[0], near[0])
+    assert not torch.equal(damped[2], near[2])  # the other layers still take GPTQ codes
+    assert torch.equal(plain[1], near[1]) and not torch.equal(refit[1], plain[1])
+    for bad in ("embed_damp=0", "embed_damp=true", "refit=-1", "refit=1.5"):
+        with pytest.raises(wclust.ConfigError, match="gptq"):
+            get_recipe(f"scaled+gptq:{bad}")

@@ -137,12 +137,20 @@ class GPTQ:
             ``desc_act``). On whisper-base it lowers the KL to the original at 3.25 and
             4.25 bits, most on the token table's use as output projection, whose inputs
             have a few dimensions of much larger energy.
+        embed_damp: the damping of a weight that is also read as an embedding table (a
+            token table tied to the output projection): GPTQ sees only its use as a
+            Linear layer, while its looked-up rows carry the raw weight error. None:
+            ``damp``.
+        refit: rounds of re-fitting each row's scales to the layer's output error for
+            the codes just chosen, each but the last followed by new codes.
     """
 
     damp: float = 0.01
     exclude: tuple[str, ...] = ()
     items: int | None = None
     act_order: bool = True
+    embed_damp: float | None = None
+    refit: int = 0
 
     def __post_init__(self):
         if not isinstance(self.damp, (int, float)) or not self.damp > 0:
@@ -151,6 +159,14 @@ class GPTQ:
             raise ConfigError(f"gptq items must be a positive integer, got {self.items!r}")
         if not isinstance(self.act_order, bool):
             raise ConfigError(f"gptq act_order is true or false, got {self.act_order!r}")
+        if self.embed_damp is not None and (
+            not isinstance(self.embed_damp, (int, float))
+            or isinstance(self.embed_damp, bool)
+            or not self.embed_damp > 0
+        ):
+            raise ConfigError(f"gptq embed_damp must be positive, got {self.embed_damp!r}")
+        if type(self.refit) is not int or self.refit < 0:
+            raise ConfigError(f"gptq refit must be an integer >= 0, got {self.refit!r}")
         object.__setattr__(self, "exclude", _globs(self.exclude))
 
 
