@@ -285,7 +285,7 @@ def test_gptq_refine_with_refit_changes_scales_not_codebooks():
     cfg = wclust.ClusterConfig(bits=3, group_size=64, method="scaled-lloyd", min_numel=1)
     x = torch.cat([b["input"] for b in batches])
     ref = x @ originals["0"].T
-    errs, scales = [], []
+    errs = []
     for refit in (0, 1, 2):
         m = nn.Sequential(nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 32))
         m.load_state_dict({k: v.clone() for k, v in model.state_dict().items()})
@@ -335,11 +335,13 @@ def test_recipe_gptq_embed_damp_and_refit_reach_the_stage():
 
     near = run("")
     damped = run("+gptq:embed_damp=1e6")
-    plain = run("+gptq")
-    refit = run("+gptq:refit=1")
+    plain = run("+gptq:refit=0")
+    refit = run("+gptq")  # one round of refit by default
     assert torch.equal(damped[0], near[0]) and not torch.equal(plain[0], near[0])
     assert not torch.equal(damped[2], near[2])  # the other layers still take GPTQ codes
     assert torch.equal(plain[1], near[1]) and not torch.equal(refit[1], plain[1])
+    g = get_recipe("scaled+gptq").gptq
+    assert (g.embed_damp, g.refit) == (0.1, 1)  # the measured defaults
     for bad in ("embed_damp=0", "embed_damp=true", "refit=-1", "refit=1.5"):
         with pytest.raises(wclust.ConfigError, match="gptq"):
             get_recipe(f"scaled+gptq:{bad}")

@@ -97,14 +97,15 @@ _preset(
     "budget-4.25-gptq",
     _BUDGET.replace("fisher", "fisher:items=16").format(b="4.25") + "+gptq:items=256",
     "budget-4.25 (Fisher on the first 16 items), then GPTQ codes (inputs in order of "
-    "decreasing energy) from the input Hessians of up to 256 items of real data of the "
-    "model's domain",
+    "decreasing energy) and scales re-fitted to each layer's output, from the input "
+    "Hessians of up to 256 items of real data of the model's domain",
 )
 _preset(
     "budget-3.25-gptq",
     _BUDGET.replace("fisher", "fisher:items=16").format(b="3.25") + "+gptq:items=256",
-    "budget-3.25 (Fisher on the first 16 items), then GPTQ codes from the input Hessians "
-    "of up to 256 items of real data of the model's domain",
+    "budget-3.25 (Fisher on the first 16 items), then GPTQ codes and scales re-fitted to "
+    "each layer's output, from the input Hessians of up to 256 items of real data of the "
+    "model's domain",
 )
 _preset(
     "budget-3.25-distill",

@@ -139,18 +139,21 @@ class GPTQ:
             have a few dimensions of much larger energy.
         embed_damp: the damping of a weight that is also read as an embedding table (a
             token table tied to the output projection): GPTQ sees only its use as a
-            Linear layer, while its looked-up rows carry the raw weight error. None:
-            ``damp``.
+            Linear layer, while its looked-up rows carry the raw weight error, so it
+            takes a larger damping. None: ``damp``. On whisper-base 0.1 gave the
+            lowest KL to the original of 0.01, 0.03, 0.1, 0.3 and 1 at 3.25 bits.
         refit: rounds of re-fitting each row's scales to the layer's output error for
-            the codes just chosen, each but the last followed by new codes.
+            the codes just chosen, each but the last followed by new codes. One round
+            lowered the KL to the original at 3.25 and 4.25 bits on whisper-base; three
+            raised it.
     """
 
     damp: float = 0.01
     exclude: tuple[str, ...] = ()
     items: int | None = None
     act_order: bool = True
-    embed_damp: float | None = None
-    refit: int = 0
+    embed_damp: float | None = 0.1
+    refit: int = 1
 
     def __post_init__(self):
         if not isinstance(self.damp, (int, float)) or not self.damp > 0:
