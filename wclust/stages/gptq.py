@@ -5,8 +5,9 @@ columns of a layer one at a time and spreads each column's rounding error over t
 columns not yet quantized, weighted by the inverse of the layer's input Hessian
 ``H = X^T X`` (from calibration inputs), so the *layer output* error is minimized.
 Here the grid is the layer's own learned codebook times its per-group scales (a
-non-uniform grid, as in GPTQ's "any grid" form): codebook and scales stay as
-clustering chose them; only the codes change.
+non-uniform grid, as in GPTQ's "any grid" form): the codebook stays as clustering
+chose it. The scales stay too, unless ``refit`` asks for scales least-squares fitted to
+the layer's output error for the new codes (``refit_scales``).
 
 Use: ``hessians = collect_hessians(model, batches)`` on the original model; keep the
 original weights; ``compress_`` with a per-tensor codebook method (scaled-lloyd,
