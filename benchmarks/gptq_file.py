@@ -60,6 +60,7 @@ def main() -> None:
 
     from wclust.models import load_model
     from wclust.nn.owners import weight_owners
+    from wclust.recipes import GPTQ
     from wclust.stages.gptq import collect_hessians, gptq_refine_
     from wclust.tasks import TaskData
 
@@ -84,15 +85,10 @@ def main() -> None:
         hessians = {n: h for n, h in hessians.items() if any(fnmatch.fnmatch(n, g) for g in keep)}
     originals = {owners[0][0]: w.detach() for w, owners in weight_owners(teacher)}
     student = load_student(a.artifact)
-    changed = gptq_refine_(
-        student,
-        hessians,
-        originals,
-        damp=a.damp,
-        act_order=a.act_order,
-        refit=a.refit,
-        embed_damp=a.embed_damp,
-    )
+    # the recipe stage's options, validated as a recipe's are (these defaults differ:
+    # one damping for every layer, no refit, so earlier logs' commands reproduce)
+    stage = GPTQ(damp=a.damp, act_order=a.act_order, embed_damp=a.embed_damp, refit=a.refit)
+    changed = gptq_refine_(student, hessians, originals, **stage.refine_kwargs())
     for name, (before, after) in changed.items():
         print(f"{name}: weight MSE {before:.3g} -> {after:.3g}")
     print(f"{len(changed)} layers re-coded ({time.time() - t0:.0f} s)", flush=True)

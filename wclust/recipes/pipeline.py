@@ -252,15 +252,7 @@ class _Run:
 
         t0 = time.perf_counter()
         g = self.recipe.gptq
-        changed = gptq_refine_(
-            self.model,
-            hessians,
-            originals,
-            damp=g.damp,
-            act_order=g.act_order,
-            embed_damp=g.embed_damp,
-            refit=g.refit,
-        )
+        changed = gptq_refine_(self.model, hessians, originals, **g.refine_kwargs())
         for entry in report.layers:  # the report shows the weight error of the new codes
             if entry.name in changed:
                 ms = _mean_square(originals[entry.name])

@@ -172,6 +172,15 @@ class GPTQ:
             raise ConfigError(f"gptq refit must be an integer >= 0, got {self.refit!r}")
         object.__setattr__(self, "exclude", _globs(self.exclude))
 
+    def refine_kwargs(self) -> dict:
+        """The keyword arguments of ``stages.gptq.gptq_refine_`` this stage sets."""
+        return {
+            "damp": self.damp,
+            "act_order": self.act_order,
+            "embed_damp": self.embed_damp,
+            "refit": self.refit,
+        }
+
 
 @dataclass(frozen=True)
 class Distill:
