@@ -51,6 +51,30 @@ def main() -> None:
         "--exclude", default="", help="comma-separated layer globs to leave as they are"
     )
     ap.add_argument("--only", default="", help="comma-separated layer globs: re-code only these")
+    ap.add_argument(
+        "--inputs",
+        help="a compressed whisper-base .wclust file whose layer inputs GPTQ sees (with "
+        "the original's outputs as the target, collect_cross_hessians); 'self': the file "
+        "being re-coded; default: the original's inputs and weights",
+    )
+    ap.add_argument(
+        "--cross-cache",
+        help="with --inputs: a .safetensors file the inputs' statistics are read from if "
+        "it exists, else written to",
+    )
+    ap.add_argument(
+        "--own-target",
+        action="store_true",
+        help="with --inputs: each layer matches its own weight's output on those inputs, "
+        "not the original's on the original inputs (GPTQ's sequential form)",
+    )
+    ap.add_argument(
+        "--cross-damp",
+        type=float,
+        default=None,
+        help="with --inputs: the target's pull toward the layer's own weight (ridge, times "
+        "the Hessian's mean diagonal; default: --damp)",
+    )
     ap.add_argument("--no-wer", action="store_true", help="print the KL only")
     a = ap.parse_args()
 
@@ -61,14 +85,29 @@ def main() -> None:
     from wclust.models import load_model
     from wclust.nn.owners import weight_owners
     from wclust.recipes import GPTQ
-    from wclust.stages.gptq import collect_hessians, gptq_refine_
+    from wclust.stages.gptq import collect_cross_hessians, collect_hessians, gptq_refine_
     from wclust.tasks import TaskData
 
     torch.set_num_threads(2)
     t0 = time.time()
     loaded = load_model("whisper-base")
     teacher = loaded.model
-    if a.hessians and os.path.exists(a.hessians):
+    cross = None
+    if a.inputs and a.cross_cache and os.path.exists(a.cross_cache):
+        stats = load_file(a.cross_cache)
+        hessians = {k[2:]: v for k, v in stats.items() if k.startswith("h/")}
+        cross = {k[2:]: v for k, v in stats.items() if k.startswith("c/")}
+        print(f"input statistics of {len(cross)} layers read from {a.cross_cache}")
+    elif a.inputs:
+        inputs = load_student(a.artifact if a.inputs == "self" else a.inputs)
+        batches = TaskData.load(loaded, None, a.items).batches(teacher)
+        hessians, cross = collect_cross_hessians(inputs, teacher, batches)
+        del inputs
+        print(f"input statistics from {len(batches)} clips ({time.time() - t0:.0f} s)")
+        if a.cross_cache:
+            stats = {f"h/{k}": v for k, v in hessians.items()}
+            save_file({**stats, **{f"c/{k}": v for k, v in cross.items()}}, a.cross_cache)
+    elif a.hessians and os.path.exists(a.hessians):
         hessians = load_file(a.hessians)
         print(f"hessians of {len(hessians)} layers read from {a.hessians}")
     else:
@@ -88,7 +127,9 @@ def main() -> None:
     # the recipe stage's options, validated as a recipe's are (these defaults differ:
     # one damping for every layer, no refit, so earlier logs' commands reproduce)
     stage = GPTQ(damp=a.damp, act_order=a.act_order, embed_damp=a.embed_damp, refit=a.refit)
-    changed = gptq_refine_(student, hessians, originals, **stage.refine_kwargs())
+    cross = None if a.own_target else cross
+    kw = stage.refine_kwargs()
+    changed = gptq_refine_(student, hessians, originals, cross=cross, cross_damp=a.cross_damp, **kw)
     for name, (before, after) in changed.items():
         print(f"{name}: weight MSE {before:.3g} -> {after:.3g}")
     print(f"{len(changed)} layers re-coded ({time.time() - t0:.0f} s)", flush=True)

@@ -345,3 +345,70 @@ def test_recipe_gptq_embed_damp_and_refit_reach_the_stage():
     for bad in ("embed_damp=0", "embed_damp=true", "refit=-1", "refit=1.5"):
         with pytest.raises(wclust.ConfigError, match="gptq"):
             get_recipe(f"scaled+gptq:{bad}")
+
+
+def test_cross_hessians_of_a_model_and_its_copy_are_its_hessians():
+    import copy
+
+    from wclust.stages.gptq import collect_cross_hessians, cross_target
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 48), nn.ReLU(), nn.Linear(48, 16))
+    batches = [{"input": correlated_inputs(40, 32, s)} for s in range(3)]
+    h, c = collect_cross_hessians(model, copy.deepcopy(model), batches)
+    ref = collect_hessians(model, batches)
+    assert set(h) == set(c) == set(ref) == {"0", "2"}
+    for n in ref:
+        torch.testing.assert_close(h[n], ref[n], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(c[n], ref[n], rtol=1e-5, atol=1e-6)
+    w = model[2].weight.detach()
+    torch.testing.assert_close(cross_target(w, h["2"], c["2"], 0.01), w, rtol=1e-4, atol=1e-5)
+
+
+def test_cross_target_makes_up_for_the_error_of_the_layers_before():
+    # layer 0 coarsely clustered: layer 2 sees changed inputs. Rounding layer 2 toward
+    # the original's output on the original's inputs (cross statistics) beats rounding
+    # it toward its own weight on the same inputs, for the model's output.
+    import copy
+
+    from wclust.stages.gptq import collect_cross_hessians
+
+    torch.manual_seed(0)
+    reference = nn.Sequential(nn.Linear(64, 96), nn.Tanh(), nn.Linear(96, 32))
+    batches = [{"input": correlated_inputs(128, 64, s)} for s in range(4)]
+    x = torch.cat([b["input"] for b in batches])
+    cfg = wclust.ClusterConfig(bits=2, group_size=32, method="scaled-lloyd", min_numel=1)
+    originals = {"2": reference[2].weight.detach().clone()}
+
+    def out_err(cross: bool) -> float:
+        model = copy.deepcopy(reference)
+        wclust.compress_(model, cfg)
+        h, c = collect_cross_hessians(model, reference, batches)
+        gptq_refine_(model, h, originals, cross=c if cross else None)
+        with torch.no_grad():
+            return float(((model(x) - reference(x)) ** 2).mean())
+
+    own, toward_original = out_err(False), out_err(True)
+    assert toward_original < 0.8 * own
+
+
+def test_hessians_of_a_clustered_model_are_those_of_its_decoded_weights():
+    """``collect_hessians`` on a compressed model: every clustered Linear keeps its
+    name, and its inputs are those the decoded weights before it produce."""
+    import copy
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 16))
+    batches = [{"input": correlated_inputs(40, 64, s)} for s in range(3)]
+    clustered = copy.deepcopy(model)
+    cfg = wclust.ClusterConfig(bits=2, group_size=16, method="scaled-lloyd", min_numel=1)
+    wclust.compress_(clustered, cfg)
+    decoded = copy.deepcopy(model)
+    with torch.no_grad():
+        for i in (0, 2):
+            decoded[i].weight.copy_(clustered[i].clustered.dense())
+    h, ref = collect_hessians(clustered, batches), collect_hessians(decoded, batches)
+    assert set(h) == set(ref) == {"0", "2"}
+    for n in ref:
+        torch.testing.assert_close(h[n], ref[n], rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(h["2"], collect_hessians(model, batches)["2"], rtol=1e-2)
