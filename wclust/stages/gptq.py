@@ -36,8 +36,8 @@ from .calibrate import input_sums
 
 __all__ = [
     "collect_cross_hessians",
-    "cross_target",
     "collect_hessians",
+    "cross_target",
     "gptq_codes",
     "gptq_refine_",
     "refit_scales",
@@ -92,7 +92,7 @@ def collect_cross_hessians(
     mods, ref_mods = _linear_inputs(model), _linear_inputs(reference)
     names = [n for n in mods if n in ref_mods]
     seen: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-    sums: dict[str, list] = {}
+    sums: dict[str, tuple] = {}
     hooks = []
 
     def keep(m, inp, out, key):
@@ -340,11 +340,11 @@ def _group_size(cw, in_f: int) -> int | None:
     return gs if gs and in_f % gs == 0 else None
 
 
-def _refine(cw, w, h, gs: int, refit: int, kw, target=None) -> tuple[float, float]:
+def _refine(cw, w, h, gs: int, refit: int, kw, target) -> tuple[float, float]:
     """GPTQ codes (and ``refit`` rounds of scales) for one ``ClusteredWeight`` whose
     (out, in) original is ``w`` and whose scale groups hold ``gs`` inputs, in place,
-    rounding toward ``target`` (default ``w``); ``(weight MSE to w before, after)``."""
-    target = w if target is None else target
+    rounding toward ``target`` (``w`` itself, or :func:`cross_target`'s);
+    ``(weight MSE to w before, after)``."""
     table = cw.codebook[0].float()
     scale = cw.group_scale.float().repeat_interleave(gs).view(w.shape)
     before = _grid_mse(cw.codes(), table, scale, w)
