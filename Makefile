@@ -27,8 +27,10 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check wclust tests benchmarks scripts
 	$(BIN)/lint-imports
 
+# two pytest workers (pytest-xdist); a test file stays on one worker, so a module's
+# shared setup runs once
 test: $(STAMP) lint
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -p no:cacheprovider
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -p no:cacheprovider -n 2 --dist loadfile
 
 clean:
 	rm -rf $(VENV) results .pytest_cache
