@@ -19,9 +19,9 @@ original model's outputs (``gptq_refine_(..., cross=)``). Applied to every layer
 once, neither helped whisper-base at 3.25 bits (experiment log 16): the cross target
 raised the KL to the original from 0.064 to 0.19-1.2, each layer making up for errors
 the layers before it were re-coded to remove. In a layer-by-layer pass
-(``benchmarks/gptq_sequential.py``, experiment log 17) the cross target lowered that
-KL by 28-34% at 4.25 and 3.25 bits; the test WER stayed (4.25) or rose by 0.9 points
-(3.25), so the recipes do not run it.
+(``benchmarks/gptq_sequential.py``, experiment log 17) the cross target gave a KL
+28-34% below that of GPTQ on the original's statistics at 4.25 and 3.25 bits, but the
+test WER stayed (4.25) or rose by 0.9 points (3.25), so the recipes do not run it.
 """
 
 from __future__ import annotations
