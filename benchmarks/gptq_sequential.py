@@ -83,8 +83,6 @@ def teacher_pass(block, names, calls):
     """One run of the original ``block`` on every cached call: the inputs of its Linear
     layers ``names`` (``{name: [rows x in per call]}``, one tensor shared by the layers
     that read the same input) and the block's output hidden states."""
-    import torch
-
     inputs: dict[str, list] = {n: [] for n in names}
     hooks = [
         block.get_submodule(n).register_forward_hook(
@@ -92,12 +90,8 @@ def teacher_pass(block, names, calls):
         )
         for n in names
     ]
-    outs = []
     try:
-        with torch.no_grad():
-            for args, kwargs in calls:
-                out = block(*args, **kwargs)
-                outs.append(out[0] if isinstance(out, tuple) else out)
+        outs = run_block(block, calls)
     finally:
         for h in hooks:
             h.remove()
