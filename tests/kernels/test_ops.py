@@ -380,7 +380,8 @@ def test_new_operators_pass_torch_library_opcheck():
 
 
 @pytest.mark.parametrize(
-    "k,d,tiled", [(16, 2, True), (64, 2, True), (200, 4, True), (300, 2, False)]
+    "k,d,tiled",
+    [(16, 2, True), (32, 2, True), (64, 2, True), (200, 4, True), (256, 2, True), (300, 2, False)],
 )
 def test_vector_linear_matches_the_dense_weight_on_every_isa(k, d, tiled, isa):
     """``vq_linear`` (rows or tiles of 16 rows, 40 rows: a partial tile) against the

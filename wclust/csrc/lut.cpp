@@ -1049,6 +1049,106 @@ __attribute__((target("avx512f"))) void vq_tiles_by_slice_avx512(
 }
 #endif
 
+#ifdef WCLUST_X86
+// AVX2 forms: 8 lanes, so a block of 16 rows is two registers of sums.
+
+__attribute__((target("avx2,fma"))) void vq_table_avx2(const float* cbt, int64_t K, int64_t d,
+                                                      const float* x, float* T, int64_t j0,
+                                                      int64_t j1) {
+  for (int64_t j = j0; j < j1; ++j) {
+    float* t = T + j * K;
+    for (int64_t c = 0; c < K; c += 8) {
+      __m256 acc = _mm256_setzero_ps();
+      for (int64_t e = 0; e < d; ++e)
+        acc = _mm256_fmadd_ps(_mm256_loadu_ps(cbt + e * K + c), _mm256_set1_ps(x[j * d + e]), acc);
+      _mm256_storeu_ps(t + c, acc);
+    }
+  }
+}
+
+// A slice's first 8 * P table entries in P registers (P = 2 or 4); 8 codes (epi32
+// lanes) -> their entries by one permute per register and a blend on code bits 3 and 4.
+// With 64 entries (8 registers) the 15 permutes and blends per 8 codes are slower than
+// scalar look-ups, and AVX2 gathers were no faster than those at 16-256 entries (AMD Zen 3).
+template <int P>
+struct ByteTable256 {
+  static_assert(P == 2 || P == 4, "2 or 4 registers");
+  __m256 t[P];
+  __attribute__((target("avx2,fma"), always_inline)) void load(const float* T) {
+    for (int i = 0; i < P; ++i) t[i] = _mm256_loadu_ps(T + 8 * i);
+  }
+  __attribute__((target("avx2,fma"), always_inline)) __m256 pair(int i, __m256i idx,
+                                                                  __m256 bit3) const {
+    return _mm256_blendv_ps(_mm256_permutevar8x32_ps(t[i], idx),
+                            _mm256_permutevar8x32_ps(t[i + 1], idx), bit3);
+  }
+  __attribute__((target("avx2,fma"), always_inline)) __m256 lookup(__m256i idx) const {
+    const __m256 bit3 = _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28));
+    if constexpr (P == 2) return pair(0, idx, bit3);
+    const __m256 bit4 = _mm256_castsi256_ps(_mm256_slli_epi32(idx, 27));
+    return _mm256_blendv_ps(pair(0, idx, bit3), pair(2, idx, bit3), bit4);
+  }
+};
+
+// Rows 0-7 and 8-15 of a block: their 16 byte codes as two registers of epi32 lanes.
+__attribute__((target("avx2,fma"), always_inline)) inline void codes8x2(const uint8_t* p,
+                                                                         __m256i& lo,
+                                                                         __m256i& hi) {
+  const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  lo = _mm256_cvtepu8_epi32(c);
+  hi = _mm256_cvtepu8_epi32(_mm_srli_si128(c, 8));
+}
+
+__attribute__((target("avx2,fma"))) inline void store_block(float* y, int64_t rb, int64_t out_f,
+                                                           __m256 lo, __m256 hi) {
+  const int64_t left = std::min<int64_t>(16, out_f - rb * 16);
+  if (left == 16) {
+    _mm256_storeu_ps(y + rb * 16, lo);
+    _mm256_storeu_ps(y + rb * 16 + 8, hi);
+    return;
+  }
+  alignas(32) float buf[16];
+  _mm256_store_ps(buf, lo);
+  _mm256_store_ps(buf + 8, hi);
+  std::memcpy(y + rb * 16, buf, left * sizeof(float));
+}
+
+// vq_tiles_avx512 on 8 lanes (block-major tiles, up to 32 entries in registers).
+template <int P>
+__attribute__((target("avx2,fma"))) void vq_tiles_avx2(const uint8_t* codes, int64_t n_vec,
+                                                      const float* T, int64_t Kp,
+                                                      const float* scale, int64_t vec_per_group,
+                                                      float* y, int64_t out_f, int64_t rb0,
+                                                      int64_t rb1) {
+  const int64_t n_groups = n_vec / vec_per_group;
+  ByteTable256<P> bt;
+  for (int64_t rb = rb0; rb < rb1; ++rb) {
+    const uint8_t* cp = codes + rb * n_vec * 16;
+    __m256 tot0 = _mm256_setzero_ps(), tot1 = _mm256_setzero_ps();
+    for (int64_t g = 0; g < n_groups; ++g) {
+      __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+      for (int64_t j = g * vec_per_group; j < (g + 1) * vec_per_group; ++j) {
+        __m256i lo, hi;
+        codes8x2(cp + j * 16, lo, hi);
+        bt.load(T + j * Kp);
+        a0 = _mm256_add_ps(a0, bt.lookup(lo));
+        a1 = _mm256_add_ps(a1, bt.lookup(hi));
+      }
+      if (scale) {
+        const float* s = scale + (rb * n_groups + g) * 16;
+        tot0 = _mm256_fmadd_ps(_mm256_loadu_ps(s), a0, tot0);
+        tot1 = _mm256_fmadd_ps(_mm256_loadu_ps(s + 8), a1, tot1);
+      } else {
+        tot0 = _mm256_add_ps(tot0, a0);
+        tot1 = _mm256_add_ps(tot1, a1);
+      }
+    }
+    store_block(y, rb, out_f, tot0, tot1);
+  }
+}
+
+#endif
+
 // The portable form of vq_tiles_avx512.
 void vq_tiles_portable(const uint8_t* codes, int64_t n_vec, int64_t n_blocks,
                        bool slice_major, const float* T, int64_t Kp, const float* scale,
@@ -1134,6 +1234,7 @@ at::Tensor vq_linear(const at::Tensor& x_in, const at::Tensor& codes, const at::
     at::parallel_for(0, n_vec, std::max<int64_t>(1, 4096 / Kp), [&](int64_t j0, int64_t j1) {
 #ifdef WCLUST_X86
       if (isa == kAvx512) return vq_table_avx512(cbt.data(), Kp, d, xb, T, j0, j1);
+      if (isa == kAvx2) return vq_table_avx2(cbt.data(), Kp, d, xb, T, j0, j1);
 #endif
       vq_table_portable(cbt.data(), Kp, d, xb, T, j0, j1);
     });
@@ -1155,6 +1256,12 @@ at::Tensor vq_linear(const at::Tensor& x_in, const at::Tensor& codes, const at::
                          if (isa == kAvx512)
                            return vq_tiles_by_slice_avx512<8>(cp, n_vec, n_blocks, T, Kp, sp,
                                                               vec_per_group, yb, out_f, r0, r1);
+                         if (isa == kAvx2 && K <= 16)
+                           return vq_tiles_avx2<2>(cp, n_vec, T, Kp, sp, vec_per_group, yb, out_f,
+                                                   r0, r1);
+                         if (isa == kAvx2 && K <= 32)
+                           return vq_tiles_avx2<4>(cp, n_vec, T, Kp, sp, vec_per_group, yb, out_f,
+                                                   r0, r1);
 #endif
                          vq_tiles_portable(cp, n_vec, n_blocks, K > 64, T, Kp, sp,
                                            vec_per_group, yb, out_f, r0, r1);
