@@ -1067,7 +1067,7 @@ __attribute__((target("avx2,fma"))) void vq_table_avx2(const float* cbt, int64_t
 }
 
 // A slice's first 8 * P table entries in P registers (P = 2 or 4); 8 codes (epi32
-// lanes) -> their entries by one permute per register and a blend on code bits 3 and 4.
+// lanes) -> their entries: lookup8_256 per 16 entries, and a blend on code bit 4.
 // With 64 entries (8 registers) the 15 permutes and blends per 8 codes are slower than
 // scalar look-ups, and AVX2 gathers were no faster than those at 16-256 entries (AMD Zen 3).
 template <int P>
@@ -1077,16 +1077,10 @@ struct ByteTable256 {
   __attribute__((target("avx2,fma"), always_inline)) void load(const float* T) {
     for (int i = 0; i < P; ++i) t[i] = _mm256_loadu_ps(T + 8 * i);
   }
-  __attribute__((target("avx2,fma"), always_inline)) __m256 pair(int i, __m256i idx,
-                                                                  __m256 bit3) const {
-    return _mm256_blendv_ps(_mm256_permutevar8x32_ps(t[i], idx),
-                            _mm256_permutevar8x32_ps(t[i + 1], idx), bit3);
-  }
   __attribute__((target("avx2,fma"), always_inline)) __m256 lookup(__m256i idx) const {
-    const __m256 bit3 = _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28));
-    if constexpr (P == 2) return pair(0, idx, bit3);
-    const __m256 bit4 = _mm256_castsi256_ps(_mm256_slli_epi32(idx, 27));
-    return _mm256_blendv_ps(pair(0, idx, bit3), pair(2, idx, bit3), bit4);
+    if constexpr (P == 2) return lookup8_256(idx, t[0], t[1]);
+    return _mm256_blendv_ps(lookup8_256(idx, t[0], t[1]), lookup8_256(idx, t[2], t[3]),
+                            _mm256_castsi256_ps(_mm256_slli_epi32(idx, 27)));
   }
 };
 
