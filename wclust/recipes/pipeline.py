@@ -127,7 +127,7 @@ class _Run:
         hessians = originals = None
         if r.gptq is not None:
             hessians, originals = self._hessians()
-        cfg, memo = self._allocate(sw)
+        cfg, memo = self._allocate(sw, hessians)
         t0 = time.perf_counter()
         from ..api import compress_ as cluster_
 
@@ -216,7 +216,23 @@ class _Run:
         self._stage("hessians", t0, f"{len(hessians)} layers, {len(batches)} items")
         return hessians, originals
 
-    def _allocate(self, sw) -> tuple[ClusterConfig, dict | None]:
+    def _vector_reserve(self, cands, hessians) -> float:
+        """Bits per weight a budget keeps free for the vector codebooks ``gptq:dim``
+        will put in place of scalar ones: each Hessian's layer at the widest candidate
+        that is turned into vectors (the allocator does not know which it will take)."""
+        g = self.recipe.gptq
+        if g is None or g.dim == 1 or not hessians:
+            return 0.0
+        from ..stages.gptq import VECTOR_MAX_BITS, vector_codebook_extra
+
+        widths = [c[0] if isinstance(c, tuple) else c for c in cands]
+        widths = [b for b in widths if b <= VECTOR_MAX_BITS]
+        if not widths:
+            return 0.0
+        numel = sum(p.numel() for p in self.model.parameters())
+        return 8 * len(hessians) * vector_codebook_extra(max(widths), g.dim) / numel
+
+    def _allocate(self, sw, hessians=None) -> tuple[ClusterConfig, dict | None]:
         r = self.recipe
         cfg = r.cluster_config()
         if r.budget is None:
@@ -234,7 +250,7 @@ class _Run:
         try:
             cfg, summary = allocate_bits(
                 self.model,
-                r.budget.bits,
+                r.budget.bits - self._vector_reserve(cands, hessians),
                 cfg,
                 sample_weights=sw,
                 candidates=cands,
@@ -248,17 +264,27 @@ class _Run:
 
     def _gptq(self, report, hessians, originals) -> None:
         from ..api import _mean_square
+        from ..nn.owners import clustered_weights
+        from ..nn.vector import VectorWeight
         from ..stages.gptq import gptq_refine_
 
         t0 = time.perf_counter()
         g = self.recipe.gptq
         changed = gptq_refine_(self.model, hessians, originals, **g.refine_kwargs())
+        weights = {o[0][0]: cw for cw, o in clustered_weights(self.model).values()}
         for entry in report.layers:  # the report shows the weight error of the new codes
             if entry.name in changed:
                 ms = _mean_square(originals[entry.name])
                 entry.mse = changed[entry.name][1]  # unweighted, like rel_error below
                 entry.rel_error = entry.mse / ms if ms else 0.0
                 entry.method = f"{entry.method}+gptq"
+                cw = weights.get(entry.name)
+                if isinstance(cw, VectorWeight):  # vectorized by gptq:dim
+                    entry.method = entry.method.replace("+gptq", "+gptvq")
+                    entry.bits, entry.n_clusters = cw.bits, cw.n_clusters
+                    entry.cluster_dim = cw.cluster_dim
+                    entry.codebook_dtype = cw.meta.get("codebook_dtype")
+                    entry.bytes_after = cw.nbytes
         # a clustered weight GPTQ could not re-code (no single codebook with scales per
         # group of inputs) keeps its nearest codes; say which
         kept = [

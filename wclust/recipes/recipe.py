@@ -146,6 +146,11 @@ class GPTQ:
             the codes just chosen, each but the last followed by new codes. One round
             lowered the KL to the original at 3.25 and 4.25 bits on whisper-base; three
             raised it.
+        dim: weights per code. Above 1, each scalar codebook of up to 4 bits (not a
+            token table's) is first clustered again as a vector codebook of ``dim``
+            consecutive weights at the same bits, then its codes are chosen ``dim``
+            columns at a time (GPTVQ; ``stages.gptq.gptvq_codes``). A budget then
+            keeps room for the larger codebooks.
     """
 
     damp: float = 0.01
@@ -154,6 +159,7 @@ class GPTQ:
     act_order: bool = True
     embed_damp: float | None = 0.1
     refit: int = 1
+    dim: int = 1
 
     def __post_init__(self):
         if not isinstance(self.damp, (int, float)) or not self.damp > 0:
@@ -170,6 +176,8 @@ class GPTQ:
             raise ConfigError(f"gptq embed_damp must be positive, got {self.embed_damp!r}")
         if type(self.refit) is not int or self.refit < 0:
             raise ConfigError(f"gptq refit must be an integer >= 0, got {self.refit!r}")
+        if self.dim not in (1, 2, 4) or type(self.dim) is not int:
+            raise ConfigError(f"gptq dim is 1, 2 or 4 weights per code, got {self.dim!r}")
         object.__setattr__(self, "exclude", _globs(self.exclude))
 
     def refine_kwargs(self) -> dict:
@@ -179,6 +187,7 @@ class GPTQ:
             "act_order": self.act_order,
             "embed_damp": self.embed_damp,
             "refit": self.refit,
+            "cluster_dim": self.dim,
         }
 
 
@@ -453,7 +462,7 @@ def layer_selection(preset: str) -> dict:
 # ``QUANTIZER[:k=v,...][+STAGE[:k=v,...]]...``; stages: ``layers:attention|mlp|all``,
 # ``include:GLOB|GLOB``, ``exclude:GLOB|GLOB`` (or ``none``), ``prune:FRACTION``,
 # ``fisher[:items=N]``, ``activation[:items=N]``, ``budget:BITS[,candidates=3x128|4x64,
-# rows=auto|none]``, ``gptq[:damp=D,exclude=GLOB|GLOB,items=N]``, ``distill[:epochs=E,lr=L,
+# rows=auto|none]``, ``gptq[:damp=D,exclude=GLOB|GLOB,items=N,dim=2]``, ``distill[:epochs=E,lr=L,
 # holdout=H,hidden=W,speeds=0.9|1.1,items=N,reassign=STEPS,reassign_lr=L]``, ``seed:N``. A stage's main field (the
 # first listed) may be written without its key.
 
@@ -699,7 +708,11 @@ def describe(r: Recipe) -> str:
     if r.calibration is not None:
         text += f", {r.calibration.kind}-weighted"
     if r.gptq is not None:
-        text += ", GPTQ codes"
+        text += (
+            ", GPTQ codes"
+            if r.gptq.dim == 1
+            else f", vector codebooks ({r.gptq.dim} weights per code), GPTVQ codes"
+        )
     if r.distill is not None:
         text += f", distilled ({r.distill.epochs} epochs)"
     if r.int8_matmul:

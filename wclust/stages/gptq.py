@@ -32,8 +32,9 @@ import torch
 from torch import nn
 
 from ..core.packing import pack_codes
-from ..nn.modules import RowSplitWeight
+from ..nn.modules import ClusteredWeight, RowSplitWeight
 from ..nn.owners import clustered_weights, layer_type, weight_owners
+from ..nn.vector import VectorWeight
 from .calibrate import input_sums
 
 __all__ = [
@@ -42,7 +43,9 @@ __all__ = [
     "cross_target",
     "gptq_codes",
     "gptq_refine_",
+    "gptvq_codes",
     "refit_scales",
+    "vectorize_",
 ]
 
 
@@ -210,6 +213,76 @@ def gptq_codes(
     return codes
 
 
+def gptvq_codes(
+    w: torch.Tensor,
+    h: torch.Tensor,
+    codebook: torch.Tensor,
+    scale: torch.Tensor,
+    group_size: int,
+    *,
+    damp: float = 0.01,
+    block: int = 128,
+) -> torch.Tensor:
+    """Codes of ``w`` on the vector grid ``codebook * scale``, ``d`` input columns at a
+    time, with GPTQ error feedback (GPTVQ, van Baalen et al. 2024).
+
+    With ``U`` the upper Cholesky factor of the damped inverse Hessian, rounding the
+    ``d`` columns ``B`` of a row to ``q`` costs ``|(w_B - q) U_BB^-1|^2`` given the
+    columns still free, so each d-tuple takes the centroid nearest in that metric;
+    the error then flows column by column into the columns not yet rounded, as in
+    :func:`gptq_codes`. With a diagonal Hessian this is the nearest centroid.
+
+    Args:
+        w: (out, in) weight.
+        h: (in, in) input Hessian.
+        codebook: (k, d) centroids of normalized d-tuples.
+        scale: (out * in // group_size,) per-group scale, groups consecutive along in.
+        group_size: a multiple of ``d`` that divides ``in``.
+        damp: added to the diagonal, times its mean.
+        block: columns per lazy-update block (rounded down to a multiple of ``d``).
+
+    Returns:
+        (out, in // d) int64 codes into ``codebook``.
+    """
+    out_f, in_f = w.shape
+    d = codebook.shape[1]
+    if in_f % group_size or group_size % d:
+        raise ValueError(
+            f"group size {group_size} must divide {in_f} input columns and be a multiple of {d}"
+        )
+    block = max(d, block - block % d)
+    W = w.detach().double().clone()
+    H = h.detach().double().clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    H += damp * torch.diag(H).mean() * torch.eye(in_f, dtype=H.dtype)
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    s = scale.double().reshape(out_f, in_f // group_size)
+    c = codebook.double()
+    codes = torch.empty(out_f, in_f // d, dtype=torch.int64)
+    for i1 in range(0, in_f, block):
+        i2 = min(i1 + block, in_f)
+        w1 = W[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        h1 = hinv[i1:i2, i1:i2]
+        for i in range(0, i2 - i1, d):
+            u_inv = torch.linalg.inv(h1[i : i + d, i : i + d])
+            z = w1[:, i : i + d] @ u_inv  # (out, d): the tuple in the whitened metric
+            cz = c @ u_inv  # (k, d): every centroid in it
+            sc = s[:, (i1 + i) // group_size, None]
+            # |z - s cz|^2 without the |z|^2 every centroid shares
+            best = (sc * sc * (cz * cz).sum(1) - 2 * sc * (z @ cz.T)).argmin(1)
+            codes[:, (i1 + i) // d] = best
+            q = c[best] * sc
+            for j in range(i, i + d):
+                e = (w1[:, j] - q[:, j - i]) / h1[j, j]
+                w1[:, j:] -= e[:, None] * h1[j, j:][None, :]
+                err1[:, j] = e
+        W[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    return codes
+
+
 def refit_scales(
     w: torch.Tensor,
     h: torch.Tensor,
@@ -239,13 +312,21 @@ def refit_scales(
     Returns:
         (out, in // group_size) float32 scales.
     """
+    return _refit_to_values(w, h, table.double()[codes.long()], group_size, damp)
+
+
+def _refit_to_values(
+    w: torch.Tensor, h: torch.Tensor, t: torch.Tensor, group_size: int, damp: float
+) -> torch.Tensor:
+    """:func:`refit_scales` for given normalized values ``t`` ((out, in): each weight's
+    codebook value, or its coordinate of a vector centroid)."""
     out_f, in_f = w.shape
     if in_f % group_size:
         raise ValueError(f"group size {group_size} does not divide {in_f} input columns")
     n_groups = in_f // group_size
+    t = t.double()
     H = h.detach().double().clone()
     H += damp * torch.diag(H).mean() * torch.eye(in_f, dtype=H.dtype)
-    t = table.double()[codes.long()]  # (out, in): each weight's normalized value
     # normal equations per row: M_i[g, g'] = sum over j in g, j' in g' of
     # t_ij H_jj' t_ij', and r_i[g] = sum over j in g of t_ij (H w_i)_j
     m = torch.empty(out_f, n_groups, n_groups, dtype=torch.float64)
@@ -268,10 +349,12 @@ def gptq_refine_(
     embed_damp: float | None = None,
     cross: dict[str, torch.Tensor] | None = None,
     cross_damp: float | None = None,
+    cluster_dim: int = 1,
     **kw,
 ) -> dict[str, tuple[float, float]]:
     """Re-choose the codes of every clustered weight that has a Hessian, a shared
-    codebook and per-group scales (scaled-lloyd, scaled-exact, nf4), in place.
+    codebook and per-group scales (scaled-lloyd, scaled-exact, nf4, and vector
+    codebooks over scaled groups), in place.
 
     Args:
         model: compressed by ``compress_``.
@@ -292,12 +375,18 @@ def gptq_refine_(
             its own weight as the target (its rows are looked up as they are).
         cross_damp: :func:`cross_target`'s pull toward the weight. None: ``kw``'s
             damping.
-        kw: passed to :func:`gptq_codes`.
+        cluster_dim: above 1, first :func:`vectorize_` (scalar scaled codebooks of up to
+            4 bits become vector codebooks of that many weights per code at the same
+            bits); vector codebooks take :func:`gptvq_codes`.
+        kw: passed to :func:`gptq_codes` (of them, ``damp`` and ``block`` to
+            :func:`gptvq_codes`).
 
     Returns:
         ``{name: (weight MSE before, after)}`` for every refined weight (the weight
         error grows: GPTQ trades it for a smaller output error).
     """
+    if cluster_dim > 1:
+        vectorize_(model, hessians, originals, cluster_dim=cluster_dim)
     done = {}
     for cw, owners in clustered_weights(model).values():
         name = owners[0][0]
@@ -347,6 +436,8 @@ def _refine(cw, w, h, gs: int, refit: int, kw, target) -> tuple[float, float]:
     (out, in) original is ``w`` and whose scale groups hold ``gs`` inputs, in place,
     rounding toward ``target`` (``w`` itself, or :func:`cross_target`'s);
     ``(weight MSE to w before, after)``."""
+    if isinstance(cw, VectorWeight):
+        return _refine_vector(cw, w, h, gs, refit, kw, target)
     table = cw.codebook[0].float()
     scale = cw.group_scale.float().repeat_interleave(gs).view(w.shape)
     before = _grid_mse(cw.codes(), table, scale, w)
@@ -370,3 +461,97 @@ def _refine(cw, w, h, gs: int, refit: int, kw, target) -> tuple[float, float]:
 def _grid_mse(codes, table, scale, w) -> float:
     """Mean squared error of ``table[codes] * scale`` against ``w``."""
     return float(((table[codes.long()] * scale - w) ** 2).mean())
+
+
+def _refine_vector(cw, w, h, gs: int, refit: int, kw, target) -> tuple[float, float]:
+    """:func:`_refine` for a ``VectorWeight``: codes by :func:`gptvq_codes`, scales
+    re-fitted to the coordinates of the chosen centroids."""
+    if gs % cw.cluster_dim:
+        raise ValueError(f"scale groups of {gs} split the {cw.cluster_dim}-weight vectors")
+    cb = cw.codebook_float()[0]
+    damp = kw.get("damp", 0.01)
+    vkw = {k: kw[k] for k in ("damp", "block") if k in kw}
+    before = float(((cw.dense().detach().float() - w) ** 2).mean())
+    codes = gptvq_codes(target, h, cb, cw.group_scale, gs, **vkw)
+    for r in range(refit):
+        old = cw.group_scale.float().reshape(-1)
+        new = _refit_to_values(target, h, cb[codes].reshape(w.shape), gs, damp).reshape(-1)
+        new = torch.where(torch.isfinite(new) & (new.abs() > 1e-8 * old.abs()), new, old)
+        with torch.no_grad():
+            cw.group_scale.copy_(new.reshape(cw.group_scale.shape))
+        if r < refit - 1:
+            codes = gptvq_codes(target, h, cb, cw.group_scale, gs, **vkw)
+    cw.set_packed(pack_codes(codes.reshape(-1), cw.bits))
+    cw._dense = None
+    return before, float(((cw.dense().detach().float() - w) ** 2).mean())
+
+
+# scalar methods whose codebook a vector codebook can start from (``cluster_vectors``'
+# ``scalar``), and the widest scalar code turned into vectors: at 4 bits, pairs
+# already take 256 centroids
+_VECTOR_START = {"scaled-fit": "fit", "scaled-exact": "exact", "scaled-lloyd": "lloyd"}
+VECTOR_MAX_BITS = 4
+
+
+def vector_codebook_extra(bits: int, cluster_dim: int) -> int:
+    """Bytes a float16 vector codebook of ``bits`` per weight and ``cluster_dim``
+    weights per code takes beyond the float32 scalar codebook it replaces (what
+    :func:`vectorize_` adds to a layer)."""
+    return 2 ** (bits * cluster_dim) * cluster_dim * 2 - 2**bits * 4
+
+
+def vectorize_(
+    model: nn.Module,
+    hessians: dict[str, torch.Tensor],
+    originals: dict[str, torch.Tensor],
+    *,
+    cluster_dim: int = 2,
+) -> list[str]:
+    """Turn scalar scaled codebooks into vector codebooks at the same bits, in place.
+
+    Every 2-D weight with a Hessian, one scalar codebook of at most
+    ``VECTOR_MAX_BITS`` bits from a scaled method and scales per group of inputs (a
+    multiple of ``cluster_dim``) is clustered again from its original: ``cluster_dim``
+    consecutive weights per code, ``2**(bits * cluster_dim)`` float16 centroids, the
+    same scale groups, each weight weighted by its input's energy (the Hessian's
+    diagonal). Weights read as embedding tables keep their scalar codebooks.
+
+    Returns:
+        The names of the weights turned into vectors.
+    """
+    from ..core.vector import cluster_vectors
+
+    done = []
+    for cw, owners in clustered_weights(model).values():
+        name = owners[0][0]
+        if type(cw) is not ClusteredWeight or len(cw.shape) != 2 or cw.bits > VECTOR_MAX_BITS:
+            continue  # row-split, vector, or not a matrix
+        start = _VECTOR_START.get(cw.meta.get("method"))
+        if start is None or name not in hessians or name not in originals:
+            continue
+        if any(layer_type(m) == "Embedding" for _, m in owners):
+            continue
+        w = originals[name].detach().float()
+        w = w.t() if cw.transpose else w
+        gs = _group_size(cw, w.shape[1])
+        if gs is None or gs % cluster_dim:
+            continue
+        h = hessians[name]
+        energy = torch.diag(h).float().clamp_min(0)[None, :].expand_as(w).contiguous()
+        dtype = "float16" if cw.meta.get("codebook_dtype", "float32") == "float32" else None
+        dtype = dtype or cw.meta["codebook_dtype"]
+        vc = cluster_vectors(
+            w,
+            cluster_dim=cluster_dim,
+            bits=cw.bits,
+            scale_group_size=gs,
+            scalar=start,
+            sample_weight=energy,
+            codebook_dtype=dtype,
+        )
+        meta = {**cw.meta, "cluster_dim": cluster_dim, "codebook_dtype": dtype}
+        vw = VectorWeight.from_clustered(vc, transpose=cw.transpose, meta=meta)
+        for _, mod in owners:
+            mod._modules["clustered"] = vw
+        done.append(name)
+    return done
