@@ -75,6 +75,13 @@ def main() -> None:
         help="with --inputs: the target's pull toward the layer's own weight (ridge, times "
         "the Hessian's mean diagonal; default: --damp)",
     )
+    ap.add_argument(
+        "--dim",
+        type=int,
+        default=1,
+        help="weights per code: 2 turns the scalar codebooks of up to 4 bits into vector "
+        "codebooks of pairs first and chooses their codes by GPTVQ (the recipe's gptq:dim)",
+    )
     ap.add_argument("--no-wer", action="store_true", help="print the KL only")
     a = ap.parse_args()
 
@@ -126,7 +133,9 @@ def main() -> None:
     student = load_student(a.artifact)
     # the recipe stage's options, validated as a recipe's are (these defaults differ:
     # one damping for every layer, no refit, so earlier logs' commands reproduce)
-    stage = GPTQ(damp=a.damp, act_order=a.act_order, embed_damp=a.embed_damp, refit=a.refit)
+    stage = GPTQ(
+        damp=a.damp, act_order=a.act_order, embed_damp=a.embed_damp, refit=a.refit, dim=a.dim
+    )
     cross = None if a.own_target else cross
     kw = stage.refine_kwargs()
     changed = gptq_refine_(student, hessians, originals, cross=cross, cross_damp=a.cross_damp, **kw)
