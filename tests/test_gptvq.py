@@ -128,6 +128,7 @@ def test_recipe_gptq_dim_vectorizes_within_the_budget():
     rows = {e.name: e for e in report.layers}
     fc1 = rows["model.encoder.layers.0.fc1"]
     assert fc1.method.endswith("+gptvq") and fc1.cluster_dim == 2 and fc1.bits in (4, 6)
+    assert 2**fc1.bits >= fc1.distinct_values > 2 ** (fc1.bits // 2)  # pairs, not scalars
     table = rows["model.decoder.embed_tokens"]
     assert table.method.endswith("+gptq") and not table.cluster_dim
     assert 3.5 < report.bits_per_weight <= 3.8

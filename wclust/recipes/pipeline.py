@@ -285,6 +285,7 @@ class _Run:
                     entry.cluster_dim = cw.cluster_dim
                     entry.codebook_dtype = cw.meta.get("codebook_dtype")
                     entry.bytes_after = cw.nbytes
+                    entry.distinct_values = int(cw.codes().unique().numel())
         # a clustered weight GPTQ could not re-code (no single codebook with scales per
         # group of inputs) keeps its nearest codes; say which
         kept = [
