@@ -145,6 +145,13 @@ def cross_target(w: torch.Tensor, h: torch.Tensor, c: torch.Tensor, damp: float)
     return torch.linalg.solve(H + lam * eye, rhs.T).T.float()
 
 
+def _upper_inverse_factor(H: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of the inverse of ``H`` damped by ``damp`` times its mean
+    diagonal (``H`` is changed in place): the rows GPTQ spreads each error along."""
+    H += damp * torch.diag(H).mean() * torch.eye(H.shape[0], dtype=H.dtype)
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+
+
 def gptq_codes(
     w: torch.Tensor,
     h: torch.Tensor,
@@ -188,8 +195,7 @@ def gptq_codes(
     if act_order:
         perm = torch.argsort(torch.diag(H), descending=True, stable=True)
         W, H, group = W[:, perm], H[perm][:, perm], group[perm]
-    H += damp * torch.diag(H).mean() * torch.eye(in_f, dtype=H.dtype)
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    hinv = _upper_inverse_factor(H, damp)
     s = scale.double().reshape(out_f, in_f // group_size)  # (out, groups)
     t = table.double()
     mids = 0.5 * (t[1:] + t[:-1])
@@ -256,8 +262,7 @@ def gptvq_codes(
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
-    H += damp * torch.diag(H).mean() * torch.eye(in_f, dtype=H.dtype)
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    hinv = _upper_inverse_factor(H, damp)
     s = scale.double().reshape(out_f, in_f // group_size)
     c = codebook.double()
     codes = torch.empty(out_f, in_f // d, dtype=torch.int64)
