@@ -145,6 +145,17 @@ def cross_target(w: torch.Tensor, h: torch.Tensor, c: torch.Tensor, damp: float)
     return torch.linalg.solve(H + lam * eye, rhs.T).T.float()
 
 
+def _dead_inputs_zeroed(w: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 copies of ``w`` and ``h`` where an input that never fired (zero Hessian
+    diagonal) has a zero weight column and a unit diagonal, so the factorization holds."""
+    W = w.detach().double().clone()
+    H = h.detach().double().clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    return W, H
+
+
 def _upper_inverse_factor(H: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper Cholesky factor of the inverse of ``H`` damped by ``damp`` times its mean
     diagonal (``H`` is changed in place): the rows GPTQ spreads each error along."""
@@ -185,11 +196,7 @@ def gptq_codes(
     out_f, in_f = w.shape
     if in_f % group_size:
         raise ValueError(f"group size {group_size} does not divide {in_f} input columns")
-    W = w.detach().double().clone()
-    H = h.detach().double().clone()
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
+    W, H = _dead_inputs_zeroed(w, h)
     group = torch.arange(in_f) // group_size  # each column's scale group
     perm = None
     if act_order:
@@ -257,11 +264,7 @@ def gptvq_codes(
             f"group size {group_size} must divide {in_f} input columns and be a multiple of {d}"
         )
     block = max(d, block - block % d)
-    W = w.detach().double().clone()
-    H = h.detach().double().clone()
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
+    W, H = _dead_inputs_zeroed(w, h)
     hinv = _upper_inverse_factor(H, damp)
     s = scale.double().reshape(out_f, in_f // group_size)
     c = codebook.double()
@@ -437,58 +440,45 @@ def _group_size(cw, in_f: int) -> int | None:
 
 
 def _refine(cw, w, h, gs: int, refit: int, kw, target) -> tuple[float, float]:
-    """GPTQ codes (and ``refit`` rounds of scales) for one ``ClusteredWeight`` whose
-    (out, in) original is ``w`` and whose scale groups hold ``gs`` inputs, in place,
-    rounding toward ``target`` (``w`` itself, or :func:`cross_target`'s);
-    ``(weight MSE to w before, after)``."""
+    """GPTQ codes (and ``refit`` rounds of scales) for one ``ClusteredWeight`` or
+    ``VectorWeight`` whose (out, in) original is ``w`` and whose scale groups hold
+    ``gs`` inputs, in place, rounding toward ``target`` (``w`` itself, or
+    :func:`cross_target`'s); ``(weight MSE to w before, after)``."""
     if isinstance(cw, VectorWeight):
-        return _refine_vector(cw, w, h, gs, refit, kw, target)
-    table = cw.codebook[0].float()
-    scale = cw.group_scale.float().repeat_interleave(gs).view(w.shape)
-    before = _grid_mse(cw.codes(), table, scale, w)
-    codes = gptq_codes(target, h, table, cw.group_scale, gs, **kw)
+        if gs % cw.cluster_dim:
+            raise ValueError(f"scale groups of {gs} split the {cw.cluster_dim}-weight vectors")
+        table = cw.codebook_float()[0]  # (k, d)
+        vkw = {k: kw[k] for k in ("damp", "block") if k in kw}
+
+        def choose():
+            return gptvq_codes(target, h, table, cw.group_scale, gs, **vkw)
+    else:
+        table = cw.codebook[0].float()
+
+        def choose():
+            return gptq_codes(target, h, table, cw.group_scale, gs, **kw)
+
+    def values(codes):  # (out, in) normalized value of every weight
+        return table[codes.long()].reshape(w.shape)
+
+    def mse(codes) -> float:
+        scale = cw.group_scale.float().repeat_interleave(gs).view(w.shape)
+        return float(((values(codes) * scale - w) ** 2).mean())
+
+    before = mse(cw.codes())
+    codes = choose()
     for r in range(refit):  # new scales for these codes, then new codes on them
         old = cw.group_scale.float().reshape(-1)
-        new = refit_scales(target, h, codes, table, gs, damp=kw.get("damp", 0.01))
-        new = new.reshape(-1)
+        new = _refit_to_values(target, h, values(codes), gs, kw.get("damp", 0.01)).reshape(-1)
         # a scale the solve cannot pin (a group whose codes are all zero) stays
         new = torch.where(torch.isfinite(new) & (new.abs() > 1e-8 * old.abs()), new, old)
         with torch.no_grad():
             cw.group_scale.copy_(new.reshape(cw.group_scale.shape))
         if r < refit - 1:
-            codes = gptq_codes(target, h, table, cw.group_scale, gs, **kw)
-    scale = cw.group_scale.float().repeat_interleave(gs).view(w.shape)
+            codes = choose()
     cw.set_packed(pack_codes(codes, cw.bits))
     cw._dense = None  # a cached dense weight would be stale
-    return before, _grid_mse(codes, table, scale, w)
-
-
-def _grid_mse(codes, table, scale, w) -> float:
-    """Mean squared error of ``table[codes] * scale`` against ``w``."""
-    return float(((table[codes.long()] * scale - w) ** 2).mean())
-
-
-def _refine_vector(cw, w, h, gs: int, refit: int, kw, target) -> tuple[float, float]:
-    """:func:`_refine` for a ``VectorWeight``: codes by :func:`gptvq_codes`, scales
-    re-fitted to the coordinates of the chosen centroids."""
-    if gs % cw.cluster_dim:
-        raise ValueError(f"scale groups of {gs} split the {cw.cluster_dim}-weight vectors")
-    cb = cw.codebook_float()[0]
-    damp = kw.get("damp", 0.01)
-    vkw = {k: kw[k] for k in ("damp", "block") if k in kw}
-    before = float(((cw.dense().detach().float() - w) ** 2).mean())
-    codes = gptvq_codes(target, h, cb, cw.group_scale, gs, **vkw)
-    for r in range(refit):
-        old = cw.group_scale.float().reshape(-1)
-        new = _refit_to_values(target, h, cb[codes].reshape(w.shape), gs, damp).reshape(-1)
-        new = torch.where(torch.isfinite(new) & (new.abs() > 1e-8 * old.abs()), new, old)
-        with torch.no_grad():
-            cw.group_scale.copy_(new.reshape(cw.group_scale.shape))
-        if r < refit - 1:
-            codes = gptvq_codes(target, h, cb, cw.group_scale, gs, **vkw)
-    cw.set_packed(pack_codes(codes.reshape(-1), cw.bits))
-    cw._dense = None
-    return before, float(((cw.dense().detach().float() - w) ** 2).mean())
+    return before, mse(codes)
 
 
 # scalar methods whose codebook a vector codebook can start from (``cluster_vectors``'
@@ -543,8 +533,8 @@ def vectorize_(
             continue
         h = hessians[name]
         energy = torch.diag(h).float().clamp_min(0)[None, :].expand_as(w).contiguous()
-        dtype = "float16" if cw.meta.get("codebook_dtype", "float32") == "float32" else None
-        dtype = dtype or cw.meta["codebook_dtype"]
+        dtype = cw.meta.get("codebook_dtype", "float32")
+        dtype = "float16" if dtype == "float32" else dtype  # halves the larger codebook
         vc = cluster_vectors(
             w,
             cluster_dim=cluster_dim,
