@@ -135,3 +135,21 @@ def test_recipe_gptq_dim_vectorizes_within_the_budget():
     for bad in ("dim=3", "dim=1.5", "dim=true"):
         with pytest.raises(wclust.ConfigError, match="gptq dim"):
             get_recipe(f"scaled+gptq:{bad}")
+
+
+def test_vectorize_makes_at_most_256_centroids():
+    """Quads take 2-bit layers (256 centroids) and leave 3-bit ones scalar (4096)."""
+    from wclust.nn.modules import ClusteredWeight
+    from wclust.stages.gptq import vectorize_
+
+    batches = [{"input": correlated_inputs(64, 128, s)} for s in range(2)]
+    for bits, kind in ((2, VectorWeight), (3, ClusteredWeight)):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(128, 64))
+        h = collect_hessians(model, batches)
+        originals = {"0": model[0].weight.detach().clone()}
+        cfg = wclust.ClusterConfig(bits=bits, group_size=64, method="scaled-fit", min_numel=1)
+        wclust.compress_(model, cfg)
+        vectorize_(model, h, originals, cluster_dim=4)
+        assert type(model[0].clustered) is kind
+        assert model[0].clustered.n_clusters == 2 ** (bits * (4 if kind is VectorWeight else 1))

@@ -223,10 +223,10 @@ class _Run:
         g = self.recipe.gptq
         if g is None or g.dim == 1 or not hessians:
             return 0.0
-        from ..stages.gptq import VECTOR_MAX_BITS, vector_codebook_extra
+        from ..stages.gptq import VECTOR_MAX_CODE_BITS, vector_codebook_extra
 
         widths = [c[0] if isinstance(c, tuple) else c for c in cands]
-        widths = [b for b in widths if b <= VECTOR_MAX_BITS]
+        widths = [b for b in widths if b * g.dim <= VECTOR_MAX_CODE_BITS]
         if not widths:
             return 0.0
         numel = sum(p.numel() for p in self.model.parameters())

@@ -146,8 +146,8 @@ class GPTQ:
             the codes just chosen, each but the last followed by new codes. One round
             lowered the KL to the original at 3.25 and 4.25 bits on whisper-base; three
             raised it.
-        dim: weights per code. Above 1, each scalar codebook of up to 4 bits (not a
-            token table's) is first clustered again as a vector codebook of ``dim``
+        dim: weights per code. Above 1, each scalar codebook of up to 8 // dim bits
+            (256 centroids; not a token table's) is first clustered again as a vector codebook of ``dim``
             consecutive weights at the same bits, then its codes are chosen ``dim``
             columns at a time (GPTVQ; ``stages.gptq.gptvq_codes``). A budget then
             keeps room for the larger codebooks.

@@ -384,7 +384,8 @@ def gptq_refine_(
         cross_damp: :func:`cross_target`'s pull toward the weight. None: ``kw``'s
             damping.
         cluster_dim: above 1, first :func:`vectorize_` (scalar scaled codebooks of up to
-            4 bits become vector codebooks of that many weights per code at the same
+            ``VECTOR_MAX_CODE_BITS // cluster_dim`` bits become vector codebooks of that
+            many weights per code at the same
             bits); vector codebooks take :func:`gptvq_codes`.
         kw: passed to :func:`gptq_codes` (of them, ``damp`` and ``block`` to
             :func:`gptvq_codes`).
@@ -482,10 +483,10 @@ def _refine(cw, w, h, gs: int, refit: int, kw, target) -> tuple[float, float]:
 
 
 # scalar methods whose codebook a vector codebook can start from (``cluster_vectors``'
-# ``scalar``), and the widest scalar code turned into vectors: at 4 bits, pairs
-# already take 256 centroids
+# ``scalar``), and the widest vector code made: 256 centroids (pairs of 4-bit weights,
+# quads of 2-bit ones), the most the compiled kernel keeps in registers
 _VECTOR_START = {"scaled-fit": "fit", "scaled-exact": "exact", "scaled-lloyd": "lloyd"}
-VECTOR_MAX_BITS = 4
+VECTOR_MAX_CODE_BITS = 8
 
 
 def vector_codebook_extra(bits: int, cluster_dim: int) -> int:
@@ -505,7 +506,7 @@ def vectorize_(
     """Turn scalar scaled codebooks into vector codebooks at the same bits, in place.
 
     Every 2-D weight with a Hessian, one scalar codebook of at most
-    ``VECTOR_MAX_BITS`` bits from a scaled method and scales per group of inputs (a
+    ``VECTOR_MAX_CODE_BITS // cluster_dim`` bits from a scaled method and scales per group of inputs (a
     multiple of ``cluster_dim``) is clustered again from its original: ``cluster_dim``
     consecutive weights per code, ``2**(bits * cluster_dim)`` float16 centroids, the
     same scale groups, each weight weighted by its input's energy (the Hessian's
@@ -519,8 +520,10 @@ def vectorize_(
     done = []
     for cw, owners in clustered_weights(model).values():
         name = owners[0][0]
-        if type(cw) is not ClusteredWeight or len(cw.shape) != 2 or cw.bits > VECTOR_MAX_BITS:
+        if type(cw) is not ClusteredWeight or len(cw.shape) != 2:
             continue  # row-split, vector, or not a matrix
+        if cw.bits * cluster_dim > VECTOR_MAX_CODE_BITS:
+            continue
         start = _VECTOR_START.get(cw.meta.get("method"))
         if start is None or name not in hessians or name not in originals:
             continue
