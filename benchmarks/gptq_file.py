@@ -82,6 +82,12 @@ def main() -> None:
         help="weights per code: 2 turns the scalar codebooks of up to 4 bits into vector "
         "codebooks of pairs first and chooses their codes by GPTVQ (the recipe's gptq:dim)",
     )
+    ap.add_argument(
+        "--refit-codebook",
+        action="store_true",
+        help="in each --refit round, also re-fit each layer's codebook to its output "
+        "error (the recipe's gptq:refit_codebook)",
+    )
     ap.add_argument("--no-wer", action="store_true", help="print the KL only")
     a = ap.parse_args()
 
@@ -134,7 +140,12 @@ def main() -> None:
     # the recipe stage's options, validated as a recipe's are (these defaults differ:
     # one damping for every layer, no refit, so earlier logs' commands reproduce)
     stage = GPTQ(
-        damp=a.damp, act_order=a.act_order, embed_damp=a.embed_damp, refit=a.refit, dim=a.dim
+        damp=a.damp,
+        act_order=a.act_order,
+        embed_damp=a.embed_damp,
+        refit=a.refit,
+        dim=a.dim,
+        refit_codebook=a.refit_codebook,
     )
     cross = None if a.own_target else cross
     kw = stage.refine_kwargs()

@@ -151,6 +151,13 @@ class GPTQ:
             consecutive weights at the same bits, then its codes are chosen ``dim``
             columns at a time (GPTVQ; ``stages.gptq.gptvq_codes``). A budget then
             keeps room for the larger codebooks.
+        refit_codebook: in each ``refit`` round, after the scales, also re-fit each
+            layer's shared codebook to its output error for the codes chosen
+            (``stages.gptq.refit_codebook``; GPTVQ's codebook update). Token tables
+            keep theirs. On whisper-base at 3.25 bits it moved the KL to the original
+            by under 1% (pairs 0.0547 -> 0.0544, scalar 0.0644 -> 0.0645): a codebook
+            of 8 or 64 centroids shared by a whole matrix is already pinned down by
+            its weights, so it is off by default.
     """
 
     damp: float = 0.01
@@ -160,6 +167,7 @@ class GPTQ:
     embed_damp: float | None = 0.1
     refit: int = 1
     dim: int = 1
+    refit_codebook: bool = False
 
     def __post_init__(self):
         if not isinstance(self.damp, (int, float)) or not self.damp > 0:
@@ -178,6 +186,10 @@ class GPTQ:
             raise ConfigError(f"gptq refit must be an integer >= 0, got {self.refit!r}")
         if self.dim not in (1, 2, 4) or type(self.dim) is not int:
             raise ConfigError(f"gptq dim is 1, 2 or 4 weights per code, got {self.dim!r}")
+        if not isinstance(self.refit_codebook, bool):
+            raise ConfigError(f"gptq refit_codebook is true or false, got {self.refit_codebook!r}")
+        if self.refit_codebook and not self.refit:
+            raise ConfigError("gptq refit_codebook=true needs refit >= 1 (the rounds it runs in)")
         object.__setattr__(self, "exclude", _globs(self.exclude))
 
     def refine_kwargs(self) -> dict:
@@ -188,6 +200,7 @@ class GPTQ:
             "embed_damp": self.embed_damp,
             "refit": self.refit,
             "cluster_dim": self.dim,
+            "refit_codebook": self.refit_codebook,
         }
 
 

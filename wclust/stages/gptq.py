@@ -5,9 +5,10 @@ columns of a layer one at a time and spreads each column's rounding error over t
 columns not yet quantized, weighted by the inverse of the layer's input Hessian
 ``H = X^T X`` (from calibration inputs), so the *layer output* error is minimized.
 Here the grid is the layer's own learned codebook times its per-group scales (a
-non-uniform grid, as in GPTQ's "any grid" form): the codebook stays as clustering
-chose it. The scales stay too, unless ``refit`` asks for scales least-squares fitted to
-the layer's output error for the new codes (``refit_scales``).
+non-uniform grid, as in GPTQ's "any grid" form). The codebook and scales stay as
+clustering chose them, unless ``refit`` asks for scales least-squares fitted to the
+layer's output error for the new codes (``refit_scales``), and ``refit_codebook`` for the
+codebook too (``refit_codebook``).
 
 Use: ``hessians = collect_hessians(model, batches)`` on the original model; keep the
 original weights; ``compress_`` with a per-tensor codebook method (scaled-lloyd,
@@ -44,6 +45,7 @@ __all__ = [
     "gptq_codes",
     "gptq_refine_",
     "gptvq_codes",
+    "refit_codebook",
     "refit_scales",
     "vectorize_",
 ]
@@ -348,6 +350,92 @@ def _refit_to_values(
     return torch.linalg.solve(m, r).float()
 
 
+def refit_codebook(
+    w: torch.Tensor,
+    h: torch.Tensor,
+    codes: torch.Tensor,
+    codebook: torch.Tensor,
+    scale: torch.Tensor,
+    group_size: int,
+    *,
+    damp: float = 0.01,
+    iters: int = 64,
+) -> torch.Tensor:
+    """The shared codebook that minimizes the layer's output error for fixed codes and
+    scales (GPTVQ's codebook update, solved exactly rather than by gradient steps).
+
+    Row ``i``'s decoded weight ``codebook[codes[i]] * scale[i, g(j)]`` is linear in the
+    centroids, so the error ``sum_i (w_i - w^_i) H (w_i - w^_i)^T`` is a quadratic in
+    them. Its normal equations (one unknown per centroid coordinate) are solved by
+    conjugate gradients with a diagonal preconditioner, starting from ``codebook``: each
+    step costs one (out, in) x (in, in) product, and the error never rises above the
+    start's. After GPTQ has moved the codes, clustering's centroids (fit to the
+    weights) are no longer the ones that fit what the layer computes.
+
+    Args:
+        w: (out, in) target weight.
+        h: (in, in) input Hessian.
+        codes: (out, in // d) codes into ``codebook``.
+        codebook: (k,) scalar or (k, d) vector centroids of normalized weights.
+        scale: (out * in // group_size,) per-group scale, groups consecutive along in.
+        group_size: inputs per scale group (divides ``in``).
+        damp: added to the Hessian's diagonal, times its mean, as in
+            :func:`gptq_codes`.
+        iters: conjugate-gradient steps at most (exact after ``k * d``).
+
+    Returns:
+        float64 centroids shaped like ``codebook``.
+    """
+    out_f, in_f = w.shape
+    c0 = codebook.detach().double().reshape(codebook.shape[0], -1)
+    k, d = c0.shape
+    if in_f % group_size:
+        raise ValueError(f"group size {group_size} does not divide {in_f} input columns")
+    H = h.detach().double().clone()
+    H += damp * torch.diag(H).mean() * torch.eye(in_f, dtype=H.dtype)
+    s = scale.detach().double().reshape(out_f, -1).repeat_interleave(group_size, 1)
+    # every weight's index into the flattened (k, d) codebook
+    idx = (codes.long().reshape(out_f, in_f // d, 1) * d + torch.arange(d)).reshape(-1)
+
+    def expand(c):  # (k * d,) -> (out, in) decoded weight
+        return c[idx].reshape(out_f, in_f) * s
+
+    def gather(y):  # (out, in) -> (k * d,): the adjoint of expand
+        return torch.zeros(k * d, dtype=torch.float64).index_add_(0, idx, (y * s).reshape(-1))
+
+    def apply(c):  # the normal equations' matrix times c
+        return gather(expand(c) @ H)
+
+    def error(c) -> float:
+        e = w.double() - expand(c)
+        return float(((e @ H) * e).sum())
+
+    b = gather(w.double() @ H)
+    diag = gather(s * torch.diag(H)[None, :]).clamp_min(0)
+    # a centroid no weight uses has no equation: it keeps its value
+    used = diag > 0
+    pre = torch.where(used, 1 / diag.clamp_min(1e-300), torch.zeros_like(diag))
+    x = c0.reshape(-1).clone()
+    r = b - apply(x)
+    z = pre * r
+    p = z.clone()
+    rz = float(r @ z)
+    start = error(x)
+    for _ in range(iters):
+        if rz <= 1e-30 * max(float(b @ (pre * b)), 1e-300):
+            break
+        ap = apply(p)
+        alpha = rz / float(p @ ap)
+        x += alpha * p
+        r -= alpha * ap
+        z = pre * r
+        rz, rz_old = float(r @ z), rz
+        p = z + (rz / rz_old) * p
+    if not error(x) < start:  # rounding noise past convergence
+        return c0.reshape(codebook.shape).clone()
+    return x.reshape(codebook.shape)
+
+
 def gptq_refine_(
     model: nn.Module,
     hessians: dict[str, torch.Tensor],
@@ -358,6 +446,7 @@ def gptq_refine_(
     cross: dict[str, torch.Tensor] | None = None,
     cross_damp: float | None = None,
     cluster_dim: int = 1,
+    refit_codebook: bool = False,
     **kw,
 ) -> dict[str, tuple[float, float]]:
     """Re-choose the codes of every clustered weight that has a Hessian, a shared
@@ -387,6 +476,9 @@ def gptq_refine_(
             ``VECTOR_MAX_CODE_BITS // cluster_dim`` bits become vector codebooks of that
             many weights per code at the same
             bits); vector codebooks take :func:`gptvq_codes`.
+        refit_codebook: in each ``refit`` round, after the scales, also re-fit the
+            shared codebook to the layer's output error (:func:`refit_codebook`) for
+            float codebooks (not a token table's: its rows are also looked up).
         kw: passed to :func:`gptq_codes` (of them, ``damp`` and ``block`` to
             :func:`gptvq_codes`).
 
@@ -422,7 +514,16 @@ def gptq_refine_(
         before = after = 0.0
         for (part, r0), gs in zip(parts, groups, strict=True):
             rows = slice(r0, r0 + part.shape[0])
-            b, a = _refine(part, w[rows], hessians[name], gs, refit, kw_w, target[rows])
+            b, a = _refine(
+                part,
+                w[rows],
+                hessians[name],
+                gs,
+                refit,
+                kw_w,
+                target[rows],
+                refit_codebook and not embedding and len(parts) == 1,
+            )
             before, after = before + b * part.shape[0], after + a * part.shape[0]
         cw._dense = None  # a split's cached dense weight would be stale too
         done[name] = (before / w.shape[0], after / w.shape[0])
@@ -440,11 +541,13 @@ def _group_size(cw, in_f: int) -> int | None:
     return gs if gs and in_f % gs == 0 else None
 
 
-def _refine(cw, w, h, gs: int, refit: int, kw, target) -> tuple[float, float]:
-    """GPTQ codes (and ``refit`` rounds of scales) for one ``ClusteredWeight`` or
-    ``VectorWeight`` whose (out, in) original is ``w`` and whose scale groups hold
-    ``gs`` inputs, in place, rounding toward ``target`` (``w`` itself, or
-    :func:`cross_target`'s); ``(weight MSE to w before, after)``."""
+def _refine(
+    cw, w, h, gs: int, refit: int, kw, target, codebook: bool = False
+) -> tuple[float, float]:
+    """GPTQ codes (and ``refit`` rounds of scales, and of the codebook if ``codebook``)
+    for one ``ClusteredWeight`` or ``VectorWeight`` whose (out, in) original is ``w``
+    and whose scale groups hold ``gs`` inputs, in place, rounding toward ``target``
+    (``w`` itself, or :func:`cross_target`'s); ``(weight MSE to w before, after)``."""
     if isinstance(cw, VectorWeight):
         if gs % cw.cluster_dim:
             raise ValueError(f"scale groups of {gs} split the {cw.cluster_dim}-weight vectors")
@@ -475,6 +578,12 @@ def _refine(cw, w, h, gs: int, refit: int, kw, target) -> tuple[float, float]:
         new = torch.where(torch.isfinite(new) & (new.abs() > 1e-8 * old.abs()), new, old)
         with torch.no_grad():
             cw.group_scale.copy_(new.reshape(cw.group_scale.shape))
+        if codebook and cw.codebook_scale is None and cw.codebook.dtype.is_floating_point:
+            damp = kw.get("damp", 0.01)
+            c = refit_codebook(target, h, codes, table, cw.group_scale, gs, damp=damp)
+            with torch.no_grad():
+                cw.codebook[0].copy_(c.reshape(cw.codebook[0].shape).to(cw.codebook.dtype))
+                table.copy_(cw.codebook[0].float().reshape(table.shape))
         if r < refit - 1:
             codes = choose()
     cw.set_packed(pack_codes(codes, cw.bits))
