@@ -417,6 +417,38 @@ def test_reading_says_plainly_when_nothing_beats_nf4_or_is_near_the_original():
     assert "cluster-4.5b (4.50 bits, 10.90% WER) beats nf4-g64" in tie[-1]
 
 
+def test_reading_gives_paired_intervals_when_rows_carry_clip_errors():
+    """With per-clip errors on the same clips, the reading gives each row's WER minus the
+    original's with a paired-bootstrap interval, and says when a win over NF4 is within
+    what the choice of clips could make."""
+    rng = np.random.default_rng(0)
+    words = rng.integers(5, 40, size=100)
+    base = rng.binomial(words, 0.10)
+
+    def row(method, bits, edits):
+        wer = 100 * edits.sum() / words.sum()
+        errs = {"edits": edits.tolist(), "words": words.tolist()}
+        return _asr(method, bits, wer, 500.0, item_errors=errs)
+
+    worse = base + rng.binomial(words, 0.05)
+    nf4 = base + rng.binomial(words, 0.02)
+    near = nf4.copy()
+    near[np.argmax(nf4 - base)] -= 1  # one word better than NF4
+    rows = [row("fp32", 32.0, base), row("nf4", 4.5, nf4), row("c3", 3.0, worse)]
+    rows.append(row("c4", 4.0, near))
+    lines = T.reading(rows)
+    diffs = next(x for x in lines if x.startswith("WER minus the original's"))
+    assert "paired bootstrap over the 100 clips" in diffs
+    d, lo, hi = T._paired(rows[2], rows[0])
+    assert lo > 0 and f"c3 {d:+.2f} ({lo:+.2f} to {hi:+.2f})" in diffs
+    assert diffs.count("(") == 3  # every compressed row
+    assert lines[-1].endswith("which includes 0).") and "c4 (4.00 bits" in lines[-1]
+    # rows without per-clip errors, or on other clips, get no intervals
+    assert not any("bootstrap" in x for x in T.reading(_asr_rows()))
+    other = dict(rows[2], item_errors={"edits": [1], "words": [3]})
+    assert T._paired(other, rows[0]) is None
+
+
 def test_reading_of_a_higher_is_better_measure():
     def vis(method, bits, agree):
         return {"method": method, "bits_per_weight": bits, "quality": {"top1_agree": agree}}

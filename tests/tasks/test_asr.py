@@ -16,6 +16,7 @@ from wclust.tasks.asr import (  # noqa: E402
     AudioSample,
     builtin_clips_dir,
     calibration_batches,
+    clip_errors,
     evaluate,
     load_audio_dir,
     normalize_text,
@@ -49,6 +50,17 @@ def test_empty_reference_counts_insertions():
     r = wer_cer(["a b c d", "", "Um."], ["a b c d", "x y", ""])
     assert r["wer"] == pytest.approx(50.0)  # 2 insertions / 4 words
     assert r["cer"] == pytest.approx(100 * 3 / 7)  # "x y" / "a b c d"
+
+
+def test_clip_errors_add_up_to_the_corpus_rates():
+    refs = ["a b c d", "", "Um.", "the cat sat down", "e f"]
+    hyps = ["a b x d", "x y", "", "the cat sat", "e f g h"]
+    w, c = clip_errors(refs, hyps), clip_errors(refs, hyps, "char")
+    assert w == {"edits": [1, 2, 0, 1, 2], "words": [4, 0, 0, 4, 2]}
+    r = wer_cer(refs, hyps)
+    assert r["wer"] == pytest.approx(100 * 6 / 10)
+    assert r["cer"] == pytest.approx(100 * sum(c["edits"]) / sum(c["words"]))
+    assert c["words"][0] == 7 and c["edits"][1] == 3
 
 
 def test_wer_cer_errors():
@@ -291,7 +303,11 @@ def test_evaluate_metrics_form(tiny_whisper):
         AudioSample("y", _sine(220, 0.5, SAMPLE_RATE), "one two three"),
     ]
     r = evaluate(model, processor, samples, max_new_tokens=4)
-    assert set(r) == {"wer", "cer", "n_clips", "audio_seconds", "latency_s", "names", "hypotheses"}
+    keys = {"wer", "cer", "n_clips", "audio_seconds", "latency_s", "names", "hypotheses"}
+    assert set(r) == keys | {"item_errors"}
+    e = r["item_errors"]
+    # "one two three" normalizes to one number
+    assert e["words"] == [2, 1] and r["wer"] == pytest.approx(100 * sum(e["edits"]) / 3)
     assert r["n_clips"] == 2 and r["names"] == ["x", "y"]
     assert r["audio_seconds"] == pytest.approx(1.5)
     assert len(r["latency_s"]) == 2 and all(t > 0 for t in r["latency_s"])

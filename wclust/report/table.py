@@ -264,13 +264,31 @@ def _measure(rows: list[Mapping[str, Any]]) -> str | None:
     return None
 
 
+def _paired(r: Mapping[str, Any], base: Mapping[str, Any]) -> tuple[float, float, float] | None:
+    """``r``'s WER minus ``base``'s with its 95% paired-bootstrap interval over the
+    clips (``report.stats``), when both rows carry per-clip errors on the same clips."""
+    a, b = r.get("item_errors"), base.get("item_errors")
+    if not a or not b or not a.get("words") or a.get("words") != b.get("words"):
+        return None
+    from .stats import paired_bootstrap
+
+    return paired_bootstrap(a["edits"], b["edits"], a["words"])
+
+
+def _interval(p: tuple[float, float, float]) -> str:
+    return f"95% interval {p[1]:+.2f} to {p[2]:+.2f}"
+
+
 def reading(rows: list[Mapping[str, Any]], metric: str | None = None) -> list[str]:
     """A few sentences that read the table, computed from the rows.
 
     The smallest row (bits per weight) whose quality is within the measure's margin of
     the original's (+0.5 WER points for speech), the fastest row (mean CPU time), and
     the rows that beat NF4 (any ``nf4*`` row) on quality at equal or fewer bits per
-    weight, or that none does.
+    weight, or that none does. For WER, rows with per-clip errors (``item_errors``)
+    also get their difference from the original and from NF4 with a 95% interval of
+    a paired bootstrap over the clips: how much of a difference the choice of clips
+    alone could make.
 
     Args:
         rows: measured rows; failed rows and rows without the numbers are left out.
@@ -323,6 +341,17 @@ def reading(rows: list[Mapping[str, Any]], metric: str | None = None) -> list[st
                 f"No compressed row is {what}; the closest: {name(closest)}, "
                 f"{bits(closest):.2f} bits per weight, {qs(closest)}."
             )
+    if metric == "wer" and orig is not None:
+        diffs = [(r, _paired(r, orig)) for r in others]
+        diffs = [(r, p) for r, p in diffs if p is not None]
+        if diffs:
+            n = len(orig["item_errors"]["words"])
+            lines.append(
+                f"WER minus the original's, in points, with a 95% interval of a paired "
+                f"bootstrap over the {n} clips: "
+                + "; ".join(f"{name(r)} {p[0]:+.2f} ({p[1]:+.2f} to {p[2]:+.2f})" for r, p in diffs)
+                + "."
+            )
     timed = [r for r in ok if _is_num(r.get("latency_ms_mean"))]
     if timed:
         fast = min(timed, key=lambda r: r["latency_ms_mean"])
@@ -344,9 +373,13 @@ def reading(rows: list[Mapping[str, Any]], metric: str | None = None) -> list[st
         beaten = [n for n in nf4 if bits(r) <= bits(n) and better(q(r), q(n))]
         if beaten:
             n = min(beaten, key=lambda n: q(n) if lower else -q(n))  # the strongest
+            p = _paired(r, n) if metric == "wer" else None
+            sure = ""
+            if p is not None:
+                sure = f"; {_interval(p)}" + (", which includes 0" if p[1] <= 0 <= p[2] else "")
             wins.append(
                 f"{name(r)} ({bits(r):.2f} bits, {qs(r)}) beats {name(n)} "
-                f"({bits(n):.2f} bits, {qs(n)})"
+                f"({bits(n):.2f} bits, {qs(n)}{sure})"
             )
     if wins:
         lines.append(
@@ -412,8 +445,13 @@ def to_markdown(
     return "\n".join(lines) + "\n"
 
 
+# per-item lists that results.json keeps and a flat table does not
+_NOT_IN_CSV = ("item_errors",)
+
+
 def _csv_columns(rows: list[Mapping[str, Any]]) -> list[str]:
-    """Schema fields present in any row (schema order), quality_<key>, then other keys."""
+    """Schema fields present in any row (schema order), quality_<key>, then other keys
+    (not the per-item lists of ``_NOT_IN_CSV``)."""
     present = {k for r in rows for k in r}
     cols = [k for k in ROW_FIELDS if k in present and k != "quality"]
     qual: list[str] = []
@@ -423,7 +461,7 @@ def _csv_columns(rows: list[Mapping[str, Any]]) -> list[str]:
             if f"quality_{k}" not in qual:
                 qual.append(f"quality_{k}")
         for k in r:
-            if k not in ROW_FIELDS and k not in extra:
+            if k not in ROW_FIELDS and k not in extra and k not in _NOT_IN_CSV:
                 extra.append(k)
     # keep quality columns where the schema puts quality
     at = cols.index("notes") if "notes" in cols else len(cols)

@@ -74,6 +74,7 @@ def _asr_eval(model, processor, data) -> dict:
             "audio_seconds": r["audio_seconds"],
             "names": r["names"],
             "hypotheses": r["hypotheses"],
+            "item_errors": r["item_errors"],
         },
     }
 

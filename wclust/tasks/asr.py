@@ -276,25 +276,45 @@ def wer_cer(references: list[str], hypotheses: list[str]) -> dict[str, float]:
     Raises:
         ValueError: lengths differ, or every reference is empty after normalization.
     """
+    words, chars = clip_errors(references, hypotheses), clip_errors(references, hypotheses, "char")
+    return {
+        "wer": 100.0 * sum(words["edits"]) / sum(words["words"]),
+        "cer": 100.0 * sum(chars["edits"]) / sum(chars["words"]),
+    }
+
+
+def clip_errors(
+    references: list[str], hypotheses: list[str], unit: str = "word"
+) -> dict[str, list[int]]:
+    """Per-clip edit counts behind ``wer_cer``: ``{"edits": [...], "words": [...]}``, one
+    entry per pair (``words``: the reference's length in words, or in characters with
+    ``unit="char"``).
+
+    The corpus rate is ``sum(edits) / sum(words)``; per-clip counts let a paired bootstrap
+    over clips (``report.stats.paired_bootstrap``) say how sure a difference between two
+    models on the same clips is.
+
+    Raises:
+        ValueError: lengths differ, or every reference is empty after normalization.
+    """
     jiwer = _require("jiwer")
     if len(references) != len(hypotheses):
         raise ValueError(f"{len(references)} references but {len(hypotheses)} hypotheses")
     refs = [normalize_text(r) for r in references]
     hyps = [normalize_text(h) for h in hypotheses]
-    scored = [(r, h) for r, h in zip(refs, hyps, strict=True) if r]
-    if not scored:
+    if not any(refs):
         raise ValueError("every reference is empty after normalization; nothing to score")
-    # Empty references are scored by hand: some jiwer versions reject them.
-    extra_words = sum(len(h.split()) for r, h in zip(refs, hyps, strict=True) if not r)
-    extra_chars = sum(len(h) for r, h in zip(refs, hyps, strict=True) if not r)
-    r_list, h_list = [r for r, _ in scored], [h for _, h in scored]
-    w = jiwer.process_words(r_list, h_list)
-    c = jiwer.process_characters(r_list, h_list)
-    n_words = w.hits + w.substitutions + w.deletions  # reference length
-    n_chars = c.hits + c.substitutions + c.deletions
-    word_edits = w.substitutions + w.deletions + w.insertions + extra_words
-    char_edits = c.substitutions + c.deletions + c.insertions + extra_chars
-    return {"wer": 100.0 * word_edits / n_words, "cer": 100.0 * char_edits / n_chars}
+    process = jiwer.process_words if unit == "word" else jiwer.process_characters
+    edits, lengths = [], []
+    for r, h in zip(refs, hyps, strict=True):
+        if not r:  # scored by hand: some jiwer versions reject empty references
+            edits.append(len(h.split()) if unit == "word" else len(h))
+            lengths.append(0)
+            continue
+        out = process(r, h)
+        edits.append(out.substitutions + out.deletions + out.insertions)
+        lengths.append(out.hits + out.substitutions + out.deletions)
+    return {"edits": edits, "words": lengths}
 
 
 def _is_multilingual(model) -> bool:
@@ -420,7 +440,8 @@ def evaluate(
     Returns:
         dict with ``wer`` and ``cer`` (percent, see ``wer_cer``), ``n_clips``,
         ``audio_seconds`` (total), ``latency_s`` (per clip, seconds: features + decoding +
-        detokenizing), ``names``, ``hypotheses`` (raw transcripts, in sample order).
+        detokenizing), ``names``, ``hypotheses`` (raw transcripts, in sample order),
+        ``item_errors`` (``clip_errors``' per-clip word edits and reference words).
     """
     if not samples:
         raise ValueError("no samples to evaluate")
@@ -433,9 +454,11 @@ def evaluate(
         t0 = time.perf_counter()
         hypotheses.append(_transcribe(model, processor, s.audio, gc))
         latency.append(time.perf_counter() - t0)
-    scores = wer_cer([s.text for s in samples], hypotheses)
+    refs = [s.text for s in samples]
+    scores = wer_cer(refs, hypotheses)
     return {
         **scores,
+        "item_errors": clip_errors(refs, hypotheses),
         "n_clips": len(samples),
         "audio_seconds": sum(s.seconds for s in samples),
         "latency_s": latency,
