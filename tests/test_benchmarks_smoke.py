@@ -131,3 +131,32 @@ def test_smallest_setting_runs(script, args, expect, tmp_path):
     assert expect in r.stdout, (r.stdout + r.stderr)[-3000:]
     if script == "stream_memory.py":
         assert json.loads(r.stdout[r.stdout.index("{") :])["output_bytes"] > 0
+
+
+def test_asr_paired_reads_saved_clip_errors(tmp_path):
+    """``asr_paired.py --load``: the table from saved per-clip errors, no decoding; a
+    file with more errors on every clip gets an interval above 0 against fp32."""
+    words = [10, 12, 8, 20, 15, 9, 11, 14]
+    base = [1, 2, 0, 3, 1, 1, 2, 1]
+    saved = {
+        "fp32": {"wer": 100 * 11 / 99, "cer": 4.0, "item_errors": {"edits": base, "words": words}},
+        "x.wclust": {
+            "wer": 100 * 27 / 99,
+            "cer": 9.0,
+            "item_errors": {"edits": [e + 2 for e in base], "words": words},
+        },
+    }
+    path = tmp_path / "clips.json"
+    path.write_text(json.dumps(saved))
+    r = subprocess.run(
+        [sys.executable, "asr_paired.py", "--load", str(path)],
+        cwd=BENCH,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    row = next(x for x in r.stdout.splitlines() if x.startswith("| x.wclust"))
+    cells = [c.strip() for c in row.split("|")]
+    assert cells[2] == "27.27%" and cells[4].startswith("+16.16 (+")
