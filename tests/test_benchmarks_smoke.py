@@ -96,6 +96,20 @@ HELP_ONLY = {
 _SHADOWED = (BENCH / "kernels.py").exists()
 
 
+def _run(script: str, args: list[str]) -> subprocess.CompletedProcess:
+    """``python SCRIPT ARGS`` from inside benchmarks/, which must succeed."""
+    r = subprocess.run(
+        [sys.executable, script, *args],
+        cwd=BENCH,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    return r
+
+
 @pytest.mark.parametrize(
     "script,args,expect",
     [
@@ -118,16 +132,7 @@ _SHADOWED = (BENCH / "kernels.py").exists()
 )
 def test_smallest_setting_runs(script, args, expect, tmp_path):
     assert script in SCRIPTS
-    args = [a.format(tmp=tmp_path) for a in args]
-    r = subprocess.run(
-        [sys.executable, script, *args],
-        cwd=BENCH,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    r = _run(script, [a.format(tmp=tmp_path) for a in args])
     assert expect in r.stdout, (r.stdout + r.stderr)[-3000:]
     if script == "stream_memory.py":
         assert json.loads(r.stdout[r.stdout.index("{") :])["output_bytes"] > 0
@@ -148,15 +153,7 @@ def test_asr_paired_reads_saved_clip_errors(tmp_path):
     }
     path = tmp_path / "clips.json"
     path.write_text(json.dumps(saved))
-    r = subprocess.run(
-        [sys.executable, "asr_paired.py", "--load", str(path)],
-        cwd=BENCH,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    r = _run("asr_paired.py", ["--load", str(path)])
     row = next(x for x in r.stdout.splitlines() if x.startswith("| x.wclust"))
     cells = [c.strip() for c in row.split("|")]
     assert cells[2] == "27.27%" and cells[4].startswith("+16.16 (+")
