@@ -158,11 +158,18 @@ def _dead_inputs_zeroed(w: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor,
     return W, H
 
 
+def _damped(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """A float64 copy of ``h`` with ``damp`` times its mean diagonal added to the diagonal."""
+    H = h.detach().double().clone()
+    H += damp * torch.diag(H).mean() * torch.eye(H.shape[0], dtype=H.dtype)
+    return H
+
+
 def _upper_inverse_factor(H: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper Cholesky factor of the inverse of ``H`` damped by ``damp`` times its mean
-    diagonal (``H`` is changed in place): the rows GPTQ spreads each error along."""
-    H += damp * torch.diag(H).mean() * torch.eye(H.shape[0], dtype=H.dtype)
-    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    diagonal: the rows GPTQ spreads each error along."""
+    L = torch.linalg.cholesky(_damped(H, damp))
+    return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
 
 
 def gptq_codes(
@@ -335,8 +342,7 @@ def _refit_to_values(
         raise ValueError(f"group size {group_size} does not divide {in_f} input columns")
     n_groups = in_f // group_size
     t = t.double()
-    H = h.detach().double().clone()
-    H += damp * torch.diag(H).mean() * torch.eye(in_f, dtype=H.dtype)
+    H = _damped(h, damp)
     # normal equations per row: M_i[g, g'] = sum over j in g, j' in g' of
     # t_ij H_jj' t_ij', and r_i[g] = sum over j in g of t_ij (H w_i)_j
     m = torch.empty(out_f, n_groups, n_groups, dtype=torch.float64)
@@ -391,8 +397,7 @@ def refit_codebook(
     k, d = c0.shape
     if in_f % group_size:
         raise ValueError(f"group size {group_size} does not divide {in_f} input columns")
-    H = h.detach().double().clone()
-    H += damp * torch.diag(H).mean() * torch.eye(in_f, dtype=H.dtype)
+    H = _damped(h, damp)
     s = scale.detach().double().reshape(out_f, -1).repeat_interleave(group_size, 1)
     # every weight's index into the flattened (k, d) codebook
     idx = (codes.long().reshape(out_f, in_f // d, 1) * d + torch.arange(d)).reshape(-1)
