@@ -276,7 +276,11 @@ def wer_cer(references: list[str], hypotheses: list[str]) -> dict[str, float]:
     Raises:
         ValueError: lengths differ, or every reference is empty after normalization.
     """
-    words, chars = clip_errors(references, hypotheses), clip_errors(references, hypotheses, "char")
+    return _rates(clip_errors(references, hypotheses), clip_errors(references, hypotheses, "char"))
+
+
+def _rates(words: dict[str, list[int]], chars: dict[str, list[int]]) -> dict[str, float]:
+    """``wer_cer``'s corpus rates from ``clip_errors``' word and character counts."""
     return {
         "wer": 100.0 * sum(words["edits"]) / sum(words["words"]),
         "cer": 100.0 * sum(chars["edits"]) / sum(chars["words"]),
@@ -455,10 +459,10 @@ def evaluate(
         hypotheses.append(_transcribe(model, processor, s.audio, gc))
         latency.append(time.perf_counter() - t0)
     refs = [s.text for s in samples]
-    scores = wer_cer(refs, hypotheses)
+    words = clip_errors(refs, hypotheses)
     return {
-        **scores,
-        "item_errors": clip_errors(refs, hypotheses),
+        **_rates(words, clip_errors(refs, hypotheses, "char")),
+        "item_errors": words,
         "n_clips": len(samples),
         "audio_seconds": sum(s.seconds for s in samples),
         "latency_s": latency,
