@@ -11,21 +11,31 @@ A difference whose interval includes 0 could come from which clips are in the se
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
+
+
+@functools.cache
+def _clips():
+    """The ASR task, whisper-base's processor and the 100 test clips, loaded once."""
+    from wclust.models import load_processor
+    from wclust.tasks import get_task
+
+    task = get_task("asr")
+    return task, load_processor("whisper-base"), task.load_data(None, None, 1)
 
 
 def _score(path: str) -> dict:
     import torch
     from _whisper_file import load_student
 
-    from wclust.models import load_model, load_processor
-    from wclust.tasks import get_task
+    from wclust.models import load_model
 
-    task = get_task("asr")
+    task, processor, data = _clips()
     model = load_model("whisper-base").model if path == "fp32" else load_student(path)
     with torch.inference_mode():
-        r = task.evaluate(model, load_processor("whisper-base"), task.load_data(None, None, 1))
+        r = task.evaluate(model, processor, data)
     return {**r["quality"], "item_errors": r["details"]["item_errors"]}
 
 
