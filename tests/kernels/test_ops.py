@@ -379,13 +379,33 @@ def test_new_operators_pass_torch_library_opcheck():
     )
 
 
+def _int16_tables(x, cb, vec_per_group):
+    """The tables the AVX2 kernel looks up for 33-64 centroids, as it rounds them:
+    per row of x, ``T[j, c] = dot(cb[c], x[j*d : j*d + d])`` (float32, fused
+    multiply-adds in the kernel's order), one scale per chunk of slices (the largest
+    divisor of a scale group up to 8), ``max|T| / (32767 // chunk)``, and the int16
+    entries rounded half to even. Returns (q (n, n_vec, K) int64, scales per slice)."""
+    chunk = next(c for c in range(8, 0, -1) if vec_per_group % c == 0)
+    n, d = x.shape[0], cb.shape[1]
+    xs = x.view(n, -1, d).double()
+    t = (xs[..., 0:1] * cb[:, 0].double()).float()  # the first product, rounded
+    for e in range(1, d):  # fma: one rounding per step
+        t = (xs[..., e : e + 1] * cb[:, e].double() + t.double()).float()
+    m = t.view(n, -1, chunk * cb.shape[0]).abs().amax(-1)
+    s = torch.where(m > 0, m / (32767 // chunk), torch.ones_like(m))
+    inv = (1 / s).repeat_interleave(chunk, dim=1)[..., None]
+    return torch.round(t * inv).long(), s.repeat_interleave(chunk, dim=1)
+
+
 @pytest.mark.parametrize(
     "k,d,tiled",
     [(16, 2, True), (32, 2, True), (64, 2, True), (200, 4, True), (256, 2, True), (300, 2, False)],
 )
 def test_vector_linear_matches_the_dense_weight_on_every_isa(k, d, tiled, isa):
     """``vq_linear`` (rows or tiles of 16 rows, 40 rows: a partial tile) against the
-    dense product, with scales per group of 8 codes and a bias."""
+    dense product, with scales per group of 8 codes and a bias. With 33-64 centroids
+    AVX2 rounds its tables to int16: there each output may be off by half a table step
+    per code, times the code's scale."""
     g = torch.Generator().manual_seed(k)
     out_f, n_vec = 40, 48
     codes = torch.randint(0, k, (out_f, n_vec), generator=g)
@@ -397,7 +417,44 @@ def test_vector_linear_matches_the_dense_weight_on_every_isa(k, d, tiled, isa):
         c, s = ops.vq_tiles(codes.to(torch.uint8), scale, k)
     else:
         c, s = codes.to(torch.int16), scale.reshape(-1)
-    got = ops.vq_linear(x, c, cb, s, bias, out_f)
-    torch.testing.assert_close(got, x @ w.t() + bias, rtol=1e-4, atol=1e-4)
-    got = ops.vq_linear(x, c, cb, None, None, out_f)
-    torch.testing.assert_close(got, x @ cb[codes].view(out_f, -1).t(), rtol=1e-4, atol=1e-4)
+    int16 = isa == "avx2" and tiled and 32 < k <= 64
+    for vpg, sc, dense in ((8, scale, w), (n_vec, None, cb[codes].view(out_f, -1))):
+        got = ops.vq_linear(x, c, cb, s if sc is not None else None, bias, out_f)
+        want = x @ dense.t() + bias
+        tol = torch.full_like(want, 1e-4)
+        if int16:
+            step = _int16_tables(x, cb, vpg)[1]  # (3, n_vec) table step per slice
+            per_code = scale.repeat_interleave(vpg if sc is not None else 1, dim=1)
+            per_code = per_code if sc is not None else torch.ones(out_f, n_vec)
+            tol = tol + 0.5 * step @ per_code.t()
+            assert (got - want).abs().max() > 1e-4  # the rounded tables are in use
+        assert ((got - want).abs() <= tol + 1e-4 * want.abs()).all()
+
+
+@pytest.mark.parametrize("vec_per_group,k", [(8, 64), (16, 48), (6, 64), (12, 40), (3, 64)])
+def test_vector_linear_avx2_int16_tables_are_the_documented_rounding(vec_per_group, k):
+    """AVX2 with 33-64 centroids: the result is the sum of the int16-rounded tables
+    (``_int16_tables``) times their chunk's scale, times the group's scale: a wrong
+    chunk, byte order, sub-table pick or overflow would move it by whole steps."""
+    if not ops.available() or ops.isa("avx2") != "avx2":
+        ops.isa("best")
+        pytest.skip("no AVX2 kernels on this CPU")
+    try:
+        g = torch.Generator().manual_seed(vec_per_group)
+        out_f, n_vec = 50, 96  # 4 blocks of 16 rows: two pairs, the last one partial
+        codes = torch.randint(0, k, (out_f, n_vec), generator=g)
+        codes[:, :4] = k - 1  # the top entry, code bits 4 and 5 set
+        cb = torch.randn(k, 2, generator=g)
+        x = torch.randn(2, n_vec * 2, generator=g) * torch.linspace(0.1, 10, n_vec * 2)
+        scale = torch.rand(out_f, n_vec // vec_per_group, generator=g) + 0.5
+        c, s = ops.vq_tiles(codes.to(torch.uint8), scale, k)
+        got = ops.vq_linear(x, c, cb, s, None, out_f).double()
+        q, step = _int16_tables(x, cb, vec_per_group)
+        assert q.abs().max() <= 32767 // next(c for c in range(8, 0, -1) if vec_per_group % c == 0)
+        picked = q.gather(2, codes.t()[None].expand(2, -1, -1)).double() * step[..., None].double()
+        per_group = picked.view(2, n_vec // vec_per_group, vec_per_group, out_f).sum(2)
+        want = (per_group * scale.t().double()).sum(1)
+        # float32 sums of a few hundred terms; one step of rounding is about 2e-3 here
+        torch.testing.assert_close(got, want, rtol=2e-6, atol=2e-4)
+    finally:
+        ops.isa("best")

@@ -77,7 +77,9 @@ VQ_CASES = [
 @pytest.mark.parametrize("compiled", [True, False])
 def test_compiled_vector_linear_matches_the_dense_weight(case, compiled, monkeypatch):
     """Up to 8 rows through ``kernels.ops.vq_linear`` (compiled, or its torch-op
-    fallback), bias included; more rows through the dense weight."""
+    fallback), bias included; more rows through the dense weight. AVX2 rounds the
+    tables of 33-64 centroids to int16: there the outputs are within 1e-3 of their
+    norm (about 3e-4 measured) instead of float rounding."""
     from wclust.kernels import ops
 
     if compiled and not ops.available():
@@ -93,11 +95,16 @@ def test_compiled_vector_linear_matches_the_dense_weight(case, compiled, monkeyp
     calls = []
     real = ops.vq_linear
     monkeypatch.setattr(ops, "vq_linear", lambda *a: calls.append(1) or real(*a))
+    int16 = compiled and ops.isa() == "avx2" and 32 < vw.codebook.shape[-2] <= 64
     for n in (1, 3, 8, 9):
         x = torch.randn(n, 128)
         with torch.no_grad():
             y = vw.linear(x, bias)
-        torch.testing.assert_close(y, x @ dense.t() + bias, rtol=1e-4, atol=1e-4)
+        want = x @ dense.t() + bias
+        if int16 and n <= 8:
+            assert 1e-6 < (y - want).norm() <= 1e-3 * want.norm()
+        else:
+            torch.testing.assert_close(y, want, rtol=1e-4, atol=1e-4)
     assert len(calls) == (3 if compiled else 0)
 
 
