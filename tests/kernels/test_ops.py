@@ -380,7 +380,7 @@ def test_new_operators_pass_torch_library_opcheck():
 
 
 def _int16_tables(x, cb, vec_per_group):
-    """The tables the AVX2 kernel looks up for 33-64 centroids, as it rounds them:
+    """The tables the AVX2 kernel looks up for tiles of up to 64 centroids, as it rounds them:
     per row of x, ``T[j, c] = dot(cb[c], x[j*d : j*d + d])`` (float32, fused
     multiply-adds in the kernel's order), one scale per chunk of slices (the largest
     divisor of a scale group up to 8), ``max|T| / (32767 // chunk)``, and the int16
@@ -403,7 +403,7 @@ def _int16_tables(x, cb, vec_per_group):
 )
 def test_vector_linear_matches_the_dense_weight_on_every_isa(k, d, tiled, isa):
     """``vq_linear`` (rows or tiles of 16 rows, 40 rows: a partial tile) against the
-    dense product, with scales per group of 8 codes and a bias. With 33-64 centroids
+    dense product, with scales per group of 8 codes and a bias. With up to 64 centroids
     AVX2 rounds its tables to int16: there each output may be off by half a table step
     per code, times the code's scale."""
     g = torch.Generator().manual_seed(k)
@@ -417,7 +417,7 @@ def test_vector_linear_matches_the_dense_weight_on_every_isa(k, d, tiled, isa):
         c, s = ops.vq_tiles(codes.to(torch.uint8), scale, k)
     else:
         c, s = codes.to(torch.int16), scale.reshape(-1)
-    int16 = isa == "avx2" and tiled and 32 < k <= 64
+    int16 = isa == "avx2" and tiled and k <= 64
     for vpg, sc, dense in ((8, scale, w), (n_vec, None, cb[codes].view(out_f, -1))):
         got = ops.vq_linear(x, c, cb, s if sc is not None else None, bias, out_f)
         want = x @ dense.t() + bias
@@ -431,9 +431,12 @@ def test_vector_linear_matches_the_dense_weight_on_every_isa(k, d, tiled, isa):
         assert ((got - want).abs() <= tol + 1e-4 * want.abs()).all()
 
 
-@pytest.mark.parametrize("vec_per_group,k", [(8, 64), (16, 48), (6, 64), (12, 40), (3, 64)])
+@pytest.mark.parametrize(
+    "vec_per_group,k",
+    [(8, 64), (16, 48), (6, 64), (12, 40), (3, 64), (8, 16), (16, 9), (6, 32), (4, 20)],
+)
 def test_vector_linear_avx2_int16_tables_are_the_documented_rounding(vec_per_group, k):
-    """AVX2 with 33-64 centroids: the result is the sum of the int16-rounded tables
+    """AVX2 tiles of up to 64 centroids: the result is the sum of the int16-rounded tables
     (``_int16_tables``) times their chunk's scale, times the group's scale: a wrong
     chunk, byte order, sub-table pick or overflow would move it by whole steps."""
     if not ops.available() or ops.isa("avx2") != "avx2":
@@ -443,7 +446,7 @@ def test_vector_linear_avx2_int16_tables_are_the_documented_rounding(vec_per_gro
         g = torch.Generator().manual_seed(vec_per_group)
         out_f, n_vec = 50, 96  # 4 blocks of 16 rows: two pairs, the last one partial
         codes = torch.randint(0, k, (out_f, n_vec), generator=g)
-        codes[:, :4] = k - 1  # the top entry, code bits 4 and 5 set
+        codes[:, :4] = k - 1  # the top entry (at 64: code bits 4 and 5 set)
         cb = torch.randn(k, 2, generator=g)
         x = torch.randn(2, n_vec * 2, generator=g) * torch.linspace(0.1, 10, n_vec * 2)
         scale = torch.rand(out_f, n_vec // vec_per_group, generator=g) + 0.5

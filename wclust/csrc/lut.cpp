@@ -911,9 +911,9 @@ at::Tensor lut_linear_int8(const at::Tensor& x_in, const at::Tensor& codes, int6
 // 16). For each row of x a table of every centroid's dot product with every d-slice of
 // x (in / d x K floats); then rows take one scalar look-up and add per code, tiles one
 // permute from the slice's table in registers per 16 codes. A group's sum is scaled
-// once. On AVX2, 33-64 centroids round the tables to int16 (vq_tiles64_avx2): the
-// one path whose result is not the float sum, off by at most half a table step per
-// code.
+// once. On AVX2, tiles of up to 64 centroids round the tables to int16
+// (vq_tiles_int16_avx2): the one path whose result is not the float sum, off by at
+// most half a table step per code.
 
 // T[j * K + c] = dot(cb[c], x[j*d : j*d + d]) for slices [j0, j1); cbt: (d, K), K a
 // multiple of 16 (zero-padded).
@@ -1068,34 +1068,6 @@ __attribute__((target("avx2,fma"))) void vq_table_avx2(const float* cbt, int64_t
   }
 }
 
-// A slice's first 8 * P table entries in P registers (P = 2 or 4); 8 codes (epi32
-// lanes) -> their entries: lookup8_256 per 16 entries, and a blend on code bit 4.
-// With 64 entries (8 registers) the 15 permutes and blends per 8 codes are slower than
-// scalar look-ups (33-64 entries take vq_tiles64_avx2's int16 byte shuffles instead),
-// and AVX2 gathers were no faster than scalar look-ups at 16-256 entries (AMD Zen 3).
-template <int P>
-struct ByteTable256 {
-  static_assert(P == 2 || P == 4, "2 or 4 registers");
-  __m256 t[P];
-  __attribute__((target("avx2,fma"), always_inline)) void load(const float* T) {
-    for (int i = 0; i < P; ++i) t[i] = _mm256_loadu_ps(T + 8 * i);
-  }
-  __attribute__((target("avx2,fma"), always_inline)) __m256 lookup(__m256i idx) const {
-    if constexpr (P == 2) return lookup8_256(idx, t[0], t[1]);
-    return _mm256_blendv_ps(lookup8_256(idx, t[0], t[1]), lookup8_256(idx, t[2], t[3]),
-                            _mm256_castsi256_ps(_mm256_slli_epi32(idx, 27)));
-  }
-};
-
-// Rows 0-7 and 8-15 of a block: their 16 byte codes as two registers of epi32 lanes.
-__attribute__((target("avx2,fma"), always_inline)) inline void codes8x2(const uint8_t* p,
-                                                                         __m256i& lo,
-                                                                         __m256i& hi) {
-  const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  lo = _mm256_cvtepu8_epi32(c);
-  hi = _mm256_cvtepu8_epi32(_mm_srli_si128(c, 8));
-}
-
 __attribute__((target("avx2,fma"))) inline void store_block(float* y, int64_t rb, int64_t out_f,
                                                            __m256 lo, __m256 hi) {
   const int64_t left = std::min<int64_t>(16, out_f - rb * 16);
@@ -1110,63 +1082,31 @@ __attribute__((target("avx2,fma"))) inline void store_block(float* y, int64_t rb
   std::memcpy(y + rb * 16, buf, left * sizeof(float));
 }
 
-// vq_tiles_avx512 on 8 lanes (block-major tiles, up to 32 entries in registers).
-template <int P>
-__attribute__((target("avx2,fma"))) void vq_tiles_avx2(const uint8_t* codes, int64_t n_vec,
-                                                      const float* T, int64_t Kp,
-                                                      const float* scale, int64_t vec_per_group,
-                                                      float* y, int64_t out_f, int64_t rb0,
-                                                      int64_t rb1) {
-  const int64_t n_groups = n_vec / vec_per_group;
-  ByteTable256<P> bt;
-  for (int64_t rb = rb0; rb < rb1; ++rb) {
-    const uint8_t* cp = codes + rb * n_vec * 16;
-    __m256 tot0 = _mm256_setzero_ps(), tot1 = _mm256_setzero_ps();
-    for (int64_t g = 0; g < n_groups; ++g) {
-      __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-      for (int64_t j = g * vec_per_group; j < (g + 1) * vec_per_group; ++j) {
-        __m256i lo, hi;
-        codes8x2(cp + j * 16, lo, hi);
-        bt.load(T + j * Kp);
-        a0 = _mm256_add_ps(a0, bt.lookup(lo));
-        a1 = _mm256_add_ps(a1, bt.lookup(hi));
-      }
-      if (scale) {
-        const float* s = scale + (rb * n_groups + g) * 16;
-        tot0 = _mm256_fmadd_ps(_mm256_loadu_ps(s), a0, tot0);
-        tot1 = _mm256_fmadd_ps(_mm256_loadu_ps(s + 8), a1, tot1);
-      } else {
-        tot0 = _mm256_add_ps(tot0, a0);
-        tot1 = _mm256_add_ps(tot1, a1);
-      }
-    }
-    store_block(y, rb, out_f, tot0, tot1);
-  }
-}
-
 #endif
 
-// 33-64 centroids on AVX2: the float table of a slice would take 8 registers and 15
-// permutes and blends per 8 codes, so the tables are rounded to int16 and looked up a
-// byte at a time by vpshufb, 32 codes (two blocks of 16 rows) per shuffle: per slice
-// 4 sub-tables of 16 entries x (low, high byte), selected by code bits 4 and 5. A
+// Tiles of up to 64 centroids on AVX2. Float tables in registers take 8-lane permutes:
+// 2 and a blend per 8 codes at 16 entries, 15 at 64 (slower than scalar look-ups).
+// So the tables are rounded to int16 and looked up a byte at a time by vpshufb, 32
+// codes (two blocks of 16 rows) per shuffle: per slice up to 4 sub-tables of 16
+// entries x (low, high byte), selected by code bits 4 and 5 (2-3x faster than the
+// float permutes at 16-32 entries on AMD Zen 3). A
 // chunk of c slices (the largest divisor of a scale group up to kQChunk) shares one
 // table scale, max|T| / (32767 / c), so its c int16 sums cannot overflow; the sum of a
 // chunk is then scaled in float. Each entry is off by at most half a step, 1/8190 of
 // the chunk's largest entry at c = 8: on random inputs the outputs are off by about
 // 3e-4 of their norm, less than rounding x to float16 would make (chunks of 16 ran 5%
 // faster at twice the error). T-MAC looks up int8 tables the same way.
-// Tq per slice: 64 low bytes then 64 high bytes.
+// Tq per slice: Kp (32 or 64) low bytes, then Kp high bytes.
 constexpr int64_t kQChunk = 8;
 
 #ifdef WCLUST_X86
-// The int16 tables of chunks [c0, c1) straight from x (cbt: (d, 64), as vq_table_avx2).
-__attribute__((target("avx2,fma"))) void vq_table_int16(const float* cbt, int64_t d,
+// The int16 tables of chunks [c0, c1) straight from x (cbt: (d, Kp), Kp 32 or 64, as
+// vq_table_avx2).
+__attribute__((target("avx2,fma"))) void vq_table_int16(const float* cbt, int64_t Kp, int64_t d,
                                                        const float* x, int64_t chunk,
                                                        uint8_t* Tq, float* tscale, int64_t c0,
                                                        int64_t c1) {
-  constexpr int64_t Kp = 64;
-  alignas(32) float t[kQChunk * Kp];
+  alignas(32) float t[kQChunk * 64];
   const float qmax = static_cast<float>(32767 / chunk);
   const __m256 sign = _mm256_set1_ps(-0.f);
   // per 128-bit lane: the low bytes of 8 int16 entries, then their high bytes
@@ -1185,14 +1125,14 @@ __attribute__((target("avx2,fma"))) void vq_table_int16(const float* cbt, int64_
     const __m256 inv = _mm256_set1_ps(1.f / s);
     for (int64_t j = 0; j < chunk; ++j) {
       const float* r = t + j * Kp;
-      uint8_t* q = Tq + (c * chunk + j) * 128;
-      for (int i = 0; i < 4; ++i) {  // sub-table i: entries 16i .. 16i + 15
+      uint8_t* q = Tq + (c * chunk + j) * 2 * Kp;
+      for (int64_t i = 0; i < Kp / 16; ++i) {  // sub-table i: entries 16i .. 16i + 15
         const __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(r + 16 * i), inv));
         const __m256i b = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(r + 16 * i + 8), inv));
         const __m256i w = _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0xD8);  // in order
         const __m256i by = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(w, split), 0xD8);
         _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 16 * i), _mm256_castsi256_si128(by));
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 64 + 16 * i),
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(q + Kp + 16 * i),
                          _mm256_extracti128_si256(by, 1));
       }
     }
@@ -1208,16 +1148,21 @@ __attribute__((target("avx2,fma"), always_inline)) inline __m256i sub16_256(cons
       _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(t))), idx);
 }
 
-__attribute__((target("avx2,fma"), always_inline)) inline __m256i bytes64_256(
+template <int S>  // sub-tables: 1, 2 or 4
+__attribute__((target("avx2,fma"), always_inline)) inline __m256i table_bytes_256(
     const uint8_t* t, __m256i idx, __m256i m4, __m256i m5) {
-  return _mm256_blendv_epi8(_mm256_blendv_epi8(sub16_256(t, idx), sub16_256(t + 16, idx), m4),
-                            _mm256_blendv_epi8(sub16_256(t + 32, idx), sub16_256(t + 48, idx), m4),
-                            m5);
+  if constexpr (S == 1) return sub16_256(t, idx);
+  const __m256i lo = _mm256_blendv_epi8(sub16_256(t, idx), sub16_256(t + 16, idx), m4);
+  if constexpr (S == 2) return lo;
+  return _mm256_blendv_epi8(
+      lo, _mm256_blendv_epi8(sub16_256(t + 32, idx), sub16_256(t + 48, idx), m4), m5);
 }
 
-// Two blocks of 16 rows (rb, rb + 1) per pass; block-major tiles as vq_tiles_avx2.
-__attribute__((target("avx2,fma"))) void vq_tiles64_avx2(
-    const uint8_t* codes, int64_t n_vec, int64_t n_blocks, const uint8_t* Tq,
+// Two blocks of 16 rows (rb, rb + 1) per pass; block-major tiles as vq_tiles_avx512. The
+// first S sub-tables of 16 entries of each slice's Kp (vq_table_int16's layout).
+template <int S>
+__attribute__((target("avx2,fma"))) void vq_tiles_int16_avx2(
+    const uint8_t* codes, int64_t n_vec, int64_t n_blocks, const uint8_t* Tq, int64_t Kp,
     const float* tscale, int64_t chunk, const float* scale, int64_t vec_per_group, float* y,
     int64_t out_f, int64_t p0, int64_t p1) {
   const int64_t n_groups = n_vec / vec_per_group;
@@ -1238,8 +1183,9 @@ __attribute__((target("avx2,fma"))) void vq_tiles64_avx2(
               _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c0 + j * 16))),
               _mm_loadu_si128(reinterpret_cast<const __m128i*>(c1 + j * 16)), 1);
           const __m256i m4 = _mm256_slli_epi16(idx, 3), m5 = _mm256_slli_epi16(idx, 2);
-          const uint8_t* t = Tq + j * 128;
-          const __m256i lb = bytes64_256(t, idx, m4, m5), hb = bytes64_256(t + 64, idx, m4, m5);
+          const uint8_t* t = Tq + j * 2 * Kp;
+          const __m256i lb = table_bytes_256<S>(t, idx, m4, m5);
+          const __m256i hb = table_bytes_256<S>(t + Kp, idx, m4, m5);
           // per 128-bit lane: rows 0-7 of the lane's block, then rows 8-15
           lo = _mm256_add_epi16(lo, _mm256_unpacklo_epi8(lb, hb));
           hi = _mm256_add_epi16(hi, _mm256_unpackhi_epi8(lb, hb));
@@ -1337,26 +1283,28 @@ at::Tensor vq_linear(const at::Tensor& x_in, const at::Tensor& codes, const at::
   const float* cbp = cb.data_ptr<float>();
   for (int64_t c = 0; c < K; ++c)
     for (int64_t e = 0; e < d; ++e) cbt[e * Kp + c] = cbp[c * d + e];
+  const int isa = active_isa().load(std::memory_order_relaxed);
+  // AVX2 tiles of up to 64 centroids: int16 tables looked up by byte shuffles
+  // (vq_tiles_int16_avx2), one table scale per chunk of slices, the largest divisor of a
+  // scale group up to kQChunk; 1, 2 or 4 sub-tables of 16 entries
+  const bool int16_tables = tiled && isa == kAvx2 && K <= 64;
+  const int S = K <= 16 ? 1 : K <= 32 ? 2 : 4;
   // the largest code the type holds stays inside the buffer (a code past K reads
   // another slice's entry: wrong, never out of bounds; the Python side checks codes)
-  const int isa = active_isa().load(std::memory_order_relaxed);
-  // AVX2 with 33-64 centroids: int16 tables looked up by byte shuffles (vq_tiles64_avx2),
-  // one table scale per chunk of slices, the largest divisor of a scale group up to 8
-  const bool shuffle64 = tiled && isa == kAvx2 && K > 32 && K <= 64;
   static thread_local std::vector<float> table;
   const int64_t max_code = codes.scalar_type() == at::kByte ? 255 : 65535;
-  float* T = shuffle64 ? nullptr : kept_buffer(table, n_vec * Kp + max_code + 1);
+  float* T = int16_tables ? nullptr : kept_buffer(table, n_vec * Kp + max_code + 1);
   if (T) std::fill(T + n_vec * Kp, T + n_vec * Kp + max_code + 1, 0.f);
   int64_t chunk = kQChunk;
   while (vec_per_group % chunk) --chunk;
   static thread_local std::vector<uint8_t> qtable;
   static thread_local std::vector<float> qscale;
-  uint8_t* Tq = shuffle64 ? kept_buffer(qtable, n_vec * 128) : nullptr;
-  float* tscale = shuffle64 ? kept_buffer(qscale, n_vec / chunk) : nullptr;
+  uint8_t* Tq = int16_tables ? kept_buffer(qtable, n_vec * 2 * Kp) : nullptr;
+  float* tscale = int16_tables ? kept_buffer(qscale, n_vec / chunk) : nullptr;
   at::Tensor y = at::empty({n, out_f}, x.options());
   for (int64_t b = 0; b < n; ++b) {
     const float* xb = x.data_ptr<float>() + b * in_f;
-    if (!shuffle64)
+    if (!int16_tables)
       at::parallel_for(0, n_vec, std::max<int64_t>(1, 4096 / Kp), [&](int64_t j0, int64_t j1) {
 #ifdef WCLUST_X86
       if (isa == kAvx512) return vq_table_avx512(cbt.data(), Kp, d, xb, T, j0, j1);
@@ -1365,16 +1313,19 @@ at::Tensor vq_linear(const at::Tensor& x_in, const at::Tensor& codes, const at::
       vq_table_portable(cbt.data(), Kp, d, xb, T, j0, j1);
     });
     float* yb = y.data_ptr<float>() + b * out_f;
-    if (tiled && shuffle64) {
+    if (int16_tables) {
 #ifdef WCLUST_X86
       at::parallel_for(0, n_vec / chunk, std::max<int64_t>(1, 256 / chunk), [&](int64_t c0, int64_t c1) {
-        vq_table_int16(cbt.data(), d, xb, chunk, Tq, tscale, c0, c1);
+        vq_table_int16(cbt.data(), Kp, d, xb, chunk, Tq, tscale, c0, c1);
       });
       const uint8_t* cp = codes.data_ptr<uint8_t>();
       at::parallel_for(0, (n_blocks + 1) / 2, std::max<int64_t>(1, 512 / std::max<int64_t>(1, n_vec)),
                        [&](int64_t p0, int64_t p1) {
-                         vq_tiles64_avx2(cp, n_vec, n_blocks, Tq, tscale, chunk, sp,
-                                         vec_per_group, yb, out_f, p0, p1);
+                         const auto f = S == 1   ? vq_tiles_int16_avx2<1>
+                                        : S == 2 ? vq_tiles_int16_avx2<2>
+                                                 : vq_tiles_int16_avx2<4>;
+                         f(cp, n_vec, n_blocks, Tq, Kp, tscale, chunk, sp, vec_per_group, yb,
+                           out_f, p0, p1);
                        });
 #endif
     } else if (tiled) {
@@ -1394,12 +1345,6 @@ at::Tensor vq_linear(const at::Tensor& x_in, const at::Tensor& codes, const at::
                          if (isa == kAvx512)
                            return vq_tiles_by_slice_avx512<8>(cp, n_vec, n_blocks, T, Kp, sp,
                                                               vec_per_group, yb, out_f, r0, r1);
-                         if (isa == kAvx2 && K <= 16)
-                           return vq_tiles_avx2<2>(cp, n_vec, T, Kp, sp, vec_per_group, yb, out_f,
-                                                   r0, r1);
-                         if (isa == kAvx2 && K <= 32)
-                           return vq_tiles_avx2<4>(cp, n_vec, T, Kp, sp, vec_per_group, yb, out_f,
-                                                   r0, r1);
 #endif
                          vq_tiles_portable(cp, n_vec, n_blocks, K > 64, T, Kp, sp,
                                            vec_per_group, yb, out_f, r0, r1);

@@ -151,7 +151,7 @@ def vq_linear(x, codes, codebook, scale, bias, out_features):
     with scale (out * groups,), or uint8 tiles of 16 rows with scales tiled alike (the
     layouts of ``vq_tiles``). Codes must lie below K. Per row of x a
     table of every centroid's dot product with every d-slice of x, then one look-up per
-    code (16 codes per permute for tiles). On AVX2, tiles of 33-64 centroids look up
+    code (16 codes per permute for tiles). On AVX2, tiles of up to 64 centroids look up
     int16-rounded tables by byte shuffles (32 codes per shuffle): one table scale per
     chunk of up to 8 slices within a scale group, each output off by at most half a
     table step per code (1/8190 of the chunk's largest entry) times its scale."""
