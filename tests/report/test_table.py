@@ -449,6 +449,37 @@ def test_reading_gives_paired_intervals_when_rows_carry_clip_errors():
     assert T._paired(other, rows[0]) is None
 
 
+def test_reading_gives_paired_intervals_for_image_agreement():
+    """Images' misses against the original's top-1: the difference is in the measure's
+    own direction (fewer agreements, a negative difference) and its interval too."""
+    rng = np.random.default_rng(1)
+
+    def vis(method, bits, misses):
+        n = len(misses)
+        items = {"metric": "top1_agree", "unit": "images", "edits": misses.tolist()}
+        items["words"] = [1] * n
+        q = {"top1_agree": 100 - 100 * misses.sum() / n}
+        return {"method": method, "bits_per_weight": bits, "quality": q, "item_errors": items}
+
+    nf4 = rng.binomial(1, 0.06, 200)
+    near = nf4.copy()
+    near[np.argmax(nf4)] = 0  # one image more in agreement than NF4
+    rows = [vis("fp32", 32, np.zeros(200, dtype=int)), vis("nf4", 4.5, nf4)]
+    rows += [vis("c3", 3.0, rng.binomial(1, 0.2, 200)), vis("c4", 4.0, near)]
+    lines = T.reading(rows)
+    diffs = next(x for x in lines if x.startswith("TOP1_AGREE minus the original's"))
+    assert "paired bootstrap over the 200 images" in diffs
+    d, lo, hi = T._paired(rows[2], rows[0], "top1_agree")
+    want = rows[2]["quality"]["top1_agree"] - 100
+    assert d == pytest.approx(want) and lo <= want <= hi < 0
+    assert f"c3 {d:+.2f} ({lo:+.2f} to {hi:+.2f})" in diffs
+    d4, lo4, hi4 = T._paired(rows[3], rows[1], "top1_agree")
+    assert d4 == pytest.approx(0.5) and lo4 <= 0 <= hi4
+    assert lines[-1].endswith("which includes 0).") and "c4 (4.00 bits" in lines[-1]
+    # per-image errors of another measure give no interval for this one
+    assert T._paired(rows[2], rows[0], "accuracy") is None
+
+
 def test_reading_of_a_higher_is_better_measure():
     def vis(method, bits, agree):
         return {"method": method, "bits_per_weight": bits, "quality": {"top1_agree": agree}}

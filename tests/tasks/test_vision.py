@@ -58,6 +58,27 @@ def test_metrics_against_another_model(tmp_path):
     assert r["quality"]["kl_div"] > 0
 
 
+def test_item_errors_are_the_misses_behind_the_first_measure(tmp_path):
+    """Per-image misses (for paired intervals): against the reference's top-1 when there
+    is one, else against the labels; the measure is 100 minus their rate."""
+    data = load_images(_folder(tmp_path))
+    task = get_task("vision")
+    for seed in range(6):  # some seeds disagree with the reference on some images
+        ref = task.reference(tiny_classifier(0), PRE, data)
+        r = task.evaluate(tiny_classifier(seed), PRE, data, reference=ref)
+        items = r["details"]["item_errors"]
+        assert items["metric"] == "top1_agree" and items["unit"] == "images"
+        assert items["words"] == [1] * 4 and set(items["edits"]) <= {0, 1}
+        assert r["quality"]["top1_agree"] == 100 - 100 * sum(items["edits"]) / 4
+        preds = r["details"]["predictions"]
+        ref_preds = ref["logits"].argmax(-1).tolist()
+        assert items["edits"] == [int(p != q) for p, q in zip(preds, ref_preds, strict=True)]
+        alone = task.evaluate(tiny_classifier(seed), PRE, data)["details"]["item_errors"]
+        assert alone["metric"] == "accuracy"
+        wrong = [int(p != int(it.label)) for p, it in zip(preds, data.items, strict=True)]
+        assert alone["edits"] == wrong
+
+
 def test_compare_logits_known_values():
     ref = torch.tensor([[2.0, 0.0], [0.0, 2.0]])
     lg = torch.tensor([[2.0, 0.0], [2.0, 0.0]])

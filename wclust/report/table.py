@@ -264,15 +264,23 @@ def _measure(rows: list[Mapping[str, Any]]) -> str | None:
     return None
 
 
-def _paired(r: Mapping[str, Any], base: Mapping[str, Any]) -> tuple[float, float, float] | None:
-    """``r``'s WER minus ``base``'s with its 95% paired-bootstrap interval over the
-    clips (``report.stats``), when both rows carry per-clip errors on the same clips."""
+def _paired(
+    r: Mapping[str, Any], base: Mapping[str, Any], metric: str = "wer"
+) -> tuple[float, float, float] | None:
+    """``r``'s ``metric`` minus ``base``'s, in points, with its 95% paired-bootstrap
+    interval over the items (``report.stats``), when both rows carry per-item errors
+    (``item_errors``) for that measure on the same items. Per-item errors count misses:
+    for WER the rate itself, for a higher-is-better percentage (``top1_agree``,
+    ``accuracy``) 100 minus the rate, so the difference and interval flip sign."""
     a, b = r.get("item_errors"), base.get("item_errors")
     if not a or not b or not a.get("words") or a.get("words") != b.get("words"):
         return None
+    if a.get("metric", "wer") != metric or b.get("metric", "wer") != metric:
+        return None
     from .stats import paired_bootstrap
 
-    return paired_bootstrap(a["edits"], b["edits"], a["words"])
+    d, lo, hi = paired_bootstrap(a["edits"], b["edits"], a["words"])
+    return (d, lo, hi) if _MEASURES.get(metric, (True, 0))[0] else (-d, -hi, -lo)
 
 
 def _interval(p: tuple[float, float, float]) -> str:
@@ -285,10 +293,11 @@ def reading(rows: list[Mapping[str, Any]], metric: str | None = None) -> list[st
     The smallest row (bits per weight) whose quality is within the measure's margin of
     the original's (+0.5 WER points for speech), the fastest row (mean CPU time), and
     the rows that beat NF4 (any ``nf4*`` row) on quality at equal or fewer bits per
-    weight, or that none does. For WER, rows with per-clip errors (``item_errors``)
-    also get their difference from the original and from NF4 with a 95% interval of
-    a paired bootstrap over the clips: how much of a difference the choice of clips
-    alone could make.
+    weight, or that none does. Rows with per-item errors for the measure
+    (``item_errors``: clips for WER, images for top-1 agreement or accuracy) also get
+    their difference from the original and from NF4 with a 95% interval of a paired
+    bootstrap over the items: how much of a difference the choice of items alone could
+    make.
 
     Args:
         rows: measured rows; failed rows and rows without the numbers are left out.
@@ -341,14 +350,15 @@ def reading(rows: list[Mapping[str, Any]], metric: str | None = None) -> list[st
                 f"No compressed row is {what}; the closest: {name(closest)}, "
                 f"{bits(closest):.2f} bits per weight, {qs(closest)}."
             )
-    if metric == "wer" and orig is not None:
-        diffs = [(r, _paired(r, orig)) for r in others]
+    if orig is not None:
+        diffs = [(r, _paired(r, orig, metric)) for r in others]
         diffs = [(r, p) for r, p in diffs if p is not None]
         if diffs:
             n = len(orig["item_errors"]["words"])
+            unit = orig["item_errors"].get("unit", "clips")
             lines.append(
-                f"WER minus the original's, in points, with a 95% interval of a paired "
-                f"bootstrap over the {n} clips: "
+                f"{metric.upper()} minus the original's, in points, with a 95% interval of a "
+                f"paired bootstrap over the {n} {unit}: "
                 + "; ".join(f"{name(r)} {p[0]:+.2f} ({p[1]:+.2f} to {p[2]:+.2f})" for r, p in diffs)
                 + "."
             )
@@ -373,7 +383,7 @@ def reading(rows: list[Mapping[str, Any]], metric: str | None = None) -> list[st
         beaten = [n for n in nf4 if bits(r) <= bits(n) and better(q(r), q(n))]
         if beaten:
             n = min(beaten, key=lambda n: q(n) if lower else -q(n))  # the strongest
-            p = _paired(r, n) if metric == "wer" else None
+            p = _paired(r, n, metric)
             sure = ""
             if p is not None:
                 sure = f"; {_interval(p)}" + (", which includes 0" if p[1] <= 0 <= p[2] else "")

@@ -169,7 +169,7 @@ def _vision_eval(model, processor, data, reference=None) -> dict:
     return {
         "quality": r["quality"],
         "latency_s": r["latency_s"],
-        "details": {"predictions": r["predictions"]},
+        "details": {"predictions": r["predictions"], "item_errors": r["item_errors"]},
     }
 
 

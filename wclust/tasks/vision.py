@@ -207,17 +207,33 @@ def compare_logits(lg, ref) -> dict:
 
 
 def evaluate(model, processor, data: ImageSet, reference: dict | None = None) -> dict:
-    """Classifies ``data``; scores against ``reference`` and the labels when present."""
+    """Classifies ``data``; scores against ``reference`` and the labels when present.
+
+    ``item_errors`` holds the per-image misses behind the first measure (``top1_agree``
+    with a reference, else ``accuracy``): ``{"metric", "unit": "images", "edits": 0 or 1
+    per image, "words": 1 per image}``, the measure being ``100 - 100 * sum(edits) /
+    sum(words)``, so a paired bootstrap over the images (``report.stats``) can say how
+    sure a difference between two models on the same images is. None without either.
+    """
     lg, latency = logits(model, processor, data)
     quality = compare_logits(lg, reference["logits"]) if reference else {}
+    pred = lg.argmax(-1)
+    misses = None
+    if reference:
+        misses = ("top1_agree", (pred != reference["logits"].argmax(-1)).int().tolist())
     labelled = [(i, it.label) for i, it in enumerate(data.items) if it.label is not None]
     if labelled:
-        pred = lg.argmax(-1)
-        hits = sum(int(pred[i]) == label_index(model, lab) for i, lab in labelled)
-        quality["accuracy"] = 100.0 * hits / len(labelled)
+        wrong = [int(int(pred[i]) != label_index(model, lab)) for i, lab in labelled]
+        quality["accuracy"] = 100.0 * (len(wrong) - sum(wrong)) / len(labelled)
+        misses = misses or ("accuracy", wrong)
+    items = None
+    if misses:
+        metric, edits = misses
+        items = {"metric": metric, "unit": "images", "edits": edits, "words": [1] * len(edits)}
     return {
         "quality": quality,
         "latency_s": latency,
         "n_images": len(data.items),
-        "predictions": [int(i) for i in lg.argmax(-1)],
+        "predictions": [int(i) for i in pred],
+        "item_errors": items,
     }
