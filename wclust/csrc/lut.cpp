@@ -1089,14 +1089,13 @@ __attribute__((target("avx2,fma"))) inline void store_block(float* y, int64_t rb
 // So the tables are rounded to int16 and looked up a byte at a time by vpshufb, 32
 // codes (two blocks of 16 rows) per shuffle: per slice up to 4 sub-tables of 16
 // entries x (low, high byte), selected by code bits 4 and 5 (2-3x faster than the
-// float permutes at 16-32 entries on AMD Zen 3). A
-// chunk of c slices (the largest divisor of a scale group up to kQChunk) shares one
-// table scale, max|T| / (32767 / c), so its c int16 sums cannot overflow; the sum of a
-// chunk is then scaled in float. Each entry is off by at most half a step, 1/8190 of
-// the chunk's largest entry at c = 8: on random inputs the outputs are off by about
-// 3e-4 of their norm, near the 2e-4 that rounding x to float16 makes and a sixth of
-// bfloat16's 1.8e-3 (chunks of 16 ran 5% faster at twice the error). T-MAC looks up
-// int8 tables the same way.
+// float permutes at 16-32 entries on AMD Zen 3; T-MAC looks up int8 tables the same
+// way). A chunk of c slices (the largest divisor of a scale group up to kQChunk)
+// shares one table scale, max|T| / (32767 / c), so its c int16 sums cannot overflow;
+// the sum of a chunk is then scaled in float. Each entry is off by at most half a
+// step, 1/8190 of the chunk's largest entry at c = 8: on random inputs the outputs are
+// off by about 3e-4 of their norm, near the 2e-4 that rounding x to float16 makes and
+// a sixth of bfloat16's 1.8e-3 (chunks of 16 ran 5% faster at twice the error).
 // Tq per slice: Kp (32 or 64) low bytes, then Kp high bytes.
 constexpr int64_t kQChunk = 8;
 
@@ -1140,8 +1139,8 @@ __attribute__((target("avx2,fma"))) void vq_table_int16(const float* cbt, int64_
   }
 }
 
-// 32 byte codes -> the bytes of the entries at t (4 sub-tables of 16): bits 0-3 pick
-// within a sub-table (vpshufb), bits 4 and 5 pick the sub-table (each moved to a
+// 32 byte codes -> the bytes of the entries at t (up to 4 sub-tables of 16): bits 0-3
+// pick within a sub-table (vpshufb), bits 4 and 5 pick the sub-table (each moved to a
 // byte's top bit for vpblendvb). Codes below 64 never have bit 7 set (which zeroes).
 __attribute__((target("avx2,fma"), always_inline)) inline __m256i sub16_256(const uint8_t* t,
                                                                            __m256i idx) {
