@@ -45,6 +45,21 @@ def test_the_interval_covers_the_sampling_spread():
     assert 50 <= covered <= 60
 
 
+def test_perplexity_differences_compare_exp_of_the_rate():
+    """``scale="exp"``: summed NLL per window over its tokens; the difference is of the
+    two perplexities, and a model worse on every window is surely worse."""
+    rng = np.random.default_rng(2)
+    tokens = rng.integers(100, 300, size=40)
+    base = tokens * rng.normal(2.0, 0.3, size=40)  # about 2 nats per token
+    worse = base + tokens * rng.normal(0.05, 0.02, size=40)
+    diff, lo, hi = paired_bootstrap(worse, base, tokens, scale="exp")
+    want = np.exp(worse.sum() / tokens.sum()) - np.exp(base.sum() / tokens.sum())
+    assert diff == pytest.approx(want) and 0 < lo < diff < hi
+    assert paired_bootstrap(base, base, tokens, scale="exp") == (0.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match="scale"):
+        paired_bootstrap(base, base, tokens, scale="log")
+
+
 def test_bad_counts_are_refused():
     with pytest.raises(ValueError, match="one length"):
         paired_bootstrap([1, 2], [1], [3, 4])

@@ -480,6 +480,26 @@ def test_reading_gives_paired_intervals_for_image_agreement():
     assert T._paired(rows[2], rows[0], "accuracy") is None
 
 
+def test_reading_gives_perplexity_intervals_over_text_windows():
+    rng = np.random.default_rng(3)
+    tokens = rng.integers(200, 400, size=30)
+
+    def lm(method, bits, nats_per_token):
+        nll = tokens * (nats_per_token + rng.normal(0, 0.01, size=30))
+        items = {"metric": "ppl", "unit": "windows", "edits": nll.tolist()}
+        items["words"] = tokens.tolist()
+        q = {"ppl": float(np.exp(nll.sum() / tokens.sum()))}
+        return {"method": method, "bits_per_weight": bits, "quality": q, "item_errors": items}
+
+    rows = [lm("fp32", 32, 2.0), lm("nf4", 4.5, 2.1), lm("c3", 3.0, 2.3)]
+    lines = T.reading(rows)
+    diffs = next(x for x in lines if x.startswith("PPL minus the original's,"))
+    assert "paired bootstrap over the 30 windows" in diffs and "points" not in diffs
+    d, lo, hi = T._paired(rows[2], rows[0], "ppl")
+    assert d == pytest.approx(rows[2]["quality"]["ppl"] - rows[0]["quality"]["ppl"])
+    assert 0 < lo < d < hi and f"c3 {d:+.2f} ({lo:+.2f} to {hi:+.2f})" in diffs
+
+
 def test_reading_of_a_higher_is_better_measure():
     def vis(method, bits, agree):
         return {"method": method, "bits_per_weight": bits, "quality": {"top1_agree": agree}}

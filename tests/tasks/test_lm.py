@@ -51,6 +51,11 @@ def test_perplexity_matches_a_direct_computation(char_tokenizer):
     r2 = evaluate(model, char_tokenizer, TextData("t", text, max_tokens=30, window=12, stride=6))
     assert r2["n_tokens"] == 29 and r2["n_windows"] > 1 and len(r2["latency_s"]) == r2["n_windows"]
     assert 1 < r2["ppl"] < 10 * r["ppl"]
+    # per-window NLL and tokens (paired intervals) give back the perplexity
+    items = r2["item_errors"]
+    assert items["metric"] == "ppl" and len(items["edits"]) == r2["n_windows"]
+    assert sum(items["words"]) == 29
+    assert math.exp(sum(items["edits"]) / 29) == pytest.approx(r2["ppl"], rel=1e-9)
 
 
 def test_registered_task_and_calibration(char_tokenizer):

@@ -1,11 +1,12 @@
 """How sure a difference between two models' error rates on the same items is.
 
-A corpus error rate is ``sum(edits) / sum(words)`` over items (clips). Two models
-scored on the same clips differ partly by chance: which clips happen to be in the set.
-The paired bootstrap (Koehn 2004; Bisani and Ney 2004 for WER) resamples the clips with
-replacement, recomputes both corpus rates on each resample and reads the spread of
-their difference. A 95% interval that excludes 0 says the difference is unlikely to
-come from the choice of clips alone; it says nothing about other speech.
+A corpus error rate is ``sum(edits) / sum(words)`` over items (clips, images, text
+windows). Two models scored on the same items differ partly by chance: which items
+happen to be in the set. The paired bootstrap (Koehn 2004; Bisani and Ney 2004 for WER)
+resamples the items with replacement, recomputes both corpus rates on each resample
+and reads the spread of their difference. A 95% interval that excludes 0 says the
+difference is unlikely to come from the choice of items alone; it says nothing about
+other data. Perplexity is the same with ``exp`` of the rate (nats per token).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ def paired_bootstrap(
     resamples: int = 10_000,
     level: float = 0.95,
     seed: int = 0,
+    scale: str = "percent",
 ) -> tuple[float, float, float]:
     """The difference of two corpus error rates on the same items, with its interval.
 
@@ -34,13 +36,16 @@ def paired_bootstrap(
         resamples: bootstrap resamples of the items.
         level: coverage of the percentile interval.
         seed: the resampling's seed (the interval is reproducible).
+        scale: ``"percent"`` compares ``100 * rate``; ``"exp"`` compares ``exp(rate)``
+            (perplexity, with summed NLL in nats as edits and tokens as words).
 
     Returns:
-        ``(a - b, low, high)`` in percentage points: the difference on all items and
-        the ``level`` percentile interval of the resampled differences.
+        ``(a - b, low, high)`` on that scale (percentage points, or perplexity): the
+        difference on all items and the ``level`` percentile interval of the
+        resampled differences.
 
     Raises:
-        ValueError: lengths differ, no items, or no reference words.
+        ValueError: lengths differ, no items, no reference words, or an unknown scale.
     """
     a, b, n = (np.asarray(v, dtype=np.float64) for v in (edits_a, edits_b, words))
     if not (a.shape == b.shape == n.shape) or a.ndim != 1:
@@ -52,14 +57,21 @@ def paired_bootstrap(
         raise ValueError("no reference words to compute an error rate on")
     if not 0 < level < 1:
         raise ValueError(f"level must be between 0 and 1, got {level}")
-    diff = 100.0 * (a.sum() - b.sum()) / n.sum()
+    if scale not in ("percent", "exp"):
+        raise ValueError(f"scale must be 'percent' or 'exp', got {scale!r}")
+
+    def diff_of(sa, sb, total):
+        if scale == "exp":
+            return np.exp(sa / total) - np.exp(sb / total)
+        return 100.0 * (sa - sb) / total
+
+    diff = diff_of(a.sum(), b.sum(), n.sum())
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, a.size, size=(resamples, a.size))
     counts = np.zeros((resamples, a.size))
     np.add.at(counts, (np.arange(resamples)[:, None], idx), 1.0)
     total = counts @ n
-    with np.errstate(invalid="ignore", divide="ignore"):
-        d = 100.0 * (counts @ (a - b)) / total
-    d = d[total > 0]
+    keep = total > 0
+    d = diff_of((counts @ a)[keep], (counts @ b)[keep], total[keep])
     lo, hi = np.quantile(d, [(1 - level) / 2, (1 + level) / 2])
     return float(diff), float(lo), float(hi)

@@ -271,7 +271,8 @@ def _paired(
     interval over the items (``report.stats``), when both rows carry per-item errors
     (``item_errors``) for that measure on the same items. Per-item errors count misses:
     for WER the rate itself, for a higher-is-better percentage (``top1_agree``,
-    ``accuracy``) 100 minus the rate, so the difference and interval flip sign."""
+    ``accuracy``) 100 minus the rate, so the difference and interval flip sign; for
+    perplexity ``exp`` of the rate (NLL per token), in perplexity, not points."""
     a, b = r.get("item_errors"), base.get("item_errors")
     if not a or not b or not a.get("words") or a.get("words") != b.get("words"):
         return None
@@ -279,7 +280,8 @@ def _paired(
         return None
     from .stats import paired_bootstrap
 
-    d, lo, hi = paired_bootstrap(a["edits"], b["edits"], a["words"])
+    scale = "exp" if metric == "ppl" else "percent"
+    d, lo, hi = paired_bootstrap(a["edits"], b["edits"], a["words"], scale=scale)
     return (d, lo, hi) if _MEASURES.get(metric, (True, 0))[0] else (-d, -hi, -lo)
 
 
@@ -356,8 +358,9 @@ def reading(rows: list[Mapping[str, Any]], metric: str | None = None) -> list[st
         if diffs:
             n = len(orig["item_errors"]["words"])
             unit = orig["item_errors"].get("unit", "clips")
+            points = "" if metric == "ppl" else ", in points"
             lines.append(
-                f"{metric.upper()} minus the original's, in points, with a 95% interval of a "
+                f"{metric.upper()} minus the original's{points}, with a 95% interval of a "
                 f"paired bootstrap over the {n} {unit}: "
                 + "; ".join(f"{name(r)} {p[0]:+.2f} ({p[1]:+.2f} to {p[2]:+.2f})" for r, p in diffs)
                 + "."

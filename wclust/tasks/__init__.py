@@ -117,7 +117,12 @@ def _lm_eval(model, processor, data) -> dict:
     return {
         "quality": {"ppl": r["ppl"]},
         "latency_s": r["latency_s"],
-        "details": {"nll": r["nll"], "n_tokens": r["n_tokens"], "n_windows": r["n_windows"]},
+        "details": {
+            "nll": r["nll"],
+            "n_tokens": r["n_tokens"],
+            "n_windows": r["n_windows"],
+            "item_errors": r["item_errors"],
+        },
     }
 
 

@@ -188,14 +188,16 @@ def evaluate(model, tokenizer, data: TextData, *, warmup: bool = True) -> dict:
 
     Returns:
         ``ppl``, ``nll`` (mean nats per token), ``n_tokens`` (scored), ``n_windows``,
-        ``latency_s`` (per window).
+        ``latency_s`` (per window), ``item_errors`` (each window's summed NLL as
+        ``edits`` and scored tokens as ``words``: ``ppl = exp(sum(edits) / sum(words))``,
+        for a paired bootstrap over the windows, ``report.stats``).
     """
     import torch
 
     model.eval()
     ids = _token_ids(tokenizer, data)
     wins = windows(ids.numel(), data)
-    total, count, latency = 0.0, 0, []
+    nlls, counts, latency = [], [], []
     with torch.inference_mode():
         if warmup:
             s, e, f = wins[0]
@@ -204,15 +206,16 @@ def evaluate(model, tokenizer, data: TextData, *, warmup: bool = True) -> dict:
             t0 = time.perf_counter()
             nll, n = _window_nll(model, ids, s, e, f)
             latency.append(time.perf_counter() - t0)
-            total += nll
-            count += n
-    mean = total / count
+            nlls.append(nll)
+            counts.append(n)
+    mean = sum(nlls) / sum(counts)
     return {
         "ppl": math.exp(mean),
         "nll": mean,
-        "n_tokens": count,
+        "n_tokens": sum(counts),
         "n_windows": len(wins),
         "latency_s": latency,
+        "item_errors": {"metric": "ppl", "unit": "windows", "edits": nlls, "words": counts},
     }
 
 
