@@ -379,13 +379,19 @@ def test_new_operators_pass_torch_library_opcheck():
     )
 
 
+def _int16_chunk(vec_per_group):
+    """Slices per table scale in the AVX2 int16 kernel: the largest divisor of a scale
+    group up to 8."""
+    return next(c for c in range(8, 0, -1) if vec_per_group % c == 0)
+
+
 def _int16_tables(x, cb, vec_per_group):
     """The tables the AVX2 kernel looks up for tiles of up to 64 centroids, as it rounds them:
     per row of x, ``T[j, c] = dot(cb[c], x[j*d : j*d + d])`` (float32, fused
     multiply-adds in the kernel's order), one scale per chunk of slices (the largest
     divisor of a scale group up to 8), ``max|T| / (32767 // chunk)``, and the int16
     entries rounded half to even. Returns (q (n, n_vec, K) int64, scales per slice)."""
-    chunk = next(c for c in range(8, 0, -1) if vec_per_group % c == 0)
+    chunk = _int16_chunk(vec_per_group)
     n, d = x.shape[0], cb.shape[1]
     xs = x.view(n, -1, d).double()
     t = (xs[..., 0:1] * cb[:, 0].double()).float()  # the first product, rounded
@@ -424,8 +430,9 @@ def test_vector_linear_matches_the_dense_weight_on_every_isa(k, d, tiled, isa):
         tol = torch.full_like(want, 1e-4)
         if int16:
             step = _int16_tables(x, cb, vpg)[1]  # (3, n_vec) table step per slice
-            per_code = scale.repeat_interleave(vpg if sc is not None else 1, dim=1)
-            per_code = per_code if sc is not None else torch.ones(out_f, n_vec)
+            per_code = (
+                scale.repeat_interleave(vpg, dim=1) if sc is not None else torch.ones(out_f, n_vec)
+            )
             tol = tol + 0.5 * step @ per_code.t()
             assert (got - want).abs().max() > 1e-4  # the rounded tables are in use
         assert ((got - want).abs() <= tol + 1e-4 * want.abs()).all()
@@ -453,7 +460,7 @@ def test_vector_linear_avx2_int16_tables_are_the_documented_rounding(vec_per_gro
         c, s = ops.vq_tiles(codes.to(torch.uint8), scale, k)
         got = ops.vq_linear(x, c, cb, s, None, out_f).double()
         q, step = _int16_tables(x, cb, vec_per_group)
-        assert q.abs().max() <= 32767 // next(c for c in range(8, 0, -1) if vec_per_group % c == 0)
+        assert q.abs().max() <= 32767 // _int16_chunk(vec_per_group)
         picked = q.gather(2, codes.t()[None].expand(2, -1, -1)).double() * step[..., None].double()
         per_group = picked.view(2, n_vec // vec_per_group, vec_per_group, out_f).sum(2)
         want = (per_group * scale.t().double()).sum(1)

@@ -369,7 +369,8 @@ def _row(model: str, m, prep: dict, meas: dict) -> dict:
             "peak_rss_mb": meas["peak_rss_mb"],
             "quality": meas["quality"],
             "hypotheses": meas.get("details", {}).get("hypotheses"),
-            # per-item misses (clips: word edits; images: 0/1): paired intervals in the reading
+            # per-item misses (clips: word edits, images: 0/1, text windows: NLL):
+            # paired intervals in the reading
             "item_errors": meas.get("details", {}).get("item_errors"),
         }
     )

@@ -296,10 +296,10 @@ def reading(rows: list[Mapping[str, Any]], metric: str | None = None) -> list[st
     the original's (+0.5 WER points for speech), the fastest row (mean CPU time), and
     the rows that beat NF4 (any ``nf4*`` row) on quality at equal or fewer bits per
     weight, or that none does. Rows with per-item errors for the measure
-    (``item_errors``: clips for WER, images for top-1 agreement or accuracy) also get
-    their difference from the original and from NF4 with a 95% interval of a paired
-    bootstrap over the items: how much of a difference the choice of items alone could
-    make.
+    (``item_errors``: clips for WER, images for top-1 agreement or accuracy, text
+    windows for perplexity) also get their difference from the original and from NF4
+    with a 95% interval of a paired bootstrap over the items: how much of a difference
+    the choice of items alone could make.
 
     Args:
         rows: measured rows; failed rows and rows without the numbers are left out.
